@@ -1,0 +1,205 @@
+//! A regular file or block device as a [`BlockDevice`].
+//!
+//! Opened exclusively so nothing can write around the engine: block devices
+//! with O_EXCL (the kernel refuses a second exclusive opener and mounted
+//! devices), regular files with a non-blocking `flock(LOCK_EX)`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FallocateFlags, FileType, FlockOperation};
+use rustix::io::Errno;
+
+use super::{BlockDevice, DeviceIdentity};
+use crate::error::{Error, Result};
+
+#[derive(Debug)]
+pub struct FileDevice {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    is_block: bool,
+    logical_block: u32,
+    min_io: u32,
+    identity: DeviceIdentity,
+}
+
+/// `BLKIOMIN`: `_IO(0x12, 120)`, the device's minimum I/O size.
+const BLKIOMIN: rustix::ioctl::Opcode = rustix::ioctl::opcode::none(0x12, 120);
+
+impl FileDevice {
+    /// Opens `path` read-write and exclusively. Errors name the path: not
+    /// found, busy (mounted, opened exclusively, or locked by another
+    /// program), or not a regular file or block device.
+    pub fn open(path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Error::NotFound(format!("device {shown}")),
+            _ => Error::io(format!("cannot stat {shown}"), e),
+        })?;
+        let ft = meta.file_type();
+        use std::os::unix::fs::FileTypeExt;
+        if !ft.is_block_device() && !ft.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "{shown} is neither a regular file nor a block device"
+            )));
+        }
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true);
+        if ft.is_block_device() {
+            opts.custom_flags(rustix::fs::OFlags::EXCL.bits() as i32);
+        }
+        let file = opts.open(path).map_err(|e| busy_or_io(e, &shown))?;
+        if ft.is_file() {
+            rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+                if e == Errno::WOULDBLOCK {
+                    Error::Busy {
+                        what: shown.clone(),
+                        why: "the file is locked by another program".into(),
+                    }
+                } else {
+                    Error::io(format!("cannot lock {shown}"), e.into())
+                }
+            })?;
+        }
+        Self::from_file(file, path)
+    }
+
+    /// Wraps an already-open file (for instance an O_TMPFILE storage); takes
+    /// no lock.
+    pub fn from_file(file: File, path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        let st = rustix::fs::fstat(&file)
+            .map_err(|e| Error::io(format!("cannot stat {shown}"), e.into()))?;
+        let is_block = FileType::from_raw_mode(st.st_mode) == FileType::BlockDevice;
+        let (size, logical_block, min_io, identity) = if is_block {
+            let size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
+                .map_err(|e| Error::io(format!("cannot size {shown}"), e.into()))?;
+            let lbs = rustix::fs::ioctl_blksszget(&file).unwrap_or(512);
+            // SAFETY: BLKIOMIN is a getter ioctl that writes one unsigned int.
+            let min_io = unsafe {
+                rustix::ioctl::ioctl(
+                    &file,
+                    rustix::ioctl::Getter::<BLKIOMIN, std::ffi::c_uint>::new(),
+                )
+            }
+            .unwrap_or(lbs);
+            let rdev = st.st_rdev;
+            (size, lbs, min_io.max(lbs), DeviceIdentity::Block { rdev })
+        } else {
+            let identity = DeviceIdentity::File {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            };
+            (st.st_size as u64, 1, 512, identity)
+        };
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            size,
+            is_block,
+            logical_block,
+            min_io,
+            identity,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.is_block
+    }
+
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Zeroes `[offset, offset+len)` with `fallocate(mode)` where the
+    /// filesystem or device supports it, writing zeroes where it does not.
+    /// Block devices only take aligned fallocate ranges: the unaligned head
+    /// and tail are written.
+    fn zero_range(&self, offset: u64, len: u64, mode: FallocateFlags) -> io::Result<()> {
+        let end = offset + len;
+        let align = self.logical_block as u64;
+        let (mid_start, mid_end) = (offset.next_multiple_of(align), end / align * align);
+        if mid_start >= mid_end {
+            return self.write_zero_bytes(offset, len);
+        }
+        self.write_zero_bytes(offset, mid_start - offset)?;
+        self.write_zero_bytes(mid_end, end - mid_end)?;
+        let mid_len = mid_end - mid_start;
+        let keep = FallocateFlags::KEEP_SIZE;
+        let attempts = [mode | keep, FallocateFlags::PUNCH_HOLE | keep];
+        for flags in attempts {
+            match rustix::fs::fallocate(&self.file, flags, mid_start, mid_len) {
+                Ok(()) => return Ok(()),
+                Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.write_zero_bytes(mid_start, mid_len)
+    }
+
+    fn write_zero_bytes(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        const PIECE: u64 = 1 << 20;
+        let zeroes = vec![0u8; len.min(PIECE) as usize];
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(PIECE) as usize;
+            self.file.write_all_at(&zeroes[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn busy_or_io(e: io::Error, shown: &str) -> Error {
+    if e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) {
+        Error::Busy {
+            what: shown.to_string(),
+            why: "the device is mounted or opened exclusively by another program".into(),
+        }
+    } else if e.kind() == io::ErrorKind::NotFound {
+        Error::NotFound(format!("device {shown}"))
+    } else {
+        Error::io(format!("cannot open {shown}"), e)
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn min_io_size(&self) -> u32 {
+        self.min_io
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero_range(offset, len, FallocateFlags::PUNCH_HOLE)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero_range(offset, len, FallocateFlags::ZERO_RANGE)
+    }
+
+    fn identity(&self) -> Option<DeviceIdentity> {
+        Some(self.identity)
+    }
+}

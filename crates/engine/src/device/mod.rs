@@ -1,0 +1,43 @@
+//! Positional block I/O: the [`BlockDevice`] trait that tracked origins and
+//! difference storages are made of, with a file/block-device implementation
+//! ([`FileDevice`]) and an in-memory one for tests ([`MemDevice`]).
+//!
+//! Implementations do not check ranges: the engine validates every request
+//! against [`BlockDevice::size`] before calling them.
+
+mod file;
+mod memory;
+
+use std::io;
+
+pub use file::FileDevice;
+pub use memory::MemDevice;
+
+/// What identifies a device or file on this machine, used to refuse a
+/// difference storage placed on a device the engine itself serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceIdentity {
+    /// A block device, by its device number.
+    Block { rdev: u64 },
+    /// A regular file, by the filesystem it lives on and its inode.
+    File { dev: u64, ino: u64 },
+}
+
+pub trait BlockDevice: Send + Sync + std::fmt::Debug {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Smallest I/O the device handles without read-modify-write.
+    fn min_io_size(&self) -> u32 {
+        512
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn flush(&self) -> io::Result<()>;
+    /// Discard; afterwards the range reads as zeroes.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Where the device lives, if it is a real file or block device.
+    fn identity(&self) -> Option<DeviceIdentity> {
+        None
+    }
+}

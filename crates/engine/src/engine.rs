@@ -1,0 +1,506 @@
+//! The engine ([`Engine`]): the registry of tracked devices and snapshots and
+//! the control operations on them (the original tool's command set, without
+//! any protocol). The daemon owns one engine; frontends get
+//! [`TrackedDevice`] and [`Image`] handles from it and do I/O on them without
+//! touching the registry.
+//!
+//! Invariants: device names are unique; a device is in at most one snapshot;
+//! a device in a snapshot cannot be detached; a snapshot's device set is fixed
+//! at the take; storage is never placed on a device the engine serves.
+//! The registry lock is held across take and destroy (which wait for
+//! in-flight writes); the write path never takes it, so this cannot deadlock.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::cbt::{CbtInfo, ChangeTracker};
+use crate::config::{Config, SnapshotOptions};
+use crate::device::{BlockDevice, DeviceIdentity, FileDevice};
+use crate::diff_storage::{check_not_served, DiffStorage, StorageSpec, StorageStats};
+use crate::error::{Error, Result};
+use crate::events::{Event, EventQueue};
+use crate::image::Image;
+use crate::snapshot::{CowSettings, DeviceSnapshot};
+use crate::tracked::TrackedDevice;
+use crate::{SectorRange, SECTOR_SIZE};
+
+#[derive(Debug)]
+pub struct Engine {
+    config: Config,
+    registry: Mutex<Registry>,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    devices: Vec<Arc<TrackedDevice>>,
+    snapshots: BTreeMap<Uuid, Snapshot>,
+    /// Identities of devices the frontends expose (e.g. loop devices over
+    /// our FUSE files): storage must not live there either.
+    served_aliases: HashSet<DeviceIdentity>,
+}
+
+#[derive(Debug)]
+struct Snapshot {
+    devices: Vec<Arc<TrackedDevice>>,
+    storage: Arc<DiffStorage>,
+    events: Arc<EventQueue>,
+    options: SnapshotOptions,
+    /// One per device, in the same order, once taken.
+    images: Vec<Arc<DeviceSnapshot>>,
+}
+
+/// What `snapshot_info` reports about one image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub device: String,
+    pub size: u64,
+    pub chunk_size: u64,
+    /// 0 while the image is valid, else the errno that invalidated it.
+    pub error_code: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: Uuid,
+    pub devices: Vec<String>,
+    pub taken: bool,
+    pub storage: StorageStats,
+    /// Empty until the take.
+    pub images: Vec<ImageInfo>,
+}
+
+impl Registry {
+    fn find(&self, key: &str) -> Result<&Arc<TrackedDevice>> {
+        self.devices
+            .iter()
+            .find(|d| d.name() == key || d.path().is_some_and(|p| p == Path::new(key)))
+            .ok_or_else(|| Error::NotFound(format!("tracked device {key}")))
+    }
+
+    fn snapshot(&self, id: &Uuid) -> Result<&Snapshot> {
+        self.snapshots
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("snapshot {id}")))
+    }
+
+    fn snapshot_of(&self, device: &Arc<TrackedDevice>) -> Option<(&Uuid, &Snapshot)> {
+        self.snapshots
+            .iter()
+            .find(|(_, s)| s.devices.iter().any(|d| Arc::ptr_eq(d, device)))
+    }
+
+    fn served(&self) -> HashSet<DeviceIdentity> {
+        let mut served = self.served_aliases.clone();
+        served.extend(self.devices.iter().filter_map(|d| d.origin().identity()));
+        served
+    }
+}
+
+impl Engine {
+    pub fn new(config: Config) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            registry: Mutex::new(Registry::default()),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap()
+    }
+
+    /// Starts tracking `origin` under `name`.
+    pub fn attach(&self, name: &str, origin: Arc<dyn BlockDevice>) -> Result<Arc<TrackedDevice>> {
+        self.attach_inner(name, None, origin)
+    }
+
+    /// Opens `path` (regular file or block device) exclusively and tracks it;
+    /// its name is `name`, or else the path's file name.
+    pub fn attach_path(&self, path: &Path, name: Option<&str>) -> Result<Arc<TrackedDevice>> {
+        let shown = path.display().to_string();
+        if self.registry().find(&shown).is_ok() {
+            return Err(Error::AlreadyExists(format!("tracked device {shown}")));
+        }
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| Error::InvalidArgument(format!("{shown} has no file name")))?,
+        };
+        let device = FileDevice::open(path)?;
+        self.attach_inner(&name, Some(path), Arc::new(device))
+    }
+
+    fn attach_inner(
+        &self,
+        name: &str,
+        path: Option<&Path>,
+        origin: Arc<dyn BlockDevice>,
+    ) -> Result<Arc<TrackedDevice>> {
+        if name.is_empty() || name.contains('/') || name.len() > 255 {
+            return Err(Error::InvalidArgument(format!(
+                "device name {name:?} must be 1 to 255 characters without '/'"
+            )));
+        }
+        if origin.size() == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "device {name} is empty (0 bytes)"
+            )));
+        }
+        let mut registry = self.registry();
+        if let Some(existing) = registry.devices.iter().find(|d| d.name() == name) {
+            return Err(Error::AlreadyExists(format!(
+                "a tracked device named {name} ({})",
+                existing
+                    .path()
+                    .map_or("in memory".into(), |p| p.display().to_string())
+            )));
+        }
+        if let Some(identity) = origin.identity() {
+            if let Some(existing) = registry
+                .devices
+                .iter()
+                .find(|d| d.origin().identity() == Some(identity))
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "the device is already attached as {}",
+                    existing.name()
+                )));
+            }
+        }
+        let cbt = ChangeTracker::new(origin.size(), &self.config);
+        let device = Arc::new(TrackedDevice::new(
+            name.to_string(),
+            path.map(Path::to_path_buf),
+            origin,
+            cbt,
+        ));
+        registry.devices.push(device.clone());
+        tracing::info!(device = name, size = device.size(), "attached");
+        Ok(device)
+    }
+
+    /// Stops tracking; refused while the device is in a snapshot.
+    pub fn detach(&self, key: &str) -> Result<()> {
+        let mut registry = self.registry();
+        let device = registry.find(key)?.clone();
+        if let Some((id, _)) = registry.snapshot_of(&device) {
+            return Err(Error::Busy {
+                what: format!("device {}", device.name()),
+                why: format!("it is in snapshot {id}; destroy the snapshot first"),
+            });
+        }
+        registry.devices.retain(|d| !Arc::ptr_eq(d, &device));
+        drop(registry);
+        device.flush()?;
+        tracing::info!(device = device.name(), "detached");
+        Ok(())
+    }
+
+    pub fn device(&self, key: &str) -> Result<Arc<TrackedDevice>> {
+        self.registry().find(key).cloned()
+    }
+
+    pub fn devices(&self) -> Vec<Arc<TrackedDevice>> {
+        self.registry().devices.clone()
+    }
+
+    /// Registers another identity under which the frontends serve a device,
+    /// so storage is refused there too.
+    pub fn add_served_identity(&self, identity: DeviceIdentity) {
+        self.registry().served_aliases.insert(identity);
+    }
+
+    pub fn remove_served_identity(&self, identity: DeviceIdentity) {
+        self.registry().served_aliases.remove(&identity);
+    }
+
+    pub fn cbt_info(&self, key: &str) -> Result<CbtInfo> {
+        Ok(self.device(key)?.change_tracker().info())
+    }
+
+    pub fn read_cbt_map(&self, key: &str) -> Result<Vec<u8>> {
+        Ok(self.device(key)?.change_tracker().readable_map())
+    }
+
+    /// Marks sector ranges changed, so the next incremental backup includes
+    /// them (they show in the readable map after the next take).
+    pub fn mark_dirty(&self, key: &str, ranges: &[SectorRange]) -> Result<()> {
+        let device = self.device(key)?;
+        for r in ranges {
+            let offset = r.start.checked_mul(SECTOR_SIZE);
+            let len = r.count.checked_mul(SECTOR_SIZE);
+            match (offset, len) {
+                (Some(o), Some(l)) => device.check_range(o, l)?,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "sector range {}:{} overflows",
+                        r.start, r.count
+                    )))
+                }
+            }
+        }
+        for r in ranges {
+            device.mark_changed(r.byte_offset(), r.byte_len());
+        }
+        Ok(())
+    }
+
+    /// Creates an empty snapshot with its difference storage.
+    pub fn snapshot_create(&self, storage: StorageSpec, options: SnapshotOptions) -> Result<Uuid> {
+        if options.limit == Some(0) {
+            return Err(Error::InvalidArgument(
+                "difference storage limit must be positive".into(),
+            ));
+        }
+        let id = Uuid::new_v4();
+        let mut registry = self.registry();
+        let events = Arc::new(EventQueue::default());
+        let storage = DiffStorage::new(
+            id.to_string(),
+            &storage,
+            options.limit,
+            self.config.diff_storage_minimum,
+            &registry.served(),
+            events.clone(),
+        )?;
+        registry.snapshots.insert(
+            id,
+            Snapshot {
+                devices: Vec::new(),
+                storage: Arc::new(storage),
+                events,
+                options,
+                images: Vec::new(),
+            },
+        );
+        tracing::info!(snapshot = %id, "snapshot created");
+        Ok(id)
+    }
+
+    pub fn snapshot_add(&self, id: &Uuid, key: &str) -> Result<()> {
+        let mut registry = self.registry();
+        let device = registry.find(key)?.clone();
+        registry.snapshot(id)?;
+        if let Some((other, _)) = registry.snapshot_of(&device) {
+            return Err(if other == id {
+                Error::AlreadyExists(format!("device {} in snapshot {id}", device.name()))
+            } else {
+                Error::Busy {
+                    what: format!("device {}", device.name()),
+                    why: format!("it is already in snapshot {other}"),
+                }
+            });
+        }
+        let snapshot = registry.snapshots.get_mut(id).expect("checked above");
+        if !snapshot.images.is_empty() {
+            return Err(Error::WrongState(format!(
+                "snapshot {id} is already taken; devices cannot be added"
+            )));
+        }
+        snapshot.devices.push(device);
+        Ok(())
+    }
+
+    /// Appends sector ranges of a block device or file (opened shared: it may
+    /// be mounted) to the snapshot's storage; usable at once, also after the
+    /// take.
+    pub fn snapshot_append_storage(
+        &self,
+        id: &Uuid,
+        path: &Path,
+        ranges: &[SectorRange],
+    ) -> Result<()> {
+        let registry = self.registry();
+        let snapshot = registry.snapshot(id)?;
+        check_not_served(path, &registry.served())?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("cannot open storage {}", path.display()), e))?;
+        let device = FileDevice::from_file(file, path)?;
+        snapshot.storage.append_ranges(Arc::new(device), ranges)
+    }
+
+    /// Appends ranges of a device object (tests, benchmarks).
+    pub fn snapshot_append_storage_device(
+        &self,
+        id: &Uuid,
+        device: Arc<dyn BlockDevice>,
+        ranges: &[SectorRange],
+    ) -> Result<()> {
+        self.registry()
+            .snapshot(id)?
+            .storage
+            .append_ranges(device, ranges)
+    }
+
+    /// Takes the snapshot atomically over all its devices: holds new writes on
+    /// every device and drains in-flight ones, switches CBT and turns
+    /// copy-on-write on for all of them, then lets writes resume.
+    pub fn snapshot_take(&self, id: &Uuid) -> Result<()> {
+        let mut registry = self.registry();
+        let snapshot = registry.snapshot(id)?;
+        if !snapshot.images.is_empty() {
+            return Err(Error::WrongState(format!("snapshot {id} is already taken")));
+        }
+        if snapshot.devices.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {id} has no devices; add one first"
+            )));
+        }
+        let images: Vec<Arc<DeviceSnapshot>> = snapshot
+            .devices
+            .iter()
+            .map(|d| {
+                let settings = CowSettings {
+                    chunk_shift: self.config.chunk_shift(d.size(), d.min_io_size()),
+                    policy: snapshot
+                        .options
+                        .on_copy_error
+                        .unwrap_or(self.config.on_copy_error),
+                    copy_timeout: snapshot.options.copy_timeout.or(self.config.copy_timeout),
+                };
+                Arc::new(DeviceSnapshot::new(
+                    d.name().to_string(),
+                    d.origin().clone(),
+                    settings,
+                    snapshot.storage.clone(),
+                    snapshot.events.clone(),
+                ))
+            })
+            .collect();
+        let mut held: Vec<_> = snapshot.devices.iter().map(|d| d.hold_writes()).collect();
+        for ((gate, device), image) in held.iter_mut().zip(&snapshot.devices).zip(&images) {
+            device.change_tracker().switch();
+            **gate = Some(image.clone());
+        }
+        drop(held);
+        registry
+            .snapshots
+            .get_mut(id)
+            .expect("checked above")
+            .images = images;
+        tracing::info!(snapshot = %id, "snapshot taken");
+        Ok(())
+    }
+
+    /// Removes the images and releases the storage (once the last reader of
+    /// an image is done); tracking continues.
+    pub fn snapshot_destroy(&self, id: &Uuid) -> Result<()> {
+        let mut registry = self.registry();
+        let snapshot = registry
+            .snapshots
+            .remove(id)
+            .ok_or_else(|| Error::NotFound(format!("snapshot {id}")))?;
+        let held: Vec<_> = snapshot.devices.iter().map(|d| d.hold_writes()).collect();
+        for mut gate in held {
+            *gate = None;
+        }
+        for image in &snapshot.images {
+            image.mark_destroyed();
+        }
+        snapshot.events.close();
+        tracing::info!(snapshot = %id, "snapshot destroyed");
+        Ok(())
+    }
+
+    /// Every snapshot's id.
+    pub fn snapshot_collect(&self) -> Vec<Uuid> {
+        self.registry().snapshots.keys().copied().collect()
+    }
+
+    pub fn snapshot_info(&self, id: &Uuid) -> Result<SnapshotInfo> {
+        let registry = self.registry();
+        let snapshot = registry.snapshot(id)?;
+        Ok(SnapshotInfo {
+            id: *id,
+            devices: snapshot
+                .devices
+                .iter()
+                .map(|d| d.name().to_string())
+                .collect(),
+            taken: !snapshot.images.is_empty(),
+            storage: snapshot.storage.stats(),
+            images: snapshot
+                .devices
+                .iter()
+                .zip(&snapshot.images)
+                .map(|(d, i)| ImageInfo {
+                    device: d.name().to_string(),
+                    size: i.size(),
+                    chunk_size: i.chunk_size(),
+                    error_code: i.error_code(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The snapshot a device is in, if any.
+    pub fn snapshot_of(&self, key: &str) -> Result<Option<Uuid>> {
+        let registry = self.registry();
+        let device = registry.find(key)?;
+        Ok(registry.snapshot_of(device).map(|(id, _)| *id))
+    }
+
+    /// The image of a device in its taken snapshot.
+    pub fn image(&self, key: &str) -> Result<Image> {
+        let registry = self.registry();
+        let device = registry.find(key)?;
+        let (id, snapshot) = registry.snapshot_of(device).ok_or_else(|| {
+            Error::NotFound(format!(
+                "snapshot image of {key} (the device is in no snapshot)"
+            ))
+        })?;
+        let index = snapshot
+            .devices
+            .iter()
+            .position(|d| Arc::ptr_eq(d, device))
+            .expect("snapshot_of found it");
+        let cow = snapshot.images.get(index).ok_or_else(|| {
+            Error::WrongState(format!(
+                "snapshot {id} is not taken yet; it has no image of {key}"
+            ))
+        })?;
+        Ok(Image {
+            device: device.clone(),
+            cow: cow.clone(),
+        })
+    }
+
+    /// The next event of a snapshot, waiting up to `timeout`; `None` when none
+    /// came in time.
+    pub fn snapshot_wait_event(&self, id: &Uuid, timeout: Duration) -> Result<Option<Event>> {
+        let events = self.registry().snapshot(id)?.events.clone();
+        events
+            .wait(timeout)
+            .map_err(|()| Error::NotFound(format!("snapshot {id} (destroyed while waiting)")))
+    }
+
+    /// Bytes of memory held for change maps and chunk state.
+    pub fn footprint(&self) -> usize {
+        let registry = self.registry();
+        let cbt: usize = registry
+            .devices
+            .iter()
+            .map(|d| 2 * d.change_tracker().block_count() as usize)
+            .sum();
+        let chunks: usize = registry
+            .snapshots
+            .values()
+            .flat_map(|s| s.images.iter())
+            .map(|i| i.footprint())
+            .sum();
+        cbt + chunks
+    }
+}

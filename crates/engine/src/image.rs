@@ -1,0 +1,76 @@
+//! A snapshot image ([`Image`]): the device as it was at the take, plus the
+//! image's own writes, which land in the difference storage only and mark the
+//! device's change tracker (the image differs from the origin there).
+//! Frontends get one from [`crate::Engine::image`]; it stays usable until the
+//! snapshot is destroyed, then every call fails with a clear error.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::snapshot::DeviceSnapshot;
+use crate::tracked::TrackedDevice;
+
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub(crate) device: Arc<TrackedDevice>,
+    pub(crate) cow: Arc<DeviceSnapshot>,
+}
+
+impl Image {
+    /// The name of the device this is an image of.
+    pub fn device_name(&self) -> &str {
+        self.device.name()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.cow.size()
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.cow.chunk_size()
+    }
+
+    /// 0 while the image is valid, else the errno that invalidated it.
+    pub fn error_code(&self) -> i32 {
+        self.cow.error_code()
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.device.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.cow.read_image(buf, offset)
+    }
+
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.device.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.cow.write_image(buf, offset)?;
+        self.device.mark_changed(offset, buf.len() as u64);
+        Ok(())
+    }
+
+    /// Zeroes a range of the image (discard and write-zeroes alike: the
+    /// storage keeps whole chunks, so there is nothing to unmap).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.device.check_range(offset, len)?;
+        const PIECE: u64 = 1 << 20;
+        let zeroes = vec![0u8; len.min(PIECE) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(PIECE);
+            self.write(&zeroes[..n as usize], pos)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Image writes are not durable by design (the snapshot does not survive
+    /// a crash); flush only reports whether the image is still usable.
+    pub fn flush(&self) -> Result<()> {
+        self.cow.check_usable()
+    }
+}

@@ -1,0 +1,153 @@
+//! A tracked device ([`TrackedDevice`]): the filter every user write passes
+//! through. It validates the range, runs the copy-before-write of the
+//! device's snapshot (if one is taken), marks the change tracker, then does
+//! the write on the origin unchanged.
+//!
+//! The write gate is a read-write lock around the device's current snapshot:
+//! every write-type request holds it shared from the copy-before-write to the
+//! end of the origin write; a snapshot take or destroy holds it exclusively,
+//! which holds new writes and drains in-flight ones. Reads do not take it.
+//! Frontends call the data methods; the engine calls the gate methods.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
+
+use crate::cbt::ChangeTracker;
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::snapshot::DeviceSnapshot;
+
+#[derive(Debug)]
+pub struct TrackedDevice {
+    name: String,
+    path: Option<PathBuf>,
+    origin: Arc<dyn BlockDevice>,
+    cbt: ChangeTracker,
+    gate: RwLock<Option<Arc<DeviceSnapshot>>>,
+}
+
+pub(crate) type HeldWrites<'a> = RwLockWriteGuard<'a, Option<Arc<DeviceSnapshot>>>;
+
+impl TrackedDevice {
+    pub(crate) fn new(
+        name: String,
+        path: Option<PathBuf>,
+        origin: Arc<dyn BlockDevice>,
+        cbt: ChangeTracker,
+    ) -> Self {
+        Self {
+            name,
+            path,
+            origin,
+            cbt,
+            gate: RwLock::new(None),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The origin's path, when it was attached by path.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.origin.size()
+    }
+
+    pub fn min_io_size(&self) -> u32 {
+        self.origin.min_io_size()
+    }
+
+    pub fn origin(&self) -> &Arc<dyn BlockDevice> {
+        &self.origin
+    }
+
+    pub fn change_tracker(&self) -> &ChangeTracker {
+        &self.cbt
+    }
+
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange {
+                device: self.name.clone(),
+                offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.origin.read_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!("{}: read of {} bytes at {offset}", self.name, buf.len()),
+                e,
+            )
+        })
+    }
+
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.filtered_write(offset, buf.len() as u64, "write", || {
+            self.origin.write_at(buf, offset)
+        })
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.filtered_write(offset, len, "discard", || self.origin.discard(offset, len))
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.filtered_write(offset, len, "write-zeroes", || {
+            self.origin.write_zeroes(offset, len)
+        })
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.origin
+            .flush()
+            .map_err(|e| Error::io(format!("{}: flush", self.name), e))
+    }
+
+    /// The filter: copy-before-write, change tracking, then the origin write.
+    fn filtered_write(
+        &self,
+        offset: u64,
+        len: u64,
+        what: &str,
+        op: impl FnOnce() -> std::io::Result<()>,
+    ) -> Result<()> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let snapshot = self.gate.read().unwrap();
+        if let Some(snapshot) = snapshot.as_ref() {
+            snapshot.before_origin_write(offset, len)?;
+        }
+        self.cbt.mark(offset, len);
+        op().map_err(|e| {
+            Error::io(
+                format!("{}: {what} of {len} bytes at {offset}", self.name),
+                e,
+            )
+        })
+    }
+
+    /// Marks ranges changed (mark-dirty, image writes) under the gate, so the
+    /// mark cannot straddle a take.
+    pub(crate) fn mark_changed(&self, offset: u64, len: u64) {
+        let _held = self.gate.read().unwrap();
+        self.cbt.mark(offset, len);
+    }
+
+    /// Holds new writes and waits for in-flight ones to finish.
+    pub(crate) fn hold_writes(&self) -> HeldWrites<'_> {
+        self.gate.write().unwrap()
+    }
+}
