@@ -38,7 +38,7 @@ impl Image {
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.device.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
-            return Ok(());
+            return self.cow.check_usable();
         }
         self.cow.read_image(buf, offset)
     }
@@ -46,7 +46,7 @@ impl Image {
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.device.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
-            return Ok(());
+            return self.cow.check_usable();
         }
         self.cow.write_image(buf, offset)?;
         self.device.mark_changed(offset, buf.len() as u64);
