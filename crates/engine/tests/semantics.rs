@@ -1,0 +1,688 @@
+//! Behaviour of the engine at its edges: chunk borders, overflow of the
+//! difference storage, the failure policies and copy timeout, change tracking
+//! while a snapshot is held and at the wrap, the image-read race guard, and
+//! the errors of the control operations.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blksnap_engine::{
+    BlockDevice, Config, CopyErrorPolicy, Engine, Error, Event, MemDevice, SectorRange,
+    SnapshotOptions, StorageSpec,
+};
+use uuid::Uuid;
+
+const KIB: u64 = 1024;
+const CHUNK: u64 = 256 * KIB;
+
+fn fill(seed: u64, len: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..len).map(|_| rng.u8(1..)).collect()
+}
+
+fn read_all(read: impl Fn(&mut [u8], u64) -> blksnap_engine::Result<()>, size: u64) -> Vec<u8> {
+    let mut buf = vec![0; size as usize];
+    read(&mut buf, 0).unwrap();
+    buf
+}
+
+/// An engine with one in-memory device `name` of `size` bytes, filled with a
+/// known pattern that is returned.
+fn setup(engine: &Engine, name: &str, size: u64) -> Vec<u8> {
+    let device = Arc::new(MemDevice::new(size));
+    let data = fill(size ^ name.len() as u64, size);
+    device.write_at(&data, 0).unwrap();
+    engine.attach(name, device).unwrap();
+    data
+}
+
+fn snapshot_of(
+    engine: &Engine,
+    names: &[&str],
+    storage: StorageSpec,
+    options: SnapshotOptions,
+) -> Uuid {
+    let id = engine.snapshot_create(storage, options).unwrap();
+    for name in names {
+        engine.snapshot_add(&id, name).unwrap();
+    }
+    engine.snapshot_take(&id).unwrap();
+    id
+}
+
+fn mem_storage(size: u64) -> StorageSpec {
+    StorageSpec::Device(Arc::new(MemDevice::new(size)))
+}
+
+#[test]
+fn chunk_borders_keep_neighbours_intact() {
+    let engine = Engine::new(Config::default()).unwrap();
+    // 8 full chunks and a short last one of 3 sectors.
+    let size = 8 * CHUNK + 3 * 512;
+    let before = setup(&engine, "d", size);
+    snapshot_of(
+        &engine,
+        &["d"],
+        mem_storage(16 * CHUNK),
+        SnapshotOptions::default(),
+    );
+    let device = engine.device("d").unwrap();
+    let image = engine.image("d").unwrap();
+    assert_eq!(image.chunk_size(), CHUNK);
+    let mut origin = before.clone();
+    let mut expected_image = before.clone();
+    let sector = |v: u8| vec![v; 512];
+    // Origin: first and last sector of chunk 1, a 2-sector write across the
+    // border of chunks 3 and 4, the last sector of the short last chunk.
+    let origin_writes = [
+        (CHUNK, 0xA1),
+        (2 * CHUNK - 512, 0xA2),
+        (4 * CHUNK - 512, 0xA3),
+        (4 * CHUNK, 0xA3),
+        (size - 512, 0xA4),
+    ];
+    for (at, v) in origin_writes {
+        device.write(&sector(v), at).unwrap();
+        origin[at as usize..at as usize + 512].fill(v);
+    }
+    // Image: the same shapes on other chunks, and over an origin-written one.
+    let image_writes = [
+        (5 * CHUNK, 0xB1),
+        (6 * CHUNK - 512, 0xB2),
+        (7 * CHUNK - 512, 0xB3),
+        (7 * CHUNK, 0xB3),
+        (CHUNK + 512, 0xB4),
+        (size - 1024, 0xB5),
+    ];
+    for (at, v) in image_writes {
+        image.write(&sector(v), at).unwrap();
+        expected_image[at as usize..at as usize + 512].fill(v);
+    }
+    assert!(
+        read_all(|b, o| device.read(b, o), size) == origin,
+        "origin neighbours changed"
+    );
+    assert!(
+        read_all(|b, o| image.read(b, o), size) == expected_image,
+        "image neighbours changed"
+    );
+    // A 2-sector read across a border sees both sides.
+    let mut two = vec![0; 1024];
+    image.read(&mut two, 4 * CHUNK - 512).unwrap();
+    assert_eq!(
+        two,
+        before[(4 * CHUNK - 512) as usize..(4 * CHUNK + 512) as usize]
+    );
+}
+
+#[test]
+fn overflow_corrupts_the_image_and_keeps_every_origin_write() {
+    let engine = Engine::new(Config::default()).unwrap();
+    let size = 32 * CHUNK;
+    setup(&engine, "small", size);
+    // Room for 4 chunks; 16 chunks will be written.
+    let id = snapshot_of(
+        &engine,
+        &["small"],
+        mem_storage(4 * CHUNK),
+        SnapshotOptions::default(),
+    );
+    let device = engine.device("small").unwrap();
+    let image = engine.image("small").unwrap();
+    let mut expected = read_all(|b, o| device.read(b, o), size);
+    for chunk in 0..16 {
+        let data = fill(chunk, 4 * KIB);
+        let at = chunk * 2 * CHUNK + 1000;
+        device
+            .write(&data, at)
+            .expect("the origin write always proceeds");
+        expected[at as usize..at as usize + data.len()].copy_from_slice(&data);
+    }
+    assert!(read_all(|b, o| device.read(b, o), size) == expected);
+    let mut events = Vec::new();
+    while let Some(e) = engine
+        .snapshot_wait_event(&id, Duration::from_millis(10))
+        .unwrap()
+    {
+        events.push(e);
+    }
+    assert!(
+        events.contains(&Event::Corrupted {
+            device: "small".into(),
+            errno: 28
+        }),
+        "{events:?}"
+    );
+    assert!(
+        matches!(events[0], Event::NoSpace { requested_sectors } if requested_sectors == (1 << 30) / 512)
+    );
+    let err = image.read(&mut [0; 512], 0).unwrap_err();
+    assert_eq!(err.errno(), 5);
+    let message = err.to_string();
+    assert!(
+        message.contains("small") && message.contains("corrupted") && message.contains("full"),
+        "{message}"
+    );
+    assert_eq!(engine.snapshot_info(&id).unwrap().images[0].error_code, 28);
+    // The corruption is final: writes go on without copies.
+    device.write(&[7; 512], 0).unwrap();
+    assert!(image.read(&mut [0; 512], 0).is_err());
+    engine.snapshot_destroy(&id).unwrap();
+    device.write(&[8; 512], 0).unwrap();
+}
+
+#[test]
+fn break_policy_fails_the_origin_write_and_keeps_the_image() {
+    let engine = Engine::new(Config::default()).unwrap();
+    let before = setup(&engine, "d", 8 * CHUNK);
+    let options = SnapshotOptions {
+        on_copy_error: Some(CopyErrorPolicy::BreakOriginWrite),
+        ..SnapshotOptions::default()
+    };
+    let id = snapshot_of(&engine, &["d"], StorageSpec::Empty, options);
+    let device = engine.device("d").unwrap();
+    let err = device.write(&[1; 512], 0).unwrap_err();
+    assert_eq!(err.errno(), 28, "{err}");
+    assert!(err.to_string().contains("write refused"), "{err}");
+    assert!(
+        read_all(|b, o| device.read(b, o), 8 * CHUNK) == before,
+        "a refused write reached the origin"
+    );
+    // Storage appended after the take is used at once.
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(4 * CHUNK));
+    engine
+        .snapshot_append_storage_device(&id, backing.clone(), &[SectorRange::new(0, CHUNK / 512)])
+        .unwrap();
+    device.write(&[1; 512], 0).unwrap();
+    let image = engine.image("d").unwrap();
+    assert!(read_all(|b, o| image.read(b, o), 8 * CHUNK) == before);
+    let mut stored = vec![0; CHUNK as usize];
+    backing.read_at(&mut stored, 0).unwrap();
+    assert!(
+        stored == before[..CHUNK as usize],
+        "the copy is not in the appended range"
+    );
+    assert_eq!(image.error_code(), 0);
+}
+
+#[test]
+fn storage_io_error_corrupts_by_default() {
+    let engine = Engine::new(Config::default()).unwrap();
+    setup(&engine, "d", 4 * CHUNK);
+    let storage = Arc::new(MemDevice::new(8 * CHUNK));
+    let id = snapshot_of(
+        &engine,
+        &["d"],
+        StorageSpec::Device(storage.clone()),
+        SnapshotOptions::default(),
+    );
+    let device = engine.device("d").unwrap();
+    device.write(&[1; 512], 0).unwrap();
+    storage.set_fail_writes(true);
+    device.write(&[2; 512], CHUNK).unwrap();
+    assert_eq!(engine.snapshot_info(&id).unwrap().images[0].error_code, 5);
+    // A fixed storage far below half a growth step also warned no_space.
+    let mut events = Vec::new();
+    while let Some(e) = engine.snapshot_wait_event(&id, Duration::ZERO).unwrap() {
+        events.push(e);
+    }
+    assert_eq!(
+        events.last(),
+        Some(&Event::Corrupted {
+            device: "d".into(),
+            errno: 5
+        }),
+        "{events:?}"
+    );
+    let mut buf = [0; 512];
+    assert_eq!(device.read(&mut buf, CHUNK).map(|_| buf[0]).unwrap(), 2);
+}
+
+#[test]
+fn copy_timeout_follows_the_policy() {
+    for policy in [
+        CopyErrorPolicy::KeepOriginWrites,
+        CopyErrorPolicy::BreakOriginWrite,
+    ] {
+        let engine = Engine::new(Config::default()).unwrap();
+        let before = setup(&engine, "d", 4 * CHUNK);
+        let storage = Arc::new(MemDevice::new(8 * CHUNK));
+        let options = SnapshotOptions {
+            on_copy_error: Some(policy),
+            copy_timeout: Some(Duration::from_millis(30)),
+            ..SnapshotOptions::default()
+        };
+        let id = snapshot_of(
+            &engine,
+            &["d"],
+            StorageSpec::Device(storage.clone()),
+            options,
+        );
+        let device = engine.device("d").unwrap();
+        storage.set_delay(Duration::from_millis(400));
+        let started = Instant::now();
+        let result = device.write(&[1; 512], 0);
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "the writer waited for the slow copy"
+        );
+        let image = engine.image("d").unwrap();
+        match policy {
+            CopyErrorPolicy::KeepOriginWrites => {
+                result.unwrap();
+                assert_eq!(image.error_code(), 110);
+                assert_eq!(image.read(&mut [0; 512], 0).unwrap_err().errno(), 5);
+            }
+            CopyErrorPolicy::BreakOriginWrite => {
+                assert_eq!(result.unwrap_err().errno(), 110);
+                storage.set_delay(Duration::ZERO);
+                // The copy finishes in the background; then writes pass.
+                thread::sleep(Duration::from_millis(500));
+                device.write(&[1; 512], 0).unwrap();
+                assert_eq!(image.error_code(), 0);
+                assert!(read_all(|b, o| image.read(b, o), 4 * CHUNK) == before);
+            }
+        }
+        engine.snapshot_destroy(&id).unwrap();
+    }
+}
+
+#[test]
+fn readable_map_is_frozen_while_held_and_mark_dirty_shows_next_take() {
+    let config = Config {
+        tracking_block_minimum_shift: 16,
+        ..Config::default()
+    };
+    let engine = Engine::new(config).unwrap();
+    setup(&engine, "d", 64 * 64 * KIB);
+    let device = engine.device("d").unwrap();
+    device.write(&[1; 100], 3 * 64 * KIB).unwrap();
+    device.write_zeroes(10 * 64 * KIB - 1, 2).unwrap();
+    device.discard(20 * 64 * KIB, 0).unwrap();
+    let id = snapshot_of(
+        &engine,
+        &["d"],
+        mem_storage(128 * 64 * KIB),
+        SnapshotOptions::default(),
+    );
+    let held = engine.read_cbt_map("d").unwrap();
+    let mut expected = vec![0u8; 64];
+    expected[3] = 1;
+    expected[9] = 1;
+    expected[10] = 1;
+    assert_eq!(held, expected);
+    let info = engine.cbt_info("d").unwrap();
+    assert_eq!(
+        (info.changes_number, info.current_number, info.block_size),
+        (1, 2, 65536)
+    );
+    // Writes, image writes and mark-dirty go on; the readable map does not move.
+    device.write(&[1; 512], 30 * 64 * KIB).unwrap();
+    device.discard(31 * 64 * KIB, 64 * KIB).unwrap();
+    engine
+        .image("d")
+        .unwrap()
+        .write(&[9; 512], 40 * 64 * KIB)
+        .unwrap();
+    engine
+        .mark_dirty(
+            "d",
+            &[
+                SectorRange::new(50 * 128, 1),
+                SectorRange::new(60 * 128 - 1, 2),
+            ],
+        )
+        .unwrap();
+    assert_eq!(engine.read_cbt_map("d").unwrap(), held);
+    engine.snapshot_destroy(&id).unwrap();
+    assert_eq!(engine.read_cbt_map("d").unwrap(), held);
+    snapshot_of(
+        &engine,
+        &["d"],
+        mem_storage(128 * 64 * KIB),
+        SnapshotOptions::default(),
+    );
+    for b in [30, 31, 40, 50, 59, 60] {
+        expected[b] = 2;
+    }
+    assert_eq!(engine.read_cbt_map("d").unwrap(), expected);
+    // Consumer rule: changed since backup 1 iff byte > 1.
+    let since1: Vec<usize> = expected
+        .iter()
+        .enumerate()
+        .filter(|(_, &v)| v > 1)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(since1, [30, 31, 40, 50, 59, 60]);
+    // Out-of-range mark-dirty is refused whole.
+    let err = engine
+        .mark_dirty("d", &[SectorRange::new(0, 1), SectorRange::new(8192, 1)])
+        .unwrap_err();
+    assert_eq!(err.errno(), 22);
+}
+
+#[test]
+fn change_number_wrap_makes_a_new_generation() {
+    let engine = Engine::new(Config::default()).unwrap();
+    setup(&engine, "d", 4 * CHUNK);
+    let device = engine.device("d").unwrap();
+    let generation = engine.cbt_info("d").unwrap().generation_id;
+    for n in 1..=254u32 {
+        device.write(&[1; 512], (n as u64 % 4) * CHUNK).unwrap();
+        let id = snapshot_of(
+            &engine,
+            &["d"],
+            StorageSpec::Empty,
+            SnapshotOptions::default(),
+        );
+        engine.snapshot_destroy(&id).unwrap();
+        let info = engine.cbt_info("d").unwrap();
+        assert_eq!(
+            (info.changes_number as u32, info.current_number as u32),
+            (n, n + 1)
+        );
+        assert_eq!(info.generation_id, generation);
+    }
+    device.write(&[1; 512], 0).unwrap();
+    let id = snapshot_of(
+        &engine,
+        &["d"],
+        StorageSpec::Empty,
+        SnapshotOptions::default(),
+    );
+    let info = engine.cbt_info("d").unwrap();
+    assert_ne!(info.generation_id, generation);
+    assert_eq!((info.changes_number, info.current_number), (0, 1));
+    assert!(engine.read_cbt_map("d").unwrap().iter().all(|&b| b == 0));
+    engine.snapshot_destroy(&id).unwrap();
+    device.write(&[1; 512], CHUNK).unwrap();
+    snapshot_of(
+        &engine,
+        &["d"],
+        StorageSpec::Empty,
+        SnapshotOptions::default(),
+    );
+    assert_eq!(
+        engine.read_cbt_map("d").unwrap()[..8],
+        [0, 0, 0, 0, 1, 0, 0, 0]
+    );
+}
+
+/// A device whose next read of a chosen offset blocks until released, to
+/// force an image read to race with a copy-before-write.
+#[derive(Debug)]
+struct GatedDevice {
+    inner: MemDevice,
+    gate_offset: Mutex<Option<u64>>,
+    state: Mutex<(bool, bool)>, // (a read is parked, released)
+    cv: Condvar,
+}
+
+impl GatedDevice {
+    fn wait_parked(&self) {
+        let mut s = self.state.lock().unwrap();
+        while !s.0 {
+            s = self.cv.wait(s).unwrap();
+        }
+    }
+    fn release(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.cv.notify_all();
+    }
+}
+
+impl BlockDevice for GatedDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self
+            .gate_offset
+            .lock()
+            .unwrap()
+            .take_if(|o| *o == offset)
+            .is_some()
+        {
+            let mut s = self.state.lock().unwrap();
+            s.0 = true;
+            self.cv.notify_all();
+            while !s.1 {
+                s = self.cv.wait(s).unwrap();
+            }
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+#[test]
+fn image_read_racing_with_a_copy_never_returns_new_data() {
+    let engine = Arc::new(Engine::new(Config::default()).unwrap());
+    let origin = Arc::new(GatedDevice {
+        inner: MemDevice::new(4 * CHUNK),
+        gate_offset: Mutex::new(None),
+        state: Mutex::new((false, false)),
+        cv: Condvar::new(),
+    });
+    origin.write_at(&[0x11; 4096], CHUNK).unwrap();
+    engine.attach("d", origin.clone()).unwrap();
+    snapshot_of(
+        &engine,
+        &["d"],
+        mem_storage(8 * CHUNK),
+        SnapshotOptions::default(),
+    );
+    let image = engine.image("d").unwrap();
+    // The image read of chunk 1 parks inside the origin read, after it saw
+    // the chunk untouched.
+    *origin.gate_offset.lock().unwrap() = Some(CHUNK + 512);
+    let reader = thread::spawn(move || {
+        let mut buf = vec![0; 512];
+        image.read(&mut buf, CHUNK + 512).unwrap();
+        buf
+    });
+    origin.wait_parked();
+    // Meanwhile a writer copies the chunk and overwrites the origin.
+    engine
+        .device("d")
+        .unwrap()
+        .write(&[0x22; 4096], CHUNK)
+        .unwrap();
+    origin.release();
+    assert_eq!(
+        reader.join().unwrap(),
+        vec![0x11; 512],
+        "image read returned data written after the take"
+    );
+}
+
+#[test]
+fn concurrent_writers_of_one_chunk_wait_for_one_copy() {
+    let engine = Arc::new(Engine::new(Config::default()).unwrap());
+    let before = setup(&engine, "d", 4 * CHUNK);
+    let storage = Arc::new(MemDevice::new(16 * CHUNK));
+    let id = snapshot_of(
+        &engine,
+        &["d"],
+        StorageSpec::Device(storage.clone()),
+        SnapshotOptions::default(),
+    );
+    storage.set_delay(Duration::from_millis(20));
+    let go = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..8u64)
+        .map(|i| {
+            let device = engine.device("d").unwrap();
+            let go = go.clone();
+            thread::spawn(move || {
+                while !go.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                device.write(&[i as u8 + 1; 512], CHUNK + i * 512).unwrap();
+            })
+        })
+        .collect();
+    go.store(true, Ordering::Release);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let info = engine.snapshot_info(&id).unwrap();
+    assert_eq!(info.storage.used, CHUNK, "one chunk copied once");
+    let image = engine.image("d").unwrap();
+    assert!(read_all(|b, o| image.read(b, o), 4 * CHUNK) == before);
+}
+
+#[test]
+fn control_errors_name_what_is_wrong() {
+    let engine = Engine::new(Config::default()).unwrap();
+    setup(&engine, "a", 4 * CHUNK);
+    setup(&engine, "b", 4 * CHUNK);
+    let err = engine
+        .attach("a", Arc::new(MemDevice::new(512)))
+        .unwrap_err();
+    assert_eq!((err.errno(), err.to_string().contains("a")), (17, true));
+    assert_eq!(
+        engine
+            .attach("x", Arc::new(MemDevice::new(0)))
+            .unwrap_err()
+            .errno(),
+        22
+    );
+    assert_eq!(
+        engine
+            .attach("x/y", Arc::new(MemDevice::new(512)))
+            .unwrap_err()
+            .errno(),
+        22
+    );
+    assert!(matches!(engine.cbt_info("nope"), Err(Error::NotFound(m)) if m.contains("nope")));
+
+    let id = engine
+        .snapshot_create(StorageSpec::Empty, SnapshotOptions::default())
+        .unwrap();
+    assert_eq!(
+        engine.snapshot_take(&id).unwrap_err().errno(),
+        22,
+        "take without devices"
+    );
+    engine.snapshot_add(&id, "a").unwrap();
+    assert_eq!(engine.snapshot_add(&id, "a").unwrap_err().errno(), 17);
+    let other = engine
+        .snapshot_create(StorageSpec::Empty, SnapshotOptions::default())
+        .unwrap();
+    let err = engine.snapshot_add(&other, "a").unwrap_err();
+    assert_eq!(err.errno(), 16);
+    assert!(err.to_string().contains(&id.to_string()), "{err}");
+    let err = engine.detach("a").unwrap_err();
+    assert_eq!(err.errno(), 16, "{err}");
+    assert!(matches!(engine.image("a"), Err(Error::WrongState(_))));
+    engine.snapshot_take(&id).unwrap();
+    assert_eq!(engine.snapshot_take(&id).unwrap_err().errno(), 1);
+    assert_eq!(engine.snapshot_add(&id, "b").unwrap_err().errno(), 1);
+    let unknown = Uuid::new_v4();
+    for err in [
+        engine.snapshot_take(&unknown).unwrap_err(),
+        engine.snapshot_destroy(&unknown).unwrap_err(),
+        engine.snapshot_info(&unknown).unwrap_err(),
+        engine.snapshot_add(&unknown, "b").unwrap_err(),
+    ] {
+        assert_eq!(err.errno(), 2, "{err}");
+        assert!(err.to_string().contains(&unknown.to_string()), "{err}");
+    }
+    assert_eq!(
+        engine
+            .snapshot_create(
+                StorageSpec::Empty,
+                SnapshotOptions {
+                    limit: Some(0),
+                    ..Default::default()
+                }
+            )
+            .unwrap_err()
+            .errno(),
+        22
+    );
+    let err = engine
+        .snapshot_create(
+            StorageSpec::Path("/nonexistent/store".into()),
+            SnapshotOptions::default(),
+        )
+        .unwrap_err();
+    assert_eq!(err.errno(), 2);
+    assert!(err.to_string().contains("/nonexistent/store"), "{err}");
+
+    let device = engine.device("a").unwrap();
+    let err = device.write(&[0; 1024], 4 * CHUNK - 512).unwrap_err();
+    assert!(
+        matches!(err, Error::OutOfRange { .. }) && err.to_string().contains("a:"),
+        "{err}"
+    );
+    assert!(engine
+        .image("a")
+        .unwrap()
+        .read(&mut [0; 2], u64::MAX)
+        .is_err());
+    assert!(device.write(&[], 4 * CHUNK).is_ok());
+
+    // Events: a wait times out empty; a wait on a destroyed snapshot says so.
+    let started = Instant::now();
+    assert_eq!(
+        engine
+            .snapshot_wait_event(&id, Duration::from_millis(50))
+            .unwrap(),
+        None
+    );
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    let waiter = {
+        let engine = Arc::new(engine);
+        let e2 = engine.clone();
+        let t = thread::spawn(move || e2.snapshot_wait_event(&id, Duration::from_secs(30)));
+        thread::sleep(Duration::from_millis(50));
+        let image = engine.image("a").unwrap();
+        engine.snapshot_destroy(&id).unwrap();
+        assert!(matches!(
+            image.read(&mut [0; 512], 0),
+            Err(Error::NotFound(_))
+        ));
+        engine.detach("a").unwrap();
+        assert_eq!(engine.snapshot_collect(), vec![other]);
+        t
+    };
+    assert!(matches!(waiter.join().unwrap(), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn zero_length_requests_change_nothing() {
+    let engine = Engine::new(Config::default()).unwrap();
+    setup(&engine, "d", 4 * CHUNK);
+    let device = engine.device("d").unwrap();
+    device.write(&[], 0).unwrap();
+    device.discard(CHUNK, 0).unwrap();
+    device.write_zeroes(2 * CHUNK, 0).unwrap();
+    let id = snapshot_of(
+        &engine,
+        &["d"],
+        mem_storage(CHUNK),
+        SnapshotOptions::default(),
+    );
+    assert!(engine.read_cbt_map("d").unwrap().iter().all(|&b| b == 0));
+    device.write(&[], 0).unwrap();
+    assert_eq!(
+        engine.snapshot_info(&id).unwrap().storage.used,
+        0,
+        "an empty write copied a chunk"
+    );
+}
