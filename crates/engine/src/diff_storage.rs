@@ -120,14 +120,22 @@ pub(crate) fn check_not_served(path: &Path, served: &HashSet<DeviceIdentity>) ->
         std::io::ErrorKind::NotFound => Error::NotFound(format!("difference storage path {shown}")),
         _ => Error::io(format!("cannot stat {shown}"), e),
     })?;
-    let refused = if meta.file_type().is_block_device() {
-        served.contains(&DeviceIdentity::Block { rdev: meta.rdev() })
+    let own = if meta.file_type().is_block_device() {
+        DeviceIdentity::Block { rdev: meta.rdev() }
     } else {
-        served.contains(&DeviceIdentity::File {
+        DeviceIdentity::File {
             dev: meta.dev(),
             ino: meta.ino(),
-        }) || served.contains(&DeviceIdentity::Block { rdev: meta.dev() })
+        }
     };
+    // A file on a filesystem that lives on a served block device, or a loop
+    // device over a served file, is served storage too.
+    let on_filesystem =
+        (!meta.file_type().is_block_device()).then_some(DeviceIdentity::Block { rdev: meta.dev() });
+    let refused = [Some(own), on_filesystem, own.loop_backing_file()]
+        .into_iter()
+        .flatten()
+        .any(|id| served.contains(&id));
     if refused {
         return Err(Error::InvalidArgument(format!(
             "difference storage {shown} is on a device this daemon serves; \
@@ -190,6 +198,8 @@ impl DiffStorage {
     }
 
     fn push_extent(&self, device: Arc<dyn BlockDevice>, offset: u64, len: u64) -> Result<()> {
+        // Lock order everywhere: allocator, then extents.
+        let mut alloc = self.alloc.lock().unwrap();
         let mut extents = self.extents.write().unwrap();
         if extents.len() >= MAX_EXTENTS {
             return Err(Error::InvalidArgument(format!(
@@ -202,7 +212,6 @@ impl DiffStorage {
             offset,
             len,
         });
-        let mut alloc = self.alloc.lock().unwrap();
         alloc.total += len;
         alloc.no_space_reported = false;
         Ok(())

@@ -95,7 +95,15 @@ impl Registry {
 
     fn served(&self) -> HashSet<DeviceIdentity> {
         let mut served = self.served_aliases.clone();
-        served.extend(self.devices.iter().filter_map(|d| d.origin().identity()));
+        let origins = self.devices.iter().filter_map(|d| d.origin().identity());
+        let aliases = self.served_aliases.iter().copied();
+        let backing: Vec<_> = origins
+            .clone()
+            .chain(aliases)
+            .filter_map(DeviceIdentity::loop_backing_file)
+            .collect();
+        served.extend(origins);
+        served.extend(backing);
         served
     }
 }

@@ -23,6 +23,27 @@ pub enum DeviceIdentity {
     File { dev: u64, ino: u64 },
 }
 
+impl DeviceIdentity {
+    /// For a loop device, the identity of the file behind it (read from
+    /// sysfs); `None` for anything else.
+    pub fn loop_backing_file(self) -> Option<DeviceIdentity> {
+        let DeviceIdentity::Block { rdev } = self else {
+            return None;
+        };
+        let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+        let sys = format!("/sys/dev/block/{major}:{minor}/loop/backing_file");
+        let path = std::fs::read_to_string(sys).ok()?;
+        let path = path.trim_end_matches('\n');
+        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(DeviceIdentity::File {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
 pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Size in bytes.
     fn size(&self) -> u64;
