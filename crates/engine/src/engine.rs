@@ -74,10 +74,21 @@ pub struct SnapshotInfo {
 }
 
 impl Registry {
+    /// A device by name, by the path it was attached with, or by any path
+    /// that resolves to the same file (symlinks, `..`).
     fn find(&self, key: &str) -> Result<&Arc<TrackedDevice>> {
+        let canonical = key
+            .contains('/')
+            .then(|| std::fs::canonicalize(key).ok())
+            .flatten();
         self.devices
             .iter()
-            .find(|d| d.name() == key || d.path().is_some_and(|p| p == Path::new(key)))
+            .find(|d| {
+                d.name() == key
+                    || d.path().is_some_and(|p| {
+                        p == Path::new(key) || canonical.as_deref() == Some(p)
+                    })
+            })
             .ok_or_else(|| Error::NotFound(format!("tracked device {key}")))
     }
 
@@ -134,8 +145,11 @@ impl Engine {
     /// its name is `name`, or else the path's file name.
     pub fn attach_path(&self, path: &Path, name: Option<&str>) -> Result<Arc<TrackedDevice>> {
         let shown = path.display().to_string();
-        if self.registry().find(&shown).is_ok() {
-            return Err(Error::AlreadyExists(format!("tracked device {shown}")));
+        if let Ok(existing) = self.registry().find(&shown) {
+            return Err(Error::AlreadyExists(format!(
+                "tracked device {} for {shown}",
+                existing.name()
+            )));
         }
         let name = match name {
             Some(n) => n.to_string(),
@@ -145,7 +159,8 @@ impl Engine {
                 .ok_or_else(|| Error::InvalidArgument(format!("{shown} has no file name")))?,
         };
         let device = FileDevice::open(path)?;
-        self.attach_inner(&name, Some(path), Arc::new(device))
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        self.attach_inner(&name, Some(&canonical), Arc::new(device))
     }
 
     fn attach_inner(

@@ -1,0 +1,487 @@
+//! `blksnap`: the command-line tool. Every command is one or a few requests
+//! to `blksnapd` over its control socket, through `blksnap-client`; output
+//! follows the original blksnap tool where it had a format (`key=value`
+//! lines), and every command prints its result as JSON with `--json`.
+//! Exit status: 0 success, 1 failure (one line on stderr naming the
+//! problem), 2 bad usage; `snapshot_watcher` exits 3 when the image is
+//! corrupted.
+
+mod fiemap;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use blksnap_client::{Client, Event, OnCopyError, Range, SnapshotCreateArgs, SnapshotInfo};
+use blksnap_proto::{errno_name, parse_range, parse_size};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// Drive blksnapd: change-block tracking and copy-on-write snapshots of
+/// block devices and image files.
+#[derive(Parser, Debug)]
+#[command(name = "blksnap", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// blksnapd's control socket.
+    #[arg(long, global = true, env = "BLKSNAP_CONTROL", default_value = blksnap_client::DEFAULT_CONTROL)]
+    control: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the daemon's version and protocol version.
+    #[command(name = "version")]
+    Version,
+    /// Start tracking a block device or image file (opened exclusively).
+    #[command(name = "attach")]
+    Attach {
+        /// Path of the block device or image file.
+        #[arg(long)]
+        device: PathBuf,
+        /// Name for the device (default: the path's file name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Stop tracking a device (refused while it is in a snapshot).
+    #[command(name = "detach")]
+    Detach {
+        /// Device name or path.
+        #[arg(long)]
+        device: String,
+    },
+    /// List tracked devices and snapshots.
+    #[command(name = "list")]
+    List,
+    /// Print a device's change-tracking parameters.
+    #[command(name = "cbtinfo")]
+    Cbtinfo {
+        /// Device name or path.
+        #[arg(long)]
+        device: String,
+    },
+    /// Write a device's readable change map (one byte per block) to a file.
+    #[command(name = "readcbtmap")]
+    Readcbtmap {
+        /// Device name or path.
+        #[arg(long)]
+        device: String,
+        /// File to write the map to.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Mark sector ranges, or the blocks of a file, as changed.
+    #[command(name = "markdirtyblock")]
+    Markdirtyblock {
+        /// Device name or path.
+        #[arg(long)]
+        device: String,
+        /// Sector range START:COUNT (512-byte sectors); repeatable.
+        #[arg(long, value_parser = parse_range, num_args = 1.., required_unless_present = "file")]
+        range: Vec<Range>,
+        /// A file on a filesystem on the device: its extents (FIEMAP).
+        #[arg(long, conflicts_with = "range")]
+        file: Option<PathBuf>,
+    },
+    /// Create a snapshot with its difference storage; prints its id.
+    #[command(name = "snapshot_create")]
+    SnapshotCreate {
+        /// Device to include (name or path); repeatable.
+        #[arg(long)]
+        device: Vec<String>,
+        /// Difference storage: a regular file (grown as needed), a
+        /// directory (a temporary file there) or a block device. Without it,
+        /// storage is added with snapshot_appendstorage.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Largest size of the difference storage (N, NK, NM, NG, NT).
+        #[arg(long, value_parser = parse_size)]
+        limit: Option<u64>,
+        /// What a failed copy does to the origin write.
+        #[arg(long, value_enum)]
+        on_copy_error: Option<CopyErrorArg>,
+        /// Longest a copy before an origin write may take, in milliseconds.
+        #[arg(long)]
+        copy_timeout: Option<u64>,
+    },
+    /// Add a device to a snapshot that is not taken yet.
+    #[command(name = "snapshot_add")]
+    SnapshotAdd {
+        #[arg(long)]
+        id: Uuid,
+        /// Device name or path.
+        #[arg(long)]
+        device: String,
+    },
+    /// Give a snapshot more difference storage: sector ranges of a block
+    /// device or file (also after the take).
+    #[command(name = "snapshot_appendstorage")]
+    SnapshotAppendstorage {
+        #[arg(long)]
+        id: Uuid,
+        /// Block device or file the ranges are on.
+        #[arg(long)]
+        device: PathBuf,
+        /// Sector range START:COUNT; repeatable.
+        #[arg(long, value_parser = parse_range, num_args = 1.., required = true)]
+        range: Vec<Range>,
+    },
+    /// Take the snapshot: atomically over all its devices.
+    #[command(name = "snapshot_take")]
+    SnapshotTake {
+        #[arg(long)]
+        id: Uuid,
+    },
+    /// Destroy a snapshot: images go, storage is released, tracking goes on.
+    #[command(name = "snapshot_destroy")]
+    SnapshotDestroy {
+        #[arg(long)]
+        id: Uuid,
+    },
+    /// Print the id of every snapshot.
+    #[command(name = "snapshot_collect")]
+    SnapshotCollect,
+    /// Print the snapshot image of a device and its state.
+    #[command(name = "snapshot_info")]
+    SnapshotInfo {
+        /// Device name or path.
+        #[arg(long)]
+        device: String,
+        /// Print only this field's value.
+        #[arg(long, value_enum)]
+        field: Option<Field>,
+    },
+    /// Wait for a snapshot's next event (no_space, corrupted).
+    #[command(name = "snapshot_waitevent")]
+    SnapshotWaitevent {
+        #[arg(long)]
+        id: Uuid,
+        /// Milliseconds to wait.
+        #[arg(long)]
+        timeout: u64,
+    },
+    /// Print a snapshot's events until it is destroyed or corrupted.
+    #[command(name = "snapshot_watcher")]
+    SnapshotWatcher {
+        #[arg(long)]
+        id: Uuid,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CopyErrorArg {
+    KeepOriginWrites,
+    BreakOriginWrite,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Field {
+    Image,
+    #[value(name = "error_code")]
+    ErrorCode,
+    Nbd,
+}
+
+/// A failure: the message, and the exit status.
+struct Failure(String, u8);
+
+impl From<blksnap_client::Error> for Failure {
+    fn from(e: blksnap_client::Error) -> Self {
+        match e {
+            blksnap_client::Error::Remote(r) => Failure(format!("{} ({})", r.message, r.name), 1),
+            other => Failure(other.to_string(), 1),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message, code)) => {
+            eprintln!("blksnap: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// `--device` takes a name or a path. A path (it has a '/', or names an
+/// existing file here) is sent absolute with symlinks resolved, so it means
+/// the same file whatever the daemon's working directory; a name passes
+/// through.
+fn device_key(device: &str) -> String {
+    if device.contains('/') || Path::new(device).exists() {
+        std::fs::canonicalize(device)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| device.to_string())
+    } else {
+        device.to_string()
+    }
+}
+
+fn absolute(path: &Path, what: &str) -> Result<String, Failure> {
+    std::fs::canonicalize(path)
+        .map(|p| p.display().to_string())
+        .map_err(|e| Failure(format!("{what} {}: {e}", path.display()), 1))
+}
+
+fn print_json(value: &impl Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string(value).expect("results serialize")
+    );
+}
+
+fn run(cli: &Cli) -> Result<(), Failure> {
+    let mut client = Client::connect(&cli.control)?;
+    let json = cli.json;
+    match &cli.command {
+        Command::Version => {
+            let v = client.version()?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("{}", v.version);
+            }
+        }
+        Command::Attach { device, name } => {
+            let info = client.attach(&absolute(device, "device")?, name.as_deref())?;
+            if json {
+                print_json(&info);
+            } else {
+                println!("device={}", info.name);
+            }
+        }
+        Command::Detach { device } => {
+            client.detach(&device_key(device))?;
+            if json {
+                print_json(&serde_json::json!({}));
+            }
+        }
+        Command::List => {
+            let list = client.list()?;
+            if json {
+                print_json(&list);
+            } else {
+                for d in &list.devices {
+                    println!(
+                        "device={} size={} path={} snapshot={}",
+                        d.name,
+                        d.size,
+                        d.path.as_deref().unwrap_or("-"),
+                        d.snapshot.map_or("-".into(), |s| s.to_string())
+                    );
+                }
+                for s in &list.snapshots {
+                    println!(
+                        "snapshot={} taken={} devices={} storage_used={} storage_total={}",
+                        s.id,
+                        s.taken,
+                        s.devices.join(","),
+                        s.storage.used,
+                        s.storage.total
+                    );
+                }
+            }
+        }
+        Command::Cbtinfo { device } => {
+            let i = client.cbtinfo(&device_key(device))?;
+            if json {
+                print_json(&i);
+            } else {
+                println!("block_size={}", i.block_size);
+                println!("device_capacity={}", i.device_capacity);
+                println!("block_count={}", i.block_count);
+                println!("generation_id={}", i.generation_id);
+                println!("changes_number={}", i.changes_number);
+            }
+        }
+        Command::Readcbtmap { device, file } => {
+            let map = client.read_cbt_map(&device_key(device))?;
+            std::fs::write(file, &map)
+                .map_err(|e| Failure(format!("cannot write {}: {e}", file.display()), 1))?;
+            if json {
+                print_json(&serde_json::json!({ "file": file, "block_count": map.len() }));
+            }
+        }
+        Command::Markdirtyblock {
+            device,
+            range,
+            file,
+        } => {
+            let ranges = match file {
+                Some(f) => fiemap::file_ranges(f).map_err(|m| Failure(m, 1))?,
+                None => range.clone(),
+            };
+            client.mark_dirty(&device_key(device), &ranges)?;
+            if json {
+                print_json(&serde_json::json!({ "ranges": ranges }));
+            }
+        }
+        Command::SnapshotCreate {
+            device,
+            file,
+            limit,
+            on_copy_error,
+            copy_timeout,
+        } => {
+            let storage = file
+                .as_deref()
+                .map(|f| absolute(f, "difference storage"))
+                .transpose()?;
+            let id = client.snapshot_create(SnapshotCreateArgs {
+                storage,
+                limit: *limit,
+                devices: device.iter().map(|d| device_key(d)).collect(),
+                on_copy_error: on_copy_error.map(|p| match p {
+                    CopyErrorArg::KeepOriginWrites => OnCopyError::KeepOriginWrites,
+                    CopyErrorArg::BreakOriginWrite => OnCopyError::BreakOriginWrite,
+                }),
+                copy_timeout_ms: *copy_timeout,
+            })?;
+            if json {
+                print_json(&serde_json::json!({ "id": id }));
+            } else {
+                println!("{id}");
+            }
+        }
+        Command::SnapshotAdd { id, device } => {
+            client.snapshot_add(*id, &device_key(device))?;
+            empty(json);
+        }
+        Command::SnapshotAppendstorage { id, device, range } => {
+            client.snapshot_append_storage(*id, &absolute(device, "storage device")?, range)?;
+            empty(json);
+        }
+        Command::SnapshotTake { id } => {
+            client.snapshot_take(*id)?;
+            empty(json);
+        }
+        Command::SnapshotDestroy { id } => {
+            client.snapshot_destroy(*id)?;
+            empty(json);
+        }
+        Command::SnapshotCollect => {
+            let ids = client.snapshot_collect()?;
+            if json {
+                print_json(&serde_json::json!({ "ids": ids }));
+            } else {
+                for id in ids {
+                    println!("{id}");
+                }
+            }
+        }
+        Command::SnapshotInfo { device, field } => {
+            let info = client.snapshot_info_of_device(&device_key(device))?;
+            snapshot_info(&info, *field, json)?;
+        }
+        Command::SnapshotWaitevent { id, timeout } => {
+            let event = client.snapshot_wait_event(*id, Duration::from_millis(*timeout))?;
+            if json {
+                print_json(&serde_json::json!({ "event": event }));
+            } else {
+                print_event(event.as_ref());
+            }
+        }
+        Command::SnapshotWatcher { id } => loop {
+            match client.snapshot_wait_event(*id, Duration::from_secs(1)) {
+                Ok(None) => {}
+                Ok(Some(event)) => {
+                    if json {
+                        print_json(&event);
+                    } else {
+                        print_event(Some(&event));
+                    }
+                    if let Event::Corrupted { device, errno } = event {
+                        return Err(Failure(
+                            format!(
+                                "snapshot image of {device} is corrupted ({})",
+                                errno_name(errno)
+                            ),
+                            3,
+                        ));
+                    }
+                }
+                Err(blksnap_client::Error::Remote(r)) if r.errno == 2 => {
+                    if !json {
+                        println!("event=destroyed");
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        },
+    }
+    Ok(())
+}
+
+fn empty(json: bool) {
+    if json {
+        print_json(&serde_json::json!({}));
+    }
+}
+
+fn print_event(event: Option<&Event>) {
+    match event {
+        None => println!("event=none"),
+        Some(Event::NoSpace { requested_sectors }) => {
+            println!("event=no_space");
+            println!("requested_sectors={requested_sectors}");
+        }
+        Some(Event::Corrupted { device, errno }) => {
+            println!("event=corrupted");
+            println!("device={device}");
+            println!("errno={errno}");
+            println!("error={}", errno_name(*errno));
+        }
+    }
+}
+
+fn snapshot_info(info: &SnapshotInfo, field: Option<Field>, json: bool) -> Result<(), Failure> {
+    let device = info.for_device.as_deref().unwrap_or_default();
+    let image = info.images.iter().find(|i| i.device == device);
+    if json && field.is_none() {
+        print_json(info);
+        return Ok(());
+    }
+    let not_taken = || {
+        Failure(
+            format!("snapshot {} is not taken yet: no image", info.id),
+            1,
+        )
+    };
+    match field {
+        Some(Field::ErrorCode) => println!("{}", image.ok_or_else(not_taken)?.error_code),
+        Some(Field::Image) | Some(Field::Nbd) => {
+            let image = image.ok_or_else(not_taken)?;
+            let served = image.image.as_deref().ok_or_else(|| {
+                Failure(
+                    format!(
+                        "the image of {} is not served by any frontend",
+                        image.device
+                    ),
+                    1,
+                )
+            })?;
+            println!("{served}");
+        }
+        None => {
+            println!("id={}", info.id);
+            println!("taken={}", info.taken);
+            println!("device={device}");
+            if let Some(image) = image {
+                println!("image={}", image.image.as_deref().unwrap_or("-"));
+                println!("error_code={}", image.error_code);
+                println!("chunk_size={}", image.chunk_size);
+            }
+            println!("storage_used={}", info.storage.used);
+            println!("storage_total={}", info.storage.total);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,447 @@
+//! The `blksnap` CLI against a real `blksnapd`: the whole command set with
+//! exact output, `--json`, and the errors a user meets; after every error the
+//! daemon still serves.
+
+mod common;
+
+use common::Daemon;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+fn lines(s: &str) -> Vec<&str> {
+    s.lines().collect()
+}
+
+fn assert_alive(d: &Daemon) {
+    assert_eq!(
+        d.ok(&["version"]),
+        format!("{}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn whole_command_set() {
+    let d = Daemon::start();
+    let a = d.image("a.img", 8 * MIB);
+    let b = d.image("b.img", 16 * MIB);
+    let store = d.path("store");
+    std::fs::create_dir(&store).unwrap();
+
+    assert_eq!(d.ok(&["version"]), "0.1.0\n");
+    let v: serde_json::Value = serde_json::from_str(&d.ok(&["version", "--json"])).unwrap();
+    assert_eq!(v["protocol"], 1);
+
+    // attach by relative path (resolved by the CLI), with and without a name
+    assert_eq!(d.ok(&["attach", "--device", "a.img"]), "device=a.img\n");
+    assert_eq!(
+        d.ok(&["attach", "--device", b.to_str().unwrap(), "--name", "bee"]),
+        "device=bee\n"
+    );
+
+    let info = d.ok(&["cbtinfo", "--device", "a.img"]);
+    let l = lines(&info);
+    assert_eq!(l.len(), 5, "{info}");
+    assert_eq!(l[0], "block_size=65536");
+    assert_eq!(l[1], format!("device_capacity={}", 8 * MIB));
+    assert_eq!(l[2], "block_count=128");
+    let generation = l[3].strip_prefix("generation_id=").unwrap();
+    assert_eq!(
+        uuid::Uuid::parse_str(generation).unwrap().get_version_num(),
+        4
+    );
+    assert_eq!(l[4], "changes_number=0");
+    // --device by absolute path, or through a symlink, is the same device
+    std::os::unix::fs::symlink(&b, d.path("link.img")).unwrap();
+    let by_link = d.ok(&["cbtinfo", "--device", "link.img", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&by_link).unwrap();
+    assert_eq!(
+        (j["block_count"].as_u64(), j["changes_number"].as_u64()),
+        (Some(256), Some(0))
+    );
+
+    let list = d.ok(&["list"]);
+    assert_eq!(
+        list,
+        format!(
+            "device=a.img size={} path={} snapshot=-\ndevice=bee size={} path={} snapshot=-\n",
+            8 * MIB,
+            a.display(),
+            16 * MIB,
+            b.display()
+        )
+    );
+
+    // mark-dirty, then a snapshot of both with a directory storage
+    assert_eq!(
+        d.ok(&[
+            "markdirtyblock",
+            "--device",
+            "a.img",
+            "--range",
+            "256:1",
+            "--range",
+            "2048:128"
+        ]),
+        ""
+    );
+    let id = d.ok(&[
+        "snapshot_create",
+        "--device",
+        "a.img",
+        "--device",
+        "bee",
+        "--file",
+        "store",
+        "--limit",
+        "64M",
+    ]);
+    let id = id.trim().to_string();
+    assert_eq!(uuid::Uuid::parse_str(&id).unwrap().to_string(), id);
+    assert_eq!(d.ok(&["snapshot_collect"]), format!("{id}\n"));
+    assert_eq!(d.ok(&["snapshot_take", "--id", &id]), "");
+    assert_eq!(
+        d.ok(&["snapshot_info", "--device", "bee"]),
+        format!(
+            "id={id}\ntaken=true\ndevice=bee\nimage=-\nerror_code=0\nchunk_size=262144\nstorage_used=0\nstorage_total=0\n"
+        )
+    );
+    assert_eq!(
+        d.ok(&[
+            "snapshot_info",
+            "--device",
+            "a.img",
+            "--field",
+            "error_code"
+        ]),
+        "0\n"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&d.ok(&["snapshot_info", "--device", "a.img", "--json"])).unwrap();
+    assert_eq!(info["storage"]["limit"], 64 * MIB);
+    assert_eq!(info["images"].as_array().unwrap().len(), 2);
+    assert!(d
+        .ok(&["list"])
+        .contains(&format!("snapshot={id} taken=true devices=a.img,bee")));
+
+    // the readable map shows the marks, one byte per block
+    let map_file = d.path("a.map");
+    assert_eq!(
+        d.ok(&[
+            "readcbtmap",
+            "--device",
+            "a.img",
+            "--file",
+            map_file.to_str().unwrap()
+        ]),
+        ""
+    );
+    let map = std::fs::read(&map_file).unwrap();
+    assert_eq!(map.len(), 128);
+    let marked: Vec<usize> = map
+        .iter()
+        .enumerate()
+        .filter(|(_, &v)| v > 0)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(marked, [2, 16]);
+    assert!(map.iter().all(|&v| v <= 1));
+    let l = lines(&d.ok(&["cbtinfo", "--device", "a.img"]))
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(l[4], "changes_number=1");
+
+    assert_eq!(
+        d.ok(&["snapshot_waitevent", "--id", &id, "--timeout", "50"]),
+        "event=none\n"
+    );
+    assert_eq!(
+        d.ok(&[
+            "snapshot_waitevent",
+            "--id",
+            &id,
+            "--timeout",
+            "10",
+            "--json"
+        ]),
+        "{\"event\":null}\n"
+    );
+
+    // appended ranges after the take
+    let extra = d.image("extra.bin", 4 * MIB);
+    assert_eq!(
+        d.ok(&[
+            "snapshot_appendstorage",
+            "--id",
+            &id,
+            "--device",
+            extra.to_str().unwrap(),
+            "--range",
+            "0:2048",
+            "--range",
+            "4096:2048"
+        ]),
+        ""
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&d.ok(&["snapshot_info", "--device", "a.img", "--json"])).unwrap();
+    assert_eq!(info["storage"]["total"], 2 * MIB);
+    assert_eq!(info["storage"]["extents"], 2);
+
+    // the watcher reports the destroy and exits 0
+    let watcher = Command::new(env!("CARGO_BIN_EXE_blksnap"))
+        .args(["snapshot_watcher", "--id", &id])
+        .env("BLKSNAP_CONTROL", &d.control)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.ok(&["snapshot_destroy", "--id", &id]), "");
+    let out = watcher.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "event=destroyed\n");
+    assert_eq!(d.ok(&["snapshot_collect"]), "");
+    assert_eq!(d.ok(&["snapshot_collect", "--json"]), "{\"ids\":[]}\n");
+
+    // a second snapshot: its storage a regular file; then detach everything
+    let store_file = d.image("store.file", 4096);
+    let id2 = d.ok(&[
+        "snapshot_create",
+        "--device",
+        "a.img",
+        "--file",
+        store_file.to_str().unwrap(),
+        "--limit",
+        "1G",
+        "--json",
+    ]);
+    let id2: serde_json::Value = serde_json::from_str(&id2).unwrap();
+    let id2 = id2["id"].as_str().unwrap().to_string();
+    assert_eq!(d.ok(&["snapshot_add", "--id", &id2, "--device", "bee"]), "");
+    assert_eq!(d.ok(&["snapshot_take", "--id", &id2, "--json"]), "{}\n");
+    assert_eq!(d.ok(&["snapshot_destroy", "--id", &id2]), "");
+    assert_eq!(d.ok(&["detach", "--device", "a.img"]), "");
+    assert_eq!(d.ok(&["detach", "--device", b.to_str().unwrap()]), "");
+    assert_eq!(
+        d.ok(&["list", "--json"]),
+        "{\"devices\":[],\"snapshots\":[]}\n"
+    );
+}
+
+#[test]
+fn errors_name_the_problem_and_the_daemon_survives() {
+    let d = Daemon::start();
+    d.image("a.img", 4 * MIB);
+    d.image("b.img", 4 * MIB);
+    d.ok(&["attach", "--device", "a.img"]);
+    d.ok(&["attach", "--device", "b.img"]);
+
+    d.fails(
+        &["cbtinfo", "--device", "nope"],
+        &["nope", "not found", "ENOENT"],
+    );
+    assert_alive(&d);
+    d.fails(
+        &["attach", "--device", "missing.img"],
+        &["missing.img", "No such file"],
+    );
+    d.fails(
+        &["attach", "--device", "a.img"],
+        &["a.img", "already exists", "EEXIST"],
+    );
+    d.fails(
+        &["attach", "--device", "b.img", "--name", "other"],
+        &["b.img", "EEXIST"],
+    );
+    d.image("c.img", MIB);
+    d.fails(
+        &["attach", "--device", "c.img", "--name", "a.img"],
+        &["named a.img", "EEXIST"],
+    );
+    assert_alive(&d);
+
+    let s1 = d.ok(&[
+        "snapshot_create",
+        "--device",
+        "a.img",
+        "--file",
+        ".",
+        "--limit",
+        "1G",
+    ]);
+    let s1 = s1.trim();
+    let err = d.fails(
+        &[
+            "snapshot_create",
+            "--device",
+            "a.img",
+            "--file",
+            ".",
+            "--limit",
+            "1G",
+        ],
+        &["a.img", "EBUSY"],
+    );
+    assert!(err.contains(s1), "{err}");
+    let s2 = d.ok(&["snapshot_create", "--file", ".", "--limit", "1G"]);
+    d.fails(
+        &["snapshot_add", "--id", s2.trim(), "--device", "a.img"],
+        &["a.img", s1, "EBUSY"],
+    );
+    d.fails(
+        &["detach", "--device", "a.img"],
+        &["a.img", s1, "destroy the snapshot first", "EBUSY"],
+    );
+    assert_alive(&d);
+
+    // a bad limit is a usage error (status 2) naming the value
+    let out = d.cli(&[
+        "snapshot_create",
+        "--device",
+        "b.img",
+        "--file",
+        ".",
+        "--limit",
+        "12X",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid size \"12X\""));
+    let out = d.cli(&["markdirtyblock", "--device", "b.img", "--range", "5:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    d.fails(
+        &[
+            "snapshot_create",
+            "--device",
+            "b.img",
+            "--file",
+            "no/such/dir",
+            "--limit",
+            "1G",
+        ],
+        &["difference storage", "no/such/dir"],
+    );
+    d.fails(
+        &["markdirtyblock", "--device", "b.img", "--range", "8192:1"],
+        &["b.img", "outside the device", "EINVAL"],
+    );
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    for cmd in ["snapshot_take", "snapshot_destroy"] {
+        d.fails(&[cmd, "--id", &unknown], &[&unknown, "not found", "ENOENT"]);
+    }
+    d.fails(
+        &["snapshot_waitevent", "--id", &unknown, "--timeout", "10"],
+        &[&unknown, "ENOENT"],
+    );
+    d.fails(
+        &["snapshot_info", "--device", "b.img"],
+        &["b.img", "in no snapshot", "ENOENT"],
+    );
+    d.fails(
+        &["snapshot_info", "--device", "a.img", "--field", "image"],
+        &["not taken"],
+    );
+    d.ok(&["snapshot_take", "--id", s1]);
+    d.fails(&["snapshot_take", "--id", s1], &["already taken", "EPERM"]);
+    d.fails(
+        &["snapshot_info", "--device", "a.img", "--field", "nbd"],
+        &["not served"],
+    );
+    assert_alive(&d);
+
+    // without a daemon: a clear message
+    let out = Command::new(env!("CARGO_BIN_EXE_blksnap"))
+        .args(["--control", "/nonexistent/ctl.sock", "version"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("cannot connect to blksnapd at /nonexistent/ctl.sock"));
+}
+
+#[test]
+fn malformed_requests_get_error_replies() {
+    let d = Daemon::start();
+    let replies = d.raw(
+        b"this is not json\n{\"id\":4,\"command\":\"bogus\"}\n{\"id\":5,\"command\":\"attach\",\"args\":{\"device\":\"relative\"}}\n{\"id\":6,\"command\":\"attach\",\"args\":{\"devise\":\"/x\"}}\n\xff\xfe\n{\"id\":7,\"command\":\"version\"}\n",
+        6,
+    );
+    for r in &replies[..5] {
+        assert_eq!(r["ok"], false, "{r}");
+        assert_eq!(r["error"]["errno"], 22, "{r}");
+        assert_eq!(r["error"]["name"], "EINVAL", "{r}");
+    }
+    assert!(replies[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("malformed request"));
+    assert_eq!(replies[1]["id"], 4);
+    assert!(replies[1]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("bogus"));
+    assert!(replies[2]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("must be absolute"));
+    assert!(replies[3]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("devise"));
+    assert_eq!(replies[5]["id"], 7);
+    assert_eq!(replies[5]["ok"], true);
+    assert_eq!(replies[5]["result"]["protocol"], 1);
+
+    // an oversized request: an error reply, and the connection goes on
+    let mut big = vec![b'x'; 2 << 20];
+    big.push(b'\n');
+    big.extend_from_slice(b"{\"command\":\"snapshot_collect\"}\n");
+    let replies = d.raw(&big, 2);
+    assert!(replies[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("too large"));
+    assert_eq!(replies[1]["result"]["ids"], serde_json::json!([]));
+
+    // a client that vanishes mid-request harms nobody
+    {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&d.control).unwrap();
+        s.write_all(b"{\"command\":\"vers").unwrap();
+    }
+    assert_alive(&d);
+}
+
+#[test]
+fn help_on_every_command() {
+    let d = Daemon::start();
+    let out = d.ok(&["help"]);
+    for cmd in [
+        "version",
+        "attach",
+        "detach",
+        "list",
+        "cbtinfo",
+        "readcbtmap",
+        "markdirtyblock",
+        "snapshot_create",
+        "snapshot_add",
+        "snapshot_appendstorage",
+        "snapshot_take",
+        "snapshot_destroy",
+        "snapshot_collect",
+        "snapshot_info",
+        "snapshot_waitevent",
+        "snapshot_watcher",
+    ] {
+        assert!(out.contains(cmd), "help lacks {cmd}");
+        let help = d.ok(&[cmd, "--help"]);
+        assert!(
+            help.contains("--json") && help.contains("--control"),
+            "{cmd} --help: {help}"
+        );
+    }
+    assert!(d.ok(&["snapshot_create", "--help"]).contains("--limit"));
+}

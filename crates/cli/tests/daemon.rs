@@ -1,0 +1,153 @@
+//! `blksnapd` as a process: socket permissions, one daemon per socket, clean
+//! stop on SIGTERM and SIGINT, configuration errors; and the Rust client
+//! driving a full cycle with typed results and errno-carrying errors.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use blksnap_client::{Client, SnapshotCreateArgs};
+use common::{blksnapd, exists, Daemon};
+
+#[test]
+fn socket_is_private_and_single() {
+    let mut d = Daemon::start();
+    let mode = std::fs::metadata(&d.control).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let second = Command::new(blksnapd())
+        .arg("--control")
+        .arg(&d.control)
+        .arg("--state-dir")
+        .arg(d.path("state2"))
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("already serving") && stderr.contains(&d.pid().to_string()),
+        "{stderr}"
+    );
+    // the first daemon is unharmed
+    assert_eq!(d.ok(&["version"]), "0.1.0\n");
+    assert!(d.stop().success());
+    assert!(!exists(&d.control), "socket left behind");
+}
+
+#[test]
+fn stops_cleanly_on_sigterm_and_sigint_with_devices_attached() {
+    let mut d = Daemon::start();
+    d.image("a.img", 1 << 20);
+    d.ok(&["attach", "--device", "a.img"]);
+    let id = d.ok(&[
+        "snapshot_create",
+        "--device",
+        "a.img",
+        "--file",
+        ".",
+        "--limit",
+        "1G",
+    ]);
+    d.ok(&["snapshot_take", "--id", id.trim()]);
+    // a client waiting for events does not hold up the stop for long
+    let mut waiter = Client::connect(&d.control).unwrap();
+    let id: uuid::Uuid = id.trim().parse().unwrap();
+    let t = std::thread::spawn(move || waiter.snapshot_wait_event(id, Duration::from_secs(2)));
+    std::thread::sleep(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    assert!(d.stop().success());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        t.join().unwrap().is_ok(),
+        "the request in flight got its reply"
+    );
+    assert!(d.log().contains("blksnapd stopped"));
+
+    let mut d = Daemon::start();
+    common::signal(d.pid(), "INT");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.stop_or_status().success());
+}
+
+#[test]
+fn config_file_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("blksnapd.toml");
+    std::fs::write(
+        &config,
+        "chunk_minimum_shift = 18\ndiff_storage_minim = \"1G\"\n",
+    )
+    .unwrap();
+    let out = Command::new(blksnapd())
+        .arg("--control")
+        .arg(dir.path().join("c.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("diff_storage_minim") && stderr.contains("blksnapd.toml"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &config,
+        "tracking_block_minimum_shift = 12\ndiff_storage_minimum = \"64M\"\n",
+    )
+    .unwrap();
+    let d = Daemon::start_with(&["--config", config.to_str().unwrap()]);
+    d.image("a.img", 1 << 20);
+    d.ok(&["attach", "--device", "a.img"]);
+    assert!(d
+        .ok(&["cbtinfo", "--device", "a.img"])
+        .starts_with("block_size=4096\n"));
+}
+
+#[test]
+fn rust_client_full_cycle() {
+    let d = Daemon::start();
+    let a = d.image("a.img", 4 << 20);
+    let mut c = Client::connect(&d.control).unwrap();
+    assert_eq!(c.version().unwrap().protocol, 1);
+    let info = c.attach(a.to_str().unwrap(), Some("disk")).unwrap();
+    assert_eq!((info.name.as_str(), info.size), ("disk", 4 << 20));
+    let err = c.attach(a.to_str().unwrap(), None).unwrap_err();
+    assert_eq!(err.errno(), 17);
+    assert_eq!(c.cbtinfo("disk").unwrap().block_count, 64);
+    c.mark_dirty("disk", &[blksnap_client::Range { start: 0, count: 1 }])
+        .unwrap();
+    let id = c
+        .snapshot_create(SnapshotCreateArgs {
+            storage: Some(d.dir.path().display().to_string()),
+            limit: Some(1 << 30),
+            devices: vec!["disk".into()],
+            on_copy_error: None,
+            copy_timeout_ms: None,
+        })
+        .unwrap();
+    c.snapshot_take(id).unwrap();
+    assert_eq!(c.read_cbt_map("disk").unwrap()[..2], [1, 0]);
+    let info = c.snapshot_info(id).unwrap();
+    assert_eq!(info.images[0].error_code, 0);
+    assert_eq!(
+        c.snapshot_info_of_device("disk")
+            .unwrap()
+            .for_device
+            .as_deref(),
+        Some("disk")
+    );
+    assert_eq!(
+        c.snapshot_wait_event(id, Duration::from_millis(10))
+            .unwrap(),
+        None
+    );
+    assert_eq!(c.detach("disk").unwrap_err().errno(), 16);
+    c.snapshot_destroy(id).unwrap();
+    assert_eq!(c.snapshot_destroy(id).unwrap_err().errno(), 2);
+    c.detach("disk").unwrap();
+    assert!(c.list().unwrap().devices.is_empty());
+}

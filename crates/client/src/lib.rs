@@ -1,0 +1,238 @@
+//! Typed Rust client of the blksnap control protocol (`docs/protocol.md`):
+//! one [`Client`] is one connection to `blksnapd`'s control socket; each
+//! method sends one request and waits for its reply. Used by the `blksnap`
+//! CLI and the C library; speaks the protocol and nothing else.
+
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use blksnap_proto::{self as proto, ErrorReply, ReplyMessage, Request, RequestMessage};
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+pub use proto::{
+    CbtInfo, DeviceInfo, Event, ListResult, OnCopyError, Range, SnapshotCreateArgs, SnapshotInfo,
+    VersionInfo,
+};
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_CONTROL: &str = "/run/blksnap/control.sock";
+
+/// The control socket: `$BLKSNAP_CONTROL`, else [`DEFAULT_CONTROL`].
+pub fn default_control_path() -> PathBuf {
+    std::env::var_os("BLKSNAP_CONTROL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to blksnapd at {path}: {source} (is the daemon running?)")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to blksnapd lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected reply from blksnapd: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Remote(ErrorReply),
+}
+
+impl Error {
+    /// The errno value of the failure (EIO for transport and protocol errors).
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Remote(e) => e.errno,
+            Error::Connect { source, .. } | Error::Io(source) => source.raw_os_error().unwrap_or(5),
+            Error::Protocol(_) => 71,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Self> {
+        let stream = UnixStream::connect(path).map_err(|source| Error::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+            next_id: 1,
+        })
+    }
+
+    /// Sends a request and returns the raw result of its reply.
+    pub fn call(&mut self, request: Request) -> Result<serde_json::Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        proto::write_message(
+            &mut self.writer,
+            &RequestMessage {
+                id: Some(id),
+                request,
+            },
+        )?;
+        let line = proto::read_line(&mut self.reader, usize::MAX)?.ok_or_else(|| {
+            Error::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "blksnapd closed the connection",
+            ))
+        })?;
+        let reply: ReplyMessage =
+            serde_json::from_slice(&line).map_err(|e| Error::Protocol(e.to_string()))?;
+        if reply.id != Some(id) {
+            return Err(Error::Protocol(format!(
+                "reply to request {:?}, expected {id}",
+                reply.id
+            )));
+        }
+        match (reply.ok, reply.result, reply.error) {
+            (true, Some(result), None) => Ok(result),
+            (false, None, Some(error)) => Err(Error::Remote(error)),
+            _ => Err(Error::Protocol(
+                "a reply must carry either a result or an error".into(),
+            )),
+        }
+    }
+
+    fn typed<T: DeserializeOwned>(&mut self, request: Request) -> Result<T> {
+        let value = self.call(request)?;
+        serde_json::from_value(value).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    fn unit(&mut self, request: Request) -> Result<()> {
+        self.typed::<proto::Empty>(request).map(|_| ())
+    }
+
+    pub fn version(&mut self) -> Result<VersionInfo> {
+        self.typed(Request::Version)
+    }
+
+    /// Starts tracking a block device or image file (an absolute path).
+    pub fn attach(&mut self, device: &str, name: Option<&str>) -> Result<DeviceInfo> {
+        self.typed(Request::Attach(proto::AttachArgs {
+            device: device.into(),
+            name: name.map(Into::into),
+        }))
+    }
+
+    pub fn detach(&mut self, device: &str) -> Result<()> {
+        self.unit(Request::Detach(proto::DeviceArgs {
+            device: device.into(),
+        }))
+    }
+
+    pub fn list(&mut self) -> Result<ListResult> {
+        self.typed(Request::List)
+    }
+
+    pub fn cbtinfo(&mut self, device: &str) -> Result<CbtInfo> {
+        self.typed(Request::Cbtinfo(proto::DeviceArgs {
+            device: device.into(),
+        }))
+    }
+
+    /// The whole readable change map, one byte per tracking block.
+    pub fn read_cbt_map(&mut self, device: &str) -> Result<Vec<u8>> {
+        let mut map = Vec::new();
+        loop {
+            let part: proto::CbtMapPart =
+                self.typed(Request::Readcbtmap(proto::ReadCbtMapArgs {
+                    device: device.into(),
+                    offset: map.len() as u64,
+                    length: proto::MAX_CBT_MAP_READ,
+                }))?;
+            let bytes = part.decode().map_err(Error::Protocol)?;
+            if bytes.is_empty() && (map.len() as u64) < part.block_count {
+                return Err(Error::Protocol("empty change map part".into()));
+            }
+            map.extend_from_slice(&bytes);
+            if map.len() as u64 >= part.block_count {
+                return Ok(map);
+            }
+        }
+    }
+
+    pub fn mark_dirty(&mut self, device: &str, ranges: &[Range]) -> Result<()> {
+        self.unit(Request::Markdirtyblock(proto::MarkDirtyArgs {
+            device: device.into(),
+            ranges: ranges.to_vec(),
+        }))
+    }
+
+    pub fn snapshot_create(&mut self, args: SnapshotCreateArgs) -> Result<Uuid> {
+        self.typed::<proto::SnapshotId>(Request::SnapshotCreate(args))
+            .map(|r| r.id)
+    }
+
+    pub fn snapshot_add(&mut self, id: Uuid, device: &str) -> Result<()> {
+        self.unit(Request::SnapshotAdd(proto::SnapshotDeviceArgs {
+            id,
+            device: device.into(),
+        }))
+    }
+
+    pub fn snapshot_append_storage(
+        &mut self,
+        id: Uuid,
+        device: &str,
+        ranges: &[Range],
+    ) -> Result<()> {
+        self.unit(Request::SnapshotAppendstorage(proto::AppendStorageArgs {
+            id,
+            device: device.into(),
+            ranges: ranges.to_vec(),
+        }))
+    }
+
+    pub fn snapshot_take(&mut self, id: Uuid) -> Result<()> {
+        self.unit(Request::SnapshotTake(proto::SnapshotIdArgs { id }))
+    }
+
+    pub fn snapshot_destroy(&mut self, id: Uuid) -> Result<()> {
+        self.unit(Request::SnapshotDestroy(proto::SnapshotIdArgs { id }))
+    }
+
+    pub fn snapshot_collect(&mut self) -> Result<Vec<Uuid>> {
+        self.typed::<proto::SnapshotIds>(Request::SnapshotCollect)
+            .map(|r| r.ids)
+    }
+
+    /// The snapshot `device` is in.
+    pub fn snapshot_info_of_device(&mut self, device: &str) -> Result<SnapshotInfo> {
+        self.typed(Request::SnapshotInfo(proto::SnapshotInfoArgs {
+            device: Some(device.into()),
+            id: None,
+        }))
+    }
+
+    pub fn snapshot_info(&mut self, id: Uuid) -> Result<SnapshotInfo> {
+        self.typed(Request::SnapshotInfo(proto::SnapshotInfoArgs {
+            device: None,
+            id: Some(id),
+        }))
+    }
+
+    /// The snapshot's next event; `None` when `timeout` passed without one.
+    pub fn snapshot_wait_event(&mut self, id: Uuid, timeout: Duration) -> Result<Option<Event>> {
+        self.typed::<proto::WaitEventResult>(Request::SnapshotWaitevent(proto::WaitEventArgs {
+            id,
+            timeout_ms: timeout.as_millis() as u64,
+        }))
+        .map(|r| r.event)
+    }
+}

@@ -1,0 +1,270 @@
+//! The control socket server: a Unix stream socket speaking the protocol of
+//! `docs/protocol.md`, one thread per client connection.
+//!
+//! Owns the socket file and its lock file (`<socket>.lock`, flock'ed and
+//! holding the daemon's pid) so that a second daemon on the same socket
+//! refuses to start. A malformed or oversized request gets an error reply and
+//! the connection goes on; nothing one client sends can stop the others.
+//! Shutdown ([`ShutdownHandle::shutdown`]) stops accepting, lets every
+//! connection finish the request it is in, and removes the socket.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use blksnap_proto::{self as proto, ErrorReply, ReplyMessage, RequestMessage};
+use rustix::fs::FlockOperation;
+
+use crate::service::Service;
+
+/// More concurrent clients than this are turned away with EAGAIN.
+const MAX_CONNECTIONS: usize = 128;
+/// How long shutdown waits for connections to finish their request.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct ControlServer {
+    path: PathBuf,
+    lock_path: PathBuf,
+    listener: UnixListener,
+    _lock: File,
+    service: Arc<Service>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    stopping: AtomicBool,
+    connections: Mutex<HashMap<u64, UnixStream>>,
+}
+
+/// Stops a running [`ControlServer`] from another thread (a signal handler
+/// thread).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Readers waiting for a next request see end of stream; one in the
+        // middle of a request still sends its reply.
+        for stream in self.shared.connections.lock().unwrap().values() {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+        // Wake the accept loop.
+        let _ = UnixStream::connect(&self.path);
+    }
+}
+
+fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("cannot read /etc/group: {e}"))?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(name, _)| *name == group)
+        .and_then(|(_, gid)| gid.parse().ok())
+        .ok_or_else(|| format!("control group {group:?} does not exist"))
+}
+
+impl ControlServer {
+    /// Takes the socket's lock, then creates the socket: mode 0600, or 0660
+    /// owned by `group` when one is given.
+    pub fn bind(path: &Path, group: Option<&str>, service: Arc<Service>) -> Result<Self, String> {
+        let shown = path.display();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| format!("cannot open lock file {}: {e}", lock_path.display()))?;
+        if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            let mut pid = String::new();
+            let _ = lock.read_to_string(&mut pid);
+            return Err(format!(
+                "another blksnapd (pid {}) is already serving {shown}",
+                pid.trim()
+            ));
+        }
+        lock.set_len(0)
+            .and_then(|_| writeln!(lock, "{}", std::process::id()))
+            .map_err(|e| format!("cannot write lock file: {e}"))?;
+        // We hold the lock: a socket file left here is stale.
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(socket = %shown, "removed a stale control socket"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove stale socket {shown}: {e}")),
+        }
+        let gid = group.map(group_id).transpose()?;
+        // No window where the socket is open to others: bind under a umask
+        // that leaves only the owner's read and write bits.
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = UnixListener::bind(path);
+        rustix::process::umask(old);
+        let listener = bound.map_err(|e| format!("cannot create control socket {shown}: {e}"))?;
+        if let Some(gid) = gid {
+            rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+                .map_err(|e| format!("cannot give {shown} to group {gid}: {e}"))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                .map_err(|e| format!("cannot set the mode of {shown}: {e}"))?;
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            lock_path,
+            listener,
+            _lock: lock,
+            service,
+            shared: Arc::new(Shared {
+                stopping: AtomicBool::new(false),
+                connections: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            path: self.path.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Accepts clients until shutdown, then waits (bounded) for their
+    /// requests in flight and removes the socket.
+    pub fn serve(self) {
+        tracing::info!(socket = %self.path.display(), "control socket ready");
+        let next_id = AtomicU64::new(0);
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for stream in self.listener.incoming() {
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            threads.retain(|t| !t.is_finished());
+            if threads.len() >= MAX_CONNECTIONS {
+                let mut s = stream;
+                let _ = proto::write_message(
+                    &mut s,
+                    &error_reply(
+                        None,
+                        ErrorReply::new(
+                            11,
+                            format!("too many control connections (maximum {MAX_CONNECTIONS})"),
+                        ),
+                    ),
+                );
+                continue;
+            }
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            if let Ok(clone) = stream.try_clone() {
+                self.shared.connections.lock().unwrap().insert(id, clone);
+            }
+            let (service, shared) = (self.service.clone(), self.shared.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("control-{id}"))
+                .spawn(move || {
+                    if let Err(e) = serve_connection(&service, stream) {
+                        tracing::debug!(connection = id, error = %e, "control connection ended");
+                    }
+                    shared.connections.lock().unwrap().remove(&id);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!(error = %e, "cannot start a connection thread"),
+            }
+        }
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.lock_path);
+        tracing::info!("control socket closed");
+    }
+}
+
+fn error_reply(id: Option<u64>, error: ErrorReply) -> ReplyMessage {
+    ReplyMessage {
+        id,
+        ok: false,
+        result: None,
+        error: Some(error),
+    }
+}
+
+/// Answers one client's requests, in order, until it hangs up.
+fn serve_connection(service: &Service, stream: UnixStream) -> io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let line = match proto::read_line(&mut reader, proto::MAX_REQUEST_BYTES) {
+            Ok(Some(line)) => line,
+            Ok(None) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let message = format!("request too large: {e}");
+                proto::write_message(
+                    &mut writer,
+                    &error_reply(None, ErrorReply::new(22, message)),
+                )?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let reply = match serde_json::from_slice::<RequestMessage>(&line) {
+            Ok(message) => {
+                tracing::debug!(request = ?message.request, "request");
+                match service.handle(message.request) {
+                    Ok(result) => ReplyMessage {
+                        id: message.id,
+                        ok: true,
+                        result: Some(result),
+                        error: None,
+                    },
+                    Err(error) => {
+                        tracing::info!(error = %error, "request failed");
+                        error_reply(message.id, error)
+                    }
+                }
+            }
+            Err(e) => {
+                // Echo the id when the line is JSON with one, so a pipelining
+                // client can match the error to its request.
+                let id = serde_json::from_slice::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("id")?.as_u64());
+                error_reply(id, ErrorReply::new(22, format!("malformed request: {e}")))
+            }
+        };
+        proto::write_message(&mut writer, &reply)?;
+    }
+}
