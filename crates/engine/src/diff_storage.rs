@@ -226,7 +226,10 @@ impl DiffStorage {
     ) -> Result<()> {
         let size = device.size();
         for r in ranges {
-            let end = r.start.checked_add(r.count).map(|e| e * SECTOR_SIZE);
+            let end = r
+                .start
+                .checked_add(r.count)
+                .and_then(|e| e.checked_mul(SECTOR_SIZE));
             if r.count == 0 || end.is_none_or(|end| end > size) {
                 return Err(Error::InvalidArgument(format!(
                     "sector range {}:{} is empty or beyond the end of the storage device ({} sectors)",

@@ -85,9 +85,8 @@ impl Registry {
             .iter()
             .find(|d| {
                 d.name() == key
-                    || d.path().is_some_and(|p| {
-                        p == Path::new(key) || canonical.as_deref() == Some(p)
-                    })
+                    || d.path()
+                        .is_some_and(|p| p == Path::new(key) || canonical.as_deref() == Some(p))
             })
             .ok_or_else(|| Error::NotFound(format!("tracked device {key}")))
     }
@@ -224,6 +223,7 @@ impl Engine {
         }
         registry.devices.retain(|d| !Arc::ptr_eq(d, &device));
         drop(registry);
+        device.mark_detached();
         device.flush()?;
         tracing::info!(device = device.name(), "detached");
         Ok(())

@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use crate::cbt::ChangeTracker;
+use crate::device::Extent;
 use crate::error::Result;
 use crate::snapshot::DeviceSnapshot;
 use crate::tracked::TrackedDevice;
@@ -33,6 +35,21 @@ impl Image {
     /// 0 while the image is valid, else the errno that invalidated it.
     pub fn error_code(&self) -> i32 {
         self.cow.error_code()
+    }
+
+    /// The change tracker of the device: its readable map is frozen at this
+    /// image's take for as long as the image exists.
+    pub fn change_tracker(&self) -> &ChangeTracker {
+        self.device.change_tracker()
+    }
+
+    /// Which parts of a range read as zeroes.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.device.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.cow.image_extents(offset, len)
     }
 
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {

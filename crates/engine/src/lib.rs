@@ -25,7 +25,7 @@ mod tracked;
 
 pub use cbt::{CbtInfo, ChangeTracker};
 pub use config::{Config, CopyErrorPolicy, SnapshotOptions};
-pub use device::{BlockDevice, DeviceIdentity, FileDevice, MemDevice};
+pub use device::{BlockDevice, DeviceIdentity, Extent, FileDevice, MemDevice};
 pub use diff_storage::{StorageSpec, StorageStats};
 pub use engine::{Engine, ImageInfo, SnapshotInfo};
 pub use error::{Error, Result};

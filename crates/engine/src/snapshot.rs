@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::chunk_map::{ChunkMap, ChunkState};
 use crate::config::CopyErrorPolicy;
-use crate::device::BlockDevice;
+use crate::device::{push_extent, BlockDevice, Extent};
 use crate::diff_storage::{DiffStorage, StorageSlot};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventQueue};
@@ -300,6 +300,56 @@ impl DeviceSnapshot {
         }
         // A copy failure during the read invalidates what was read.
         self.check_usable()
+    }
+
+    /// Which parts of an image range read as zeroes: copied chunks are data;
+    /// untouched runs have the origin's allocation, confirmed afterwards as
+    /// in [`Self::read_image`] so a racing copy cannot make a hole claim
+    /// wrong.
+    pub fn image_extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_usable()?;
+        let end = offset + len;
+        let mut extents = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let chunk = pos >> self.chunk_shift;
+            let (chunk_start, chunk_len) = self.chunk_range(chunk);
+            let piece_end = (chunk_start + chunk_len).min(end);
+            match self.chunks.state(chunk) {
+                ChunkState::Copied(_) => {
+                    push_extent(
+                        &mut extents,
+                        Extent {
+                            len: piece_end - pos,
+                            zero: false,
+                        },
+                    );
+                    pos = piece_end;
+                }
+                ChunkState::Copying => self.wait_while_copying(chunk),
+                ChunkState::Untouched => {
+                    let mut run_end = piece_end;
+                    while run_end < end
+                        && self.chunks.state(run_end >> self.chunk_shift) == ChunkState::Untouched
+                    {
+                        run_end = (run_end + self.chunk_size()).min(end);
+                    }
+                    let origin = self.origin.extents(pos, run_end - pos).map_err(|e| {
+                        Error::io(format!("{}: allocation at {pos}", self.device_name), e)
+                    })?;
+                    let last = (run_end - 1) >> self.chunk_shift;
+                    if (chunk..=last).all(|c| self.chunks.state(c) == ChunkState::Untouched) {
+                        for e in origin {
+                            push_extent(&mut extents, e);
+                        }
+                        pos = run_end;
+                    }
+                    // Otherwise a copy started meanwhile: look again.
+                }
+            }
+        }
+        self.check_usable()?;
+        Ok(extents)
     }
 
     /// Writes into the image: the chunks are copied first, the data lands in

@@ -10,10 +10,11 @@
 //! Frontends call the data methods; the engine calls the gate methods.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 use crate::cbt::ChangeTracker;
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, Extent};
 use crate::error::{Error, Result};
 use crate::snapshot::DeviceSnapshot;
 
@@ -24,6 +25,9 @@ pub struct TrackedDevice {
     origin: Arc<dyn BlockDevice>,
     cbt: ChangeTracker,
     gate: RwLock<Option<Arc<DeviceSnapshot>>>,
+    /// Set by detach: handles still held by frontends fail from then on,
+    /// so nothing writes to an origin that is no longer tracked.
+    detached: AtomicBool,
 }
 
 pub(crate) type HeldWrites<'a> = RwLockWriteGuard<'a, Option<Arc<DeviceSnapshot>>>;
@@ -41,6 +45,7 @@ impl TrackedDevice {
             origin,
             cbt,
             gate: RwLock::new(None),
+            detached: AtomicBool::new(false),
         }
     }
 
@@ -69,7 +74,17 @@ impl TrackedDevice {
         &self.cbt
     }
 
+    pub(crate) fn mark_detached(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+    }
+
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if self.detached.load(Ordering::Relaxed) {
+            return Err(Error::NotFound(format!(
+                "tracked device {} (it was detached)",
+                self.name
+            )));
+        }
         let size = self.size();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
@@ -87,6 +102,17 @@ impl TrackedDevice {
         self.origin.read_at(buf, offset).map_err(|e| {
             Error::io(
                 format!("{}: read of {} bytes at {offset}", self.name, buf.len()),
+                e,
+            )
+        })
+    }
+
+    /// Which parts of a range are holes (read as zeroes) on the origin.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        self.origin.extents(offset, len).map_err(|e| {
+            Error::io(
+                format!("{}: allocation of {len} bytes at {offset}", self.name),
                 e,
             )
         })

@@ -686,3 +686,20 @@ fn zero_length_requests_change_nothing() {
         "an empty write copied a chunk"
     );
 }
+
+#[test]
+fn appended_ranges_that_overflow_are_refused() {
+    let engine = Engine::new(Config::default()).unwrap();
+    setup(&engine, "d", 4 * CHUNK);
+    let id = engine
+        .snapshot_create(StorageSpec::Empty, SnapshotOptions::default())
+        .unwrap();
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    for range in [SectorRange::new(1 << 55, 8), SectorRange::new(u64::MAX, 1)] {
+        let err = engine
+            .snapshot_append_storage_device(&id, backing.clone(), &[range])
+            .unwrap_err();
+        assert_eq!(err.errno(), 22, "{err}");
+    }
+    assert_eq!(engine.snapshot_info(&id).unwrap().storage.total, 0);
+}

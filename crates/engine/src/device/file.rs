@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FallocateFlags, FileType, FlockOperation};
 use rustix::io::Errno;
 
-use super::{BlockDevice, DeviceIdentity};
+use super::{push_extent, BlockDevice, DeviceIdentity, Extent};
 use crate::error::{Error, Result};
 
 #[derive(Debug)]
@@ -201,5 +201,58 @@ impl BlockDevice for FileDevice {
 
     fn identity(&self) -> Option<DeviceIdentity> {
         Some(self.identity)
+    }
+
+    /// Holes of regular files from SEEK_DATA/SEEK_HOLE; block devices claim
+    /// nothing.
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        use rustix::fs::SeekFrom;
+        let end = offset + len;
+        if self.is_block {
+            return Ok(vec![Extent { len, zero: false }]);
+        }
+        let mut extents = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
+                Ok(d) => d.min(end),
+                Err(Errno::NXIO) => end,
+                Err(Errno::INVAL) | Err(Errno::OPNOTSUPP) => {
+                    push_extent(
+                        &mut extents,
+                        Extent {
+                            len: end - pos,
+                            zero: false,
+                        },
+                    );
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            push_extent(
+                &mut extents,
+                Extent {
+                    len: data - pos,
+                    zero: true,
+                },
+            );
+            if data >= end {
+                break;
+            }
+            let hole = match rustix::fs::seek(&self.file, SeekFrom::Hole(data)) {
+                Ok(h) => h.min(end),
+                Err(Errno::NXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            push_extent(
+                &mut extents,
+                Extent {
+                    len: hole - data,
+                    zero: false,
+                },
+            );
+            pos = hole;
+        }
+        Ok(extents)
     }
 }

@@ -13,6 +13,17 @@ use std::io;
 pub use file::FileDevice;
 pub use memory::MemDevice;
 
+/// Merges adjacent extents of the same kind.
+pub fn push_extent(extents: &mut Vec<Extent>, e: Extent) {
+    if e.len == 0 {
+        return;
+    }
+    match extents.last_mut() {
+        Some(last) if last.zero == e.zero => last.len += e.len,
+        _ => extents.push(e),
+    }
+}
+
 /// What identifies a device or file on this machine, used to refuse a
 /// difference storage placed on a device the engine itself serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,6 +55,13 @@ impl DeviceIdentity {
     }
 }
 
+/// A run of bytes and whether it is known to read as zeroes (a hole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub zero: bool,
+}
+
 pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Size in bytes.
     fn size(&self) -> u64;
@@ -57,6 +75,13 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Discard; afterwards the range reads as zeroes.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// The allocation of `[offset, offset+len)`: consecutive extents that
+    /// cover it exactly. `zero` must be true only where the device really
+    /// reads zeroes; the default claims nothing.
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let _ = offset;
+        Ok(vec![Extent { len, zero: false }])
+    }
     /// Where the device lives, if it is a real file or block device.
     fn identity(&self) -> Option<DeviceIdentity> {
         None
