@@ -255,6 +255,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 print_json(&info);
             } else {
                 println!("device={}", info.name);
+                if let Some(uri) = &info.nbd {
+                    println!("nbd={uri}");
+                }
             }
         }
         Command::Detach { device } => {
@@ -457,14 +460,16 @@ fn snapshot_info(info: &SnapshotInfo, field: Option<Field>, json: bool) -> Resul
     };
     match field {
         Some(Field::ErrorCode) => println!("{}", image.ok_or_else(not_taken)?.error_code),
-        Some(Field::Image) | Some(Field::Nbd) => {
+        Some(f @ (Field::Image | Field::Nbd)) => {
             let image = image.ok_or_else(not_taken)?;
-            let served = image.image.as_deref().ok_or_else(|| {
+            let (served, what) = if f == Field::Image {
+                (&image.image, "a local block device")
+            } else {
+                (&image.nbd, "NBD")
+            };
+            let served = served.as_deref().ok_or_else(|| {
                 Failure(
-                    format!(
-                        "the image of {} is not served by any frontend",
-                        image.device
-                    ),
+                    format!("the image of {} is not served by {what}", image.device),
                     1,
                 )
             })?;
@@ -476,6 +481,7 @@ fn snapshot_info(info: &SnapshotInfo, field: Option<Field>, json: bool) -> Resul
             println!("device={device}");
             if let Some(image) = image {
                 println!("image={}", image.image.as_deref().unwrap_or("-"));
+                println!("nbd={}", image.nbd.as_deref().unwrap_or("-"));
                 println!("error_code={}", image.error_code);
                 println!("chunk_size={}", image.chunk_size);
             }

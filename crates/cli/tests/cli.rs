@@ -34,10 +34,13 @@ fn whole_command_set() {
     assert_eq!(v["protocol"], 1);
 
     // attach by relative path (resolved by the CLI), with and without a name
-    assert_eq!(d.ok(&["attach", "--device", "a.img"]), "device=a.img\n");
+    assert_eq!(
+        d.ok(&["attach", "--device", "a.img"]),
+        format!("device=a.img\nnbd={}\n", d.uri("a.img"))
+    );
     assert_eq!(
         d.ok(&["attach", "--device", b.to_str().unwrap(), "--name", "bee"]),
-        "device=bee\n"
+        format!("device=bee\nnbd={}\n", d.uri("bee"))
     );
 
     let info = d.ok(&["cbtinfo", "--device", "a.img"]);
@@ -104,7 +107,8 @@ fn whole_command_set() {
     assert_eq!(
         d.ok(&["snapshot_info", "--device", "bee"]),
         format!(
-            "id={id}\ntaken=true\ndevice=bee\nimage=-\nerror_code=0\nchunk_size=262144\nstorage_used=0\nstorage_total=0\n"
+            "id={id}\ntaken=true\ndevice=bee\nimage=-\nnbd={}\nerror_code=0\nchunk_size=262144\nstorage_used=0\nstorage_total=0\n",
+            d.uri("snapshot/bee")
         )
     );
     assert_eq!(
@@ -346,8 +350,12 @@ fn errors_name_the_problem_and_the_daemon_survives() {
     d.ok(&["snapshot_take", "--id", s1]);
     d.fails(&["snapshot_take", "--id", s1], &["already taken", "EPERM"]);
     d.fails(
-        &["snapshot_info", "--device", "a.img", "--field", "nbd"],
-        &["not served"],
+        &["snapshot_info", "--device", "a.img", "--field", "image"],
+        &["not served by a local block device"],
+    );
+    assert_eq!(
+        d.ok(&["snapshot_info", "--device", "a.img", "--field", "nbd"]),
+        format!("{}\n", d.uri("snapshot/a.img"))
     );
     assert_alive(&d);
 

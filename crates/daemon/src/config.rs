@@ -28,6 +28,9 @@ pub struct DaemonConfig {
     /// Group (name or number) allowed to use the control socket; without
     /// one the socket is root-only (mode 0600).
     pub control_group: Option<String>,
+    /// Allow `--nbd-tcp` on an address other than loopback. NBD has no
+    /// authentication here: only for trusted networks.
+    pub nbd_tcp_allow_remote: bool,
 }
 
 fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -57,6 +60,7 @@ impl Default for DaemonConfig {
             on_copy_error: OnCopyError::KeepOriginWrites,
             copy_timeout_ms: 0,
             control_group: None,
+            nbd_tcp_allow_remote: false,
         }
     }
 }

@@ -10,6 +10,7 @@ use blksnap_daemon::config::DaemonConfig;
 use blksnap_daemon::control::ControlServer;
 use blksnap_daemon::service::Service;
 use blksnap_engine::Engine;
+use blksnap_nbd::NbdServer;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -31,6 +32,14 @@ struct Options {
     /// error. See docs/blksnapd.md.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// NBD server Unix socket: every tracked device and snapshot image is an
+    /// export there.
+    #[arg(long, default_value = "/run/blksnap/nbd.sock")]
+    nbd_socket: PathBuf,
+    /// Also serve NBD on this TCP address (ADDR:PORT); loopback only unless
+    /// the configuration sets nbd_tcp_allow_remote.
+    #[arg(long)]
+    nbd_tcp: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -64,8 +73,25 @@ fn run(options: Options) -> Result<(), String> {
         )
     })?;
     let engine = Arc::new(Engine::new(config.engine_config()).map_err(|e| e.to_string())?);
-    let service = Arc::new(Service::new(engine.clone()));
+    let nbd_tcp = options
+        .nbd_tcp
+        .as_deref()
+        .map(|a| check_tcp_address(a, config.nbd_tcp_allow_remote))
+        .transpose()?;
+    let service = Arc::new(Service::new(
+        engine.clone(),
+        Some(options.nbd_socket.clone()),
+    ));
+    // The control socket first: its lock keeps a second daemon from taking
+    // over this one's NBD socket.
     let server = ControlServer::bind(&options.control, config.control_group.as_deref(), service)?;
+    let nbd = NbdServer::new(engine.clone());
+    nbd.listen_unix(&options.nbd_socket)
+        .map_err(|e| format!("cannot serve NBD on {}: {e}", options.nbd_socket.display()))?;
+    if let Some(addr) = &nbd_tcp {
+        nbd.listen_tcp(addr)
+            .map_err(|e| format!("cannot serve NBD on {addr}: {e}"))?;
+    }
     let stopper = server.shutdown_handle();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -77,6 +103,11 @@ fn run(options: Options) -> Result<(), String> {
     });
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "blksnapd started");
     server.serve();
+    nbd.shutdown();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while nbd.connection_count() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     for device in engine.devices() {
         if let Err(e) = device.flush() {
             tracing::error!(device = device.name(), error = %e, "flush at stop failed");
@@ -84,4 +115,19 @@ fn run(options: Options) -> Result<(), String> {
     }
     tracing::info!("blksnapd stopped");
     Ok(())
+}
+
+/// NBD has no authentication: serve TCP on loopback unless told otherwise.
+fn check_tcp_address(addr: &str, allow_remote: bool) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    let resolved: Vec<_> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("--nbd-tcp {addr}: {e}"))?
+        .collect();
+    if !allow_remote && resolved.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(format!(
+            "--nbd-tcp {addr} is not a loopback address; set nbd_tcp_allow_remote = true in the configuration to allow it"
+        ));
+    }
+    Ok(addr.to_string())
 }

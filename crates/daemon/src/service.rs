@@ -3,7 +3,7 @@
 //! ([`crate::control`]) calls [`Service::handle`] for every request, from as
 //! many connection threads as there are clients.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ const MAX_WAIT_MS: u64 = 24 * 3600 * 1000;
 
 pub struct Service {
     engine: Arc<Engine>,
+    /// The NBD server's Unix socket, for the URIs in replies.
+    nbd_socket: Option<PathBuf>,
 }
 
 fn engine_error(e: blksnap_engine::Error) -> ErrorReply {
@@ -52,8 +54,14 @@ fn ranges(ranges: &[proto::Range]) -> Vec<SectorRange> {
 }
 
 impl Service {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    pub fn new(engine: Arc<Engine>, nbd_socket: Option<PathBuf>) -> Self {
+        Self { engine, nbd_socket }
+    }
+
+    fn nbd_uri(&self, export: &str) -> Option<String> {
+        self.nbd_socket
+            .as_deref()
+            .map(|socket| blksnap_nbd::unix_uri(socket, export))
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -234,6 +242,7 @@ impl Service {
             path: device.path().map(|p| p.display().to_string()),
             size: device.size(),
             snapshot: self.engine.snapshot_of(key).map_err(engine_error)?,
+            nbd: self.nbd_uri(device.name()),
         })
     }
 
@@ -254,6 +263,7 @@ impl Service {
                 .images
                 .into_iter()
                 .map(|im| proto::ImageInfo {
+                    nbd: self.nbd_uri(&format!("{}{}", blksnap_nbd::IMAGE_PREFIX, im.device)),
                     device: im.device,
                     size: im.size,
                     chunk_size: im.chunk_size,

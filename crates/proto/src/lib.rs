@@ -223,6 +223,9 @@ pub struct DeviceInfo {
     /// The snapshot the device is in, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<Uuid>,
+    /// The NBD URI of the device's export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,9 +290,12 @@ pub struct ImageInfo {
     pub chunk_size: u64,
     /// 0 while the image is valid, else the errno that invalidated it.
     pub error_code: i32,
-    /// Where a frontend serves the image (a path or URI), when one does.
+    /// The local block device serving the image, when one does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The NBD URI of the image's export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -43,6 +43,7 @@ pub fn blksnapd() -> PathBuf {
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub control: PathBuf,
+    pub nbd: PathBuf,
     child: Option<Child>,
 }
 
@@ -54,9 +55,12 @@ impl Daemon {
     pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let control = dir.path().join("run/control.sock");
+        let nbd = dir.path().join("run/nbd.sock");
         let child = Command::new(blksnapd())
             .arg("--control")
             .arg(&control)
+            .arg("--nbd-socket")
+            .arg(&nbd)
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(extra)
@@ -67,6 +71,7 @@ impl Daemon {
         let daemon = Self {
             dir,
             control,
+            nbd,
             child: Some(child),
         };
         daemon.wait_ready();
@@ -83,6 +88,11 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The NBD URI of an export.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.nbd.display())
     }
 
     pub fn log(&self) -> String {

@@ -1,0 +1,264 @@
+//! What an NBD export is in engine terms: a tracked device (read-write) or
+//! a snapshot image (`snapshot/<device>`, read-write into the difference
+//! storage), the metadata contexts each offers, and their block status.
+//!
+//! Contexts: `base:allocation` everywhere (holes of the origin, copied
+//! chunks as data); on images, `qemu:dirty-bitmap:since-N` for every change
+//! number N < P of the image's generation, where P is the image's change
+//! number: a block is dirty iff its byte in the readable map (frozen at the
+//! take) is greater than N — exactly what an incremental backup after
+//! backup N must read.
+
+use std::sync::Arc;
+
+use blksnap_engine::{Engine, Extent, Image, TrackedDevice};
+
+use crate::protocol::*;
+
+pub const IMAGE_PREFIX: &str = "snapshot/";
+const BASE_ALLOCATION: &str = "base:allocation";
+const DIRTY_PREFIX: &str = "qemu:dirty-bitmap:since-";
+
+#[derive(Clone)]
+pub enum Export {
+    Device(Arc<TrackedDevice>),
+    Image(Image),
+}
+
+/// A metadata context selected on a connection.
+#[derive(Clone)]
+pub enum Context {
+    Allocation,
+    /// Blocks changed after change number `since`, from the readable map
+    /// captured when the context was selected.
+    Dirty {
+        since: u8,
+        map: Arc<Vec<u8>>,
+        block_size: u64,
+    },
+}
+
+impl Context {
+    pub fn id(&self) -> u32 {
+        match self {
+            Context::Allocation => 1,
+            Context::Dirty { since, .. } => 256 + *since as u32,
+        }
+    }
+}
+
+/// Exports, by the names clients use: every tracked device by name, and
+/// `snapshot/<name>` for every device whose snapshot is taken.
+pub fn list(engine: &Engine) -> Vec<String> {
+    let mut names = Vec::new();
+    for device in engine.devices() {
+        names.push(device.name().to_string());
+        if engine.image(device.name()).is_ok() {
+            names.push(format!("{IMAGE_PREFIX}{}", device.name()));
+        }
+    }
+    names
+}
+
+pub fn resolve(engine: &Engine, name: &str) -> Option<Export> {
+    if let Some(device) = name.strip_prefix(IMAGE_PREFIX) {
+        let image = engine.image(device).ok()?;
+        return (image.device_name() == device).then_some(Export::Image(image));
+    }
+    let device = engine.device(name).ok()?;
+    (device.name() == name).then_some(Export::Device(device))
+}
+
+impl Export {
+    pub fn size(&self) -> u64 {
+        match self {
+            Export::Device(d) => d.size(),
+            Export::Image(i) => i.size(),
+        }
+    }
+
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
+        let mut flags = TFLAG_HAS_FLAGS
+            | TFLAG_SEND_FLUSH
+            | TFLAG_SEND_FUA
+            | TFLAG_SEND_TRIM
+            | TFLAG_SEND_WRITE_ZEROES
+            | TFLAG_SEND_CACHE
+            | TFLAG_SEND_FAST_ZERO
+            // One engine behind every connection: a flush on any of them
+            // covers the writes of all.
+            | TFLAG_CAN_MULTI_CONN;
+        if structured {
+            flags |= TFLAG_SEND_DF;
+        }
+        flags
+    }
+
+    /// Preferred I/O size: a chunk for images (whole-chunk copies), the
+    /// device's minimum I/O size (at least 4 KiB) otherwise.
+    pub fn preferred_block(&self) -> u32 {
+        match self {
+            Export::Device(d) => d.min_io_size().max(4096),
+            Export::Image(i) => i.chunk_size().min(MAX_PAYLOAD as u64) as u32,
+        }
+    }
+
+    pub fn description(&self) -> String {
+        match self {
+            Export::Device(d) => format!("blksnap tracked device {}", d.name()),
+            Export::Image(i) => format!("blksnap snapshot image of {}", i.device_name()),
+        }
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> blksnap_engine::Result<()> {
+        match self {
+            Export::Device(d) => d.read(buf, offset),
+            Export::Image(i) => i.read(buf, offset),
+        }
+    }
+
+    pub fn write(&self, buf: &[u8], offset: u64) -> blksnap_engine::Result<()> {
+        match self {
+            Export::Device(d) => d.write(buf, offset),
+            Export::Image(i) => i.write(buf, offset),
+        }
+    }
+
+    pub fn flush(&self) -> blksnap_engine::Result<()> {
+        match self {
+            Export::Device(d) => d.flush(),
+            Export::Image(i) => i.flush(),
+        }
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> blksnap_engine::Result<()> {
+        match self {
+            Export::Device(d) => d.discard(offset, len),
+            Export::Image(i) => i.write_zeroes(offset, len),
+        }
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> blksnap_engine::Result<()> {
+        match self {
+            Export::Device(d) => d.write_zeroes(offset, len),
+            Export::Image(i) => i.write_zeroes(offset, len),
+        }
+    }
+
+    /// Whether write-zeroes is cheaper than writing zeroes (FAST_ZERO): on
+    /// devices it is a fallocate; on images it writes the storage.
+    pub fn fast_zero(&self) -> bool {
+        matches!(self, Export::Device(_))
+    }
+
+    pub fn extents(&self, offset: u64, len: u64) -> blksnap_engine::Result<Vec<Extent>> {
+        match self {
+            Export::Device(d) => d.extents(offset, len),
+            Export::Image(i) => i.extents(offset, len),
+        }
+    }
+
+    /// Every context this export offers, by name.
+    pub fn contexts(&self) -> Vec<(String, Context)> {
+        let mut all = vec![(BASE_ALLOCATION.to_string(), Context::Allocation)];
+        if let Export::Image(image) = self {
+            let tracker = image.change_tracker();
+            let info = tracker.info();
+            let map = Arc::new(tracker.readable_map());
+            for since in 0..info.changes_number {
+                all.push((
+                    format!("{DIRTY_PREFIX}{since}"),
+                    Context::Dirty {
+                        since,
+                        map: map.clone(),
+                        block_size: info.block_size as u64,
+                    },
+                ));
+            }
+        }
+        all
+    }
+
+    /// The contexts a LIST query names: exact names, or every context of a
+    /// namespace (`base:`, `qemu:`) or of the dirty-bitmap leaf prefix.
+    pub fn list_matches(&self, query: &str) -> Vec<(String, Context)> {
+        self.contexts()
+            .into_iter()
+            .filter(|(name, _)| {
+                name == query
+                    || (query.ends_with(':') && name.starts_with(query))
+                    || query == "qemu:dirty-bitmap:" && name.starts_with(DIRTY_PREFIX)
+            })
+            .collect()
+    }
+
+    /// Status descriptors `(length, flags)` of one context from `offset`:
+    /// contiguous, covering `[offset, offset+len)` or, when more than `max`
+    /// descriptors would be needed, a prefix of it.
+    pub fn block_status(
+        &self,
+        context: &Context,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> blksnap_engine::Result<Vec<(u32, u32)>> {
+        let mut out = Descriptors {
+            list: Vec::new(),
+            max,
+            full: false,
+        };
+        match context {
+            Context::Allocation => {
+                for e in self.extents(offset, len)? {
+                    let flags = if e.zero { STATE_HOLE | STATE_ZERO } else { 0 };
+                    out.push(e.len, flags);
+                }
+            }
+            Context::Dirty {
+                since,
+                map,
+                block_size,
+            } => {
+                let end = offset + len;
+                let mut pos = offset;
+                while pos < end && !out.full {
+                    let block = (pos / block_size) as usize;
+                    let block_end = ((block as u64 + 1) * block_size).min(end);
+                    let dirty = map.get(block).is_some_and(|&n| n > *since);
+                    out.push(block_end - pos, if dirty { STATE_DIRTY } else { 0 });
+                    pos = block_end;
+                }
+            }
+        }
+        Ok(out.list)
+    }
+}
+
+/// Block status descriptors being built: merged when alike, split at 1 GiB
+/// (lengths are 32-bit), and cut off for good at `max`.
+struct Descriptors {
+    list: Vec<(u32, u32)>,
+    max: usize,
+    full: bool,
+}
+
+impl Descriptors {
+    fn push(&mut self, mut len: u64, flags: u32) {
+        const PIECE: u64 = 1 << 30;
+        while len > 0 && !self.full {
+            if let Some(last) = self.list.last_mut() {
+                if last.1 == flags && (last.0 as u64) < PIECE {
+                    let n = len.min(PIECE - last.0 as u64);
+                    last.0 += n as u32;
+                    len -= n;
+                    continue;
+                }
+            }
+            if self.list.len() >= self.max {
+                self.full = true;
+                return;
+            }
+            self.list.push((0, flags));
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! The handshake phase (fixed newstyle): option haggling until the client
+//! picks an export with `NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`, or leaves.
+//! Unknown options get `NBD_REP_ERR_UNSUP`; malformed ones
+//! `NBD_REP_ERR_INVALID`; a broken handshake closes the connection.
+
+use std::io::{self, Read, Write};
+
+use blksnap_engine::Engine;
+
+use crate::export::{self, Context, Export};
+use crate::protocol::*;
+
+/// What the client chose: the export and how to talk to it.
+pub struct Session {
+    pub export: Export,
+    pub structured: bool,
+    pub contexts: Vec<Context>,
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn invalid(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.to_string())
+}
+
+/// A cursor over an option's payload that reports short data as malformed.
+struct Payload<'a>(&'a [u8]);
+
+impl Payload<'_> {
+    fn u16(&mut self) -> Option<u16> {
+        let (h, t) = self.0.split_at_checked(2)?;
+        self.0 = t;
+        Some(u16::from_be_bytes(h.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        let (h, t) = self.0.split_at_checked(4)?;
+        self.0 = t;
+        Some(u32::from_be_bytes(h.try_into().ok()?))
+    }
+    fn string(&mut self, len: u32) -> Option<String> {
+        let (h, t) = self.0.split_at_checked(len as usize)?;
+        self.0 = t;
+        String::from_utf8(h.to_vec()).ok()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn send(w: &mut impl Write, option: u32, kind: u32, payload: &[u8]) -> io::Result<()> {
+    w.write_all(&option_reply(option, kind, payload))
+}
+
+fn send_error(w: &mut impl Write, option: u32, kind: u32, message: &str) -> io::Result<()> {
+    send(w, option, kind, message.as_bytes())
+}
+
+/// Runs the handshake; `Ok(None)` when the client ended it without an
+/// export (ABORT, unknown EXPORT_NAME, or hanging up).
+pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result<Option<Session>> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    stream.write_all(&hello)?;
+    let client_flags = read_u32(stream)?;
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(invalid("unknown client flags"));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let mut structured = false;
+    // Contexts chosen by SET_META_CONTEXT, for the export they were set on.
+    let mut selected: Option<(String, Vec<Context>)> = None;
+    loop {
+        let mut header = [0u8; 16];
+        match stream.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        if u64::from_be_bytes(header[..8].try_into().unwrap()) != IHAVEOPT {
+            return Err(invalid("option without IHAVEOPT magic"));
+        }
+        let option = u32::from_be_bytes(header[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(header[12..16].try_into().unwrap());
+        if len > MAX_OPTION_LEN {
+            if len > 1 << 20 {
+                return Err(invalid("option payload too large"));
+            }
+            io::copy(&mut Read::by_ref(stream).take(len as u64), &mut io::sink())?;
+            send_error(stream, option, REP_ERR_TOO_BIG, "option payload too large")?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        stream.read_exact(&mut data)?;
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(export) = export::resolve(engine, &name) else {
+                    tracing::info!(export = %name, "NBD client asked for an unknown export");
+                    return Ok(None);
+                };
+                let mut reply = Vec::with_capacity(134);
+                reply.extend_from_slice(&export.size().to_be_bytes());
+                reply.extend_from_slice(&export.transmission_flags(structured).to_be_bytes());
+                if !no_zeroes {
+                    reply.extend_from_slice(&[0u8; 124]);
+                }
+                stream.write_all(&reply)?;
+                let contexts = contexts_for(&selected, &name);
+                return Ok(Some(Session {
+                    export,
+                    structured,
+                    contexts,
+                }));
+            }
+            OPT_ABORT => {
+                let _ = send(stream, option, REP_ACK, &[]);
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    send_error(stream, option, REP_ERR_INVALID, "LIST takes no data")?;
+                    continue;
+                }
+                for name in export::list(engine) {
+                    let mut p = (name.len() as u32).to_be_bytes().to_vec();
+                    p.extend_from_slice(name.as_bytes());
+                    send(stream, option, REP_SERVER, &p)?;
+                }
+                send(stream, option, REP_ACK, &[])?;
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    send_error(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        "STRUCTURED_REPLY takes no data",
+                    )?;
+                } else if structured {
+                    send_error(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        "structured replies already on",
+                    )?;
+                } else {
+                    structured = true;
+                    send(stream, option, REP_ACK, &[])?;
+                }
+            }
+            OPT_INFO | OPT_GO => {
+                let mut p = Payload(&data);
+                let parsed = (|| {
+                    let name_len = p.u32()?;
+                    let name = p.string(name_len)?;
+                    let count = p.u16()?;
+                    let requests: Option<Vec<u16>> = (0..count).map(|_| p.u16()).collect();
+                    p.is_empty().then_some((name, requests?))
+                })();
+                let Some((name, requests)) = parsed else {
+                    send_error(stream, option, REP_ERR_INVALID, "malformed INFO/GO request")?;
+                    continue;
+                };
+                let Some(export) = export::resolve(engine, &name) else {
+                    send_error(
+                        stream,
+                        option,
+                        REP_ERR_UNKNOWN,
+                        &format!("no export named {name:?}"),
+                    )?;
+                    continue;
+                };
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&export.size().to_be_bytes());
+                info.extend_from_slice(&export.transmission_flags(structured).to_be_bytes());
+                send(stream, option, REP_INFO, &info)?;
+                if requests.contains(&INFO_NAME) {
+                    let mut info = INFO_NAME.to_be_bytes().to_vec();
+                    info.extend_from_slice(name.as_bytes());
+                    send(stream, option, REP_INFO, &info)?;
+                }
+                if requests.contains(&INFO_DESCRIPTION) {
+                    let mut info = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                    info.extend_from_slice(export.description().as_bytes());
+                    send(stream, option, REP_INFO, &info)?;
+                }
+                let mut info = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                info.extend_from_slice(&1u32.to_be_bytes());
+                info.extend_from_slice(&export.preferred_block().to_be_bytes());
+                info.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                send(stream, option, REP_INFO, &info)?;
+                send(stream, option, REP_ACK, &[])?;
+                if option == OPT_GO {
+                    let contexts = contexts_for(&selected, &name);
+                    return Ok(Some(Session {
+                        export,
+                        structured,
+                        contexts,
+                    }));
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = option == OPT_SET_META_CONTEXT;
+                if set && !structured {
+                    send_error(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        "SET_META_CONTEXT needs structured replies first",
+                    )?;
+                    continue;
+                }
+                let mut p = Payload(&data);
+                let parsed = (|| {
+                    let name_len = p.u32()?;
+                    let name = p.string(name_len)?;
+                    let count = p.u32()?;
+                    let queries: Option<Vec<String>> = (0..count)
+                        .map(|_| {
+                            let l = p.u32()?;
+                            p.string(l)
+                        })
+                        .collect();
+                    p.is_empty().then_some((name, queries?))
+                })();
+                let Some((name, queries)) = parsed else {
+                    send_error(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        "malformed META_CONTEXT request",
+                    )?;
+                    continue;
+                };
+                let Some(export) = export::resolve(engine, &name) else {
+                    send_error(
+                        stream,
+                        option,
+                        REP_ERR_UNKNOWN,
+                        &format!("no export named {name:?}"),
+                    )?;
+                    continue;
+                };
+                let chosen: Vec<(String, Context)> = if set {
+                    let all = export.contexts();
+                    queries
+                        .iter()
+                        .filter_map(|q| all.iter().find(|(n, _)| n == q).cloned())
+                        .collect()
+                } else if queries.is_empty() {
+                    export.contexts()
+                } else {
+                    queries
+                        .iter()
+                        .flat_map(|q| export.list_matches(q))
+                        .collect()
+                };
+                for (context_name, context) in &chosen {
+                    let mut p = if set { context.id() } else { 0 }.to_be_bytes().to_vec();
+                    p.extend_from_slice(context_name.as_bytes());
+                    send(stream, option, REP_META_CONTEXT, &p)?;
+                }
+                send(stream, option, REP_ACK, &[])?;
+                if set {
+                    selected = Some((name, chosen.into_iter().map(|(_, c)| c).collect()));
+                }
+            }
+            _ => send_error(stream, option, REP_ERR_UNSUP, "option not supported")?,
+        }
+    }
+}
+
+fn contexts_for(selected: &Option<(String, Vec<Context>)>, name: &str) -> Vec<Context> {
+    match selected {
+        Some((n, contexts)) if n == name => contexts.clone(),
+        _ => Vec::new(),
+    }
+}
