@@ -391,36 +391,46 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 print_event(event.as_ref());
             }
         }
-        Command::SnapshotWatcher { id } => loop {
-            match client.snapshot_wait_event(*id, Duration::from_secs(1)) {
-                Ok(None) => {}
-                Ok(Some(event)) => {
-                    if json {
-                        print_json(&event);
-                    } else {
-                        print_event(Some(&event));
-                    }
-                    if let Event::Corrupted { device, errno } = event {
-                        return Err(Failure(
-                            format!(
-                                "snapshot image of {device} is corrupted ({})",
-                                errno_name(errno)
-                            ),
-                            3,
-                        ));
-                    }
-                }
-                Err(blksnap_client::Error::Remote(r)) if r.errno == 2 => {
-                    if !json {
-                        println!("event=destroyed");
-                    }
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            }
-        },
+        Command::SnapshotWatcher { id } => {
+            // An unknown id is an error, not a snapshot that went away.
+            client.snapshot_info(*id)?;
+            watch(&mut client, *id, json)?;
+        }
     }
     Ok(())
+}
+
+/// Prints events until the snapshot is destroyed (status 0) or an image is
+/// corrupted (status 3).
+fn watch(client: &mut Client, id: Uuid, json: bool) -> Result<(), Failure> {
+    loop {
+        match client.snapshot_wait_event(id, Duration::from_secs(1)) {
+            Ok(None) => {}
+            Ok(Some(event)) => {
+                if json {
+                    print_json(&event);
+                } else {
+                    print_event(Some(&event));
+                }
+                if let Event::Corrupted { device, errno } = event {
+                    return Err(Failure(
+                        format!(
+                            "snapshot image of {device} is corrupted ({})",
+                            errno_name(errno)
+                        ),
+                        3,
+                    ));
+                }
+            }
+            Err(blksnap_client::Error::Remote(r)) if r.errno == 2 => {
+                if !json {
+                    println!("event=destroyed");
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn empty(json: bool) {

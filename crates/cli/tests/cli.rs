@@ -332,7 +332,7 @@ fn errors_name_the_problem_and_the_daemon_survives() {
     );
 
     let unknown = uuid::Uuid::new_v4().to_string();
-    for cmd in ["snapshot_take", "snapshot_destroy"] {
+    for cmd in ["snapshot_take", "snapshot_destroy", "snapshot_watcher"] {
         d.fails(&[cmd, "--id", &unknown], &[&unknown, "not found", "ENOENT"]);
     }
     d.fails(

@@ -240,7 +240,7 @@ fn serve_connection(service: &Service, stream: UnixStream) -> io::Result<()> {
             }
             Err(e) => return Err(e),
         };
-        let reply = match serde_json::from_slice::<RequestMessage>(&line) {
+        let reply = match RequestMessage::parse(&line) {
             Ok(message) => {
                 tracing::debug!(request = ?message.request, "request");
                 match service.handle(message.request) {

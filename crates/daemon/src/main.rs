@@ -12,7 +12,7 @@ use blksnap_daemon::service::Service;
 use blksnap_engine::Engine;
 use blksnap_nbd::NbdServer;
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 /// The blksnap daemon: change tracking and snapshots of block devices.
 #[derive(Parser, Debug)]
@@ -73,6 +73,10 @@ fn run(options: Options) -> Result<(), String> {
         )
     })?;
     let engine = Arc::new(Engine::new(config.engine_config()).map_err(|e| e.to_string())?);
+    // Signals are caught from before the sockets exist: a stop asked for
+    // during start-up is still a clean stop.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let nbd_tcp = options
         .nbd_tcp
         .as_deref()
@@ -93,12 +97,16 @@ fn run(options: Options) -> Result<(), String> {
             .map_err(|e| format!("cannot serve NBD on {addr}: {e}"))?;
     }
     let stopper = server.shutdown_handle();
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
+        for signal in signals.forever() {
+            if signal == SIGHUP {
+                // No configuration reload yet: a hangup must not kill us.
+                tracing::info!("SIGHUP ignored (there is nothing to reload)");
+                continue;
+            }
             tracing::info!(signal, "stopping");
             stopper.shutdown();
+            break;
         }
     });
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "blksnapd started");

@@ -167,6 +167,37 @@ pub struct RequestMessage {
     pub request: Request,
 }
 
+impl RequestMessage {
+    /// Parses a request line strictly: only `id`, `command` and `args` at
+    /// the top level; `"args": {}` is accepted for commands without
+    /// arguments.
+    pub fn parse(line: &[u8]) -> Result<Self, String> {
+        let mut object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        if let Some(key) = object
+            .keys()
+            .find(|k| !["id", "command", "args"].contains(&k.as_str()))
+        {
+            return Err(format!(
+                "unknown field `{key}`, expected `id`, `command` or `args`"
+            ));
+        }
+        let command = object
+            .get("command")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default();
+        let unit = ["version", "list", "snapshot_collect"].contains(&command);
+        if unit
+            && object
+                .get("args")
+                .is_some_and(|a| a.as_object().is_some_and(|o| o.is_empty()))
+        {
+            object.remove("args");
+        }
+        serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| e.to_string())
+    }
+}
+
 /// Why a request failed: an errno value, its name, and a message naming the
 /// device, range or limit involved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -477,6 +508,16 @@ mod tests {
         )
         .is_err());
         assert!(serde_json::from_str::<RequestMessage>(r#"{"command":"nope"}"#).is_err());
+        assert!(RequestMessage::parse(br#"{"ID":1,"command":"version"}"#)
+            .unwrap_err()
+            .contains("ID"));
+        assert_eq!(
+            RequestMessage::parse(br#"{"command":"list","args":{}}"#)
+                .unwrap()
+                .request,
+            Request::List
+        );
+        assert!(RequestMessage::parse(br#"{"command":"detach","args":{}}"#).is_err());
     }
 
     #[test]
