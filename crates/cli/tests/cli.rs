@@ -402,6 +402,17 @@ fn malformed_requests_get_error_replies() {
     assert_eq!(replies[5]["ok"], true);
     assert_eq!(replies[5]["result"]["protocol"], 1);
 
+    // a relative device path would mean the daemon's directory: refused
+    let r = d.raw(
+        b"{\"command\":\"cbtinfo\",\"args\":{\"device\":\"rel/a.img\"}}\n",
+        1,
+    );
+    assert_eq!(r[0]["error"]["name"], "EINVAL");
+    assert!(r[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("absolute"));
+
     // an oversized request: an error reply, and the connection goes on
     let mut big = vec![b'x'; 2 << 20];
     big.push(b'\n');

@@ -67,7 +67,11 @@ fn stops_cleanly_on_sigterm_and_sigint_with_devices_attached() {
     let mut d = Daemon::start();
     common::signal(d.pid(), "HUP");
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(d.ok(&["version"]), "0.1.0\n", "SIGHUP must not stop the daemon");
+    assert_eq!(
+        d.ok(&["version"]),
+        "0.1.0\n",
+        "SIGHUP must not stop the daemon"
+    );
     common::signal(d.pid(), "INT");
     std::thread::sleep(Duration::from_millis(500));
     assert!(d.stop_or_status().success());

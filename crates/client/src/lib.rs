@@ -56,6 +56,11 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Longest reply line accepted: far above any real reply (a change-map part
+/// is at most 512 KiB of base64), small enough that a broken peer cannot
+/// exhaust memory.
+const MAX_REPLY_BYTES: usize = 16 << 20;
+
 pub struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
@@ -75,6 +80,14 @@ impl Client {
         })
     }
 
+    /// Gives up on a reply after `timeout` (None: wait for ever, the
+    /// default). `snapshot_wait_event` needs a timeout longer than its own.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<()> {
+        self.writer.set_read_timeout(timeout)?;
+        self.writer.set_write_timeout(timeout)?;
+        Ok(())
+    }
+
     /// Sends a request and returns the raw result of its reply.
     pub fn call(&mut self, request: Request) -> Result<serde_json::Value> {
         let id = self.next_id;
@@ -86,7 +99,7 @@ impl Client {
                 request,
             },
         )?;
-        let line = proto::read_line(&mut self.reader, usize::MAX)?.ok_or_else(|| {
+        let line = proto::read_line(&mut self.reader, MAX_REPLY_BYTES)?.ok_or_else(|| {
             Error::Io(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "blksnapd closed the connection",
@@ -94,7 +107,10 @@ impl Client {
         })?;
         let reply: ReplyMessage =
             serde_json::from_slice(&line).map_err(|e| Error::Protocol(e.to_string()))?;
-        if reply.id != Some(id) {
+        // An error reply without an id answers a request the daemon could
+        // not read (too large, too many connections): it is ours.
+        let anonymous_error = reply.id.is_none() && !reply.ok;
+        if reply.id != Some(id) && !anonymous_error {
             return Err(Error::Protocol(format!(
                 "reply to request {:?}, expected {id}",
                 reply.id

@@ -33,9 +33,9 @@ struct Options {
     #[arg(long)]
     config: Option<PathBuf>,
     /// NBD server Unix socket: every tracked device and snapshot image is an
-    /// export there.
-    #[arg(long, default_value = "/run/blksnap/nbd.sock")]
-    nbd_socket: PathBuf,
+    /// export there. Default: `nbd.sock` beside the control socket.
+    #[arg(long)]
+    nbd_socket: Option<PathBuf>,
     /// Also serve NBD on this TCP address (ADDR:PORT); loopback only unless
     /// the configuration sets nbd_tcp_allow_remote.
     #[arg(long)]
@@ -82,16 +82,17 @@ fn run(options: Options) -> Result<(), String> {
         .as_deref()
         .map(|a| check_tcp_address(a, config.nbd_tcp_allow_remote))
         .transpose()?;
-    let service = Arc::new(Service::new(
-        engine.clone(),
-        Some(options.nbd_socket.clone()),
-    ));
+    let nbd_socket = options
+        .nbd_socket
+        .clone()
+        .unwrap_or_else(|| options.control.with_file_name("nbd.sock"));
+    let service = Arc::new(Service::new(engine.clone(), Some(nbd_socket.clone())));
     // The control socket first: its lock keeps a second daemon from taking
     // over this one's NBD socket.
     let server = ControlServer::bind(&options.control, config.control_group.as_deref(), service)?;
     let nbd = NbdServer::new(engine.clone());
-    nbd.listen_unix(&options.nbd_socket)
-        .map_err(|e| format!("cannot serve NBD on {}: {e}", options.nbd_socket.display()))?;
+    nbd.listen_unix(&nbd_socket)
+        .map_err(|e| format!("cannot serve NBD on {}: {e}", nbd_socket.display()))?;
     if let Some(addr) = &nbd_tcp {
         nbd.listen_tcp(addr)
             .map_err(|e| format!("cannot serve NBD on {addr}: {e}"))?;

@@ -46,6 +46,31 @@ fn absolute<'a>(path: &'a str, what: &str) -> Result<&'a Path, ErrorReply> {
     }
 }
 
+/// A device key is a name or an absolute path: a relative path would be
+/// resolved against the daemon's working directory, not the client's.
+fn check_device_keys(request: &Request) -> Result<(), ErrorReply> {
+    let key = match request {
+        Request::Detach(a) | Request::Cbtinfo(a) => Some(&a.device),
+        Request::Readcbtmap(a) => Some(&a.device),
+        Request::Markdirtyblock(a) => Some(&a.device),
+        Request::SnapshotAdd(a) => Some(&a.device),
+        Request::SnapshotInfo(a) => a.device.as_ref(),
+        _ => None,
+    };
+    let create_keys = match request {
+        Request::SnapshotCreate(a) => a.devices.as_slice(),
+        _ => &[],
+    };
+    for k in key.into_iter().chain(create_keys) {
+        if k.contains('/') && !k.starts_with('/') {
+            return Err(invalid(format!(
+                "device {k:?} must be a name or an absolute path"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn ranges(ranges: &[proto::Range]) -> Vec<SectorRange> {
     ranges
         .iter()
@@ -69,6 +94,7 @@ impl Service {
     }
 
     pub fn handle(&self, request: Request) -> Result<serde_json::Value, ErrorReply> {
+        check_device_keys(&request)?;
         let e = &self.engine;
         match request {
             Request::Version => json(proto::VersionInfo {
