@@ -333,6 +333,7 @@ fn fio_random_writes_verify_while_snapshots_are_taken_and_read() {
             "--iodepth=16",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--loops=2",
         ])
         .output();
