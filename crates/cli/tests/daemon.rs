@@ -158,3 +158,35 @@ fn rust_client_full_cycle() {
     c.detach("disk").unwrap();
     assert!(c.list().unwrap().devices.is_empty());
 }
+
+#[test]
+fn nbd_over_tcp_is_loopback_only_unless_allowed() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&["--nbd-tcp", &addr]);
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    let mut greeting = [0u8; 18];
+    std::io::Read::read_exact(&mut s, &mut greeting).unwrap();
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    drop(d);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(blksnapd())
+        .arg("--control")
+        .arg(dir.path().join("c.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--nbd-tcp", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not a loopback address") && stderr.contains("nbd_tcp_allow_remote"),
+        "{stderr}"
+    );
+}

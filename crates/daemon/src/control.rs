@@ -30,11 +30,55 @@ const MAX_CONNECTIONS: usize = 128;
 /// How long shutdown waits for connections to finish their request.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The lock that makes one daemon per control socket: `<socket>.lock`,
+/// flock'ed for the daemon's lifetime and holding its pid. Taken before any
+/// socket is created, so a second daemon touches none of the first's.
+pub struct DaemonLock {
+    socket: PathBuf,
+    path: PathBuf,
+    _file: File,
+}
+
+impl DaemonLock {
+    pub fn acquire(socket: &Path) -> Result<Self, String> {
+        let shown = socket.display();
+        if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let path = PathBuf::from(format!("{shown}.lock"));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
+        if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            return Err(format!(
+                "another blksnapd (pid {}) is already serving {shown}",
+                pid.trim()
+            ));
+        }
+        file.set_len(0)
+            .and_then(|_| writeln!(file, "{}", std::process::id()))
+            .map_err(|e| format!("cannot write lock file: {e}"))?;
+        Ok(Self {
+            socket: socket.to_path_buf(),
+            path,
+            _file: file,
+        })
+    }
+}
+
 pub struct ControlServer {
     path: PathBuf,
     lock_path: PathBuf,
     listener: UnixListener,
-    _lock: File,
+    _lock: DaemonLock,
     service: Arc<Service>,
     shared: Arc<Shared>,
 }
@@ -85,34 +129,15 @@ fn group_id(group: &str) -> Result<u32, String> {
 }
 
 impl ControlServer {
-    /// Takes the socket's lock, then creates the socket: mode 0600, or 0660
-    /// owned by `group` when one is given.
-    pub fn bind(path: &Path, group: Option<&str>, service: Arc<Service>) -> Result<Self, String> {
+    /// Creates the socket under a lock taken with [`DaemonLock::acquire`]:
+    /// mode 0600, or 0660 owned by `group` when one is given.
+    pub fn bind(
+        lock: DaemonLock,
+        group: Option<&str>,
+        service: Arc<Service>,
+    ) -> Result<Self, String> {
+        let path = lock.socket.as_path();
         let shown = path.display();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        }
-        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| format!("cannot open lock file {}: {e}", lock_path.display()))?;
-        if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
-            let mut pid = String::new();
-            let _ = lock.read_to_string(&mut pid);
-            return Err(format!(
-                "another blksnapd (pid {}) is already serving {shown}",
-                pid.trim()
-            ));
-        }
-        lock.set_len(0)
-            .and_then(|_| writeln!(lock, "{}", std::process::id()))
-            .map_err(|e| format!("cannot write lock file: {e}"))?;
         // We hold the lock: a socket file left here is stale.
         match std::fs::remove_file(path) {
             Ok(()) => tracing::info!(socket = %shown, "removed a stale control socket"),
@@ -134,7 +159,7 @@ impl ControlServer {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            lock_path,
+            lock_path: lock.path.clone(),
             listener,
             _lock: lock,
             service,

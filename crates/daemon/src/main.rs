@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use blksnap_daemon::config::DaemonConfig;
-use blksnap_daemon::control::ControlServer;
+use blksnap_daemon::control::{ControlServer, DaemonLock};
 use blksnap_daemon::service::Service;
 use blksnap_engine::Engine;
 use blksnap_nbd::NbdServer;
@@ -87,9 +87,9 @@ fn run(options: Options) -> Result<(), String> {
         .clone()
         .unwrap_or_else(|| options.control.with_file_name("nbd.sock"));
     let service = Arc::new(Service::new(engine.clone(), Some(nbd_socket.clone())));
-    // The control socket first: its lock keeps a second daemon from taking
-    // over this one's NBD socket.
-    let server = ControlServer::bind(&options.control, config.control_group.as_deref(), service)?;
+    // The lock first, so a second daemon touches none of our sockets; the
+    // control socket last, so a client that can connect finds NBD ready.
+    let lock = DaemonLock::acquire(&options.control)?;
     let nbd = NbdServer::new(engine.clone());
     nbd.listen_unix(&nbd_socket)
         .map_err(|e| format!("cannot serve NBD on {}: {e}", nbd_socket.display()))?;
@@ -97,6 +97,7 @@ fn run(options: Options) -> Result<(), String> {
         nbd.listen_tcp(addr)
             .map_err(|e| format!("cannot serve NBD on {addr}: {e}"))?;
     }
+    let server = ControlServer::bind(lock, config.control_group.as_deref(), service)?;
     let stopper = server.shutdown_handle();
     std::thread::spawn(move || {
         for signal in signals.forever() {

@@ -87,6 +87,12 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result
         }
         let option = u32::from_be_bytes(header[8..12].try_into().unwrap());
         let len = u32::from_be_bytes(header[12..16].try_into().unwrap());
+        tracing::debug!(
+            option = option_name(option),
+            code = option,
+            len,
+            "NBD option"
+        );
         if len > MAX_OPTION_LEN {
             if len > 1 << 20 {
                 return Err(invalid("option payload too large"));

@@ -96,6 +96,35 @@ pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Largest read or write payload (advertised as the maximum block size).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
+/// Option names for logs.
+pub fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "EXPORT_NAME",
+        OPT_ABORT => "ABORT",
+        OPT_LIST => "LIST",
+        5 => "STARTTLS",
+        OPT_INFO => "INFO",
+        OPT_GO => "GO",
+        OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
+        OPT_LIST_META_CONTEXT => "LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
+        11 => "EXTENDED_HEADERS",
+        _ => "unknown",
+    }
+}
+
+/// Command names for logs, indexed by command type.
+pub const COMMAND_NAMES: [&str; 8] = [
+    "READ",
+    "WRITE",
+    "DISC",
+    "FLUSH",
+    "TRIM",
+    "CACHE",
+    "WRITE_ZEROES",
+    "BLOCK_STATUS",
+];
+
 /// Maps a host errno to the value NBD allows on the wire.
 pub fn wire_error(errno: i32) -> u32 {
     match errno {

@@ -50,11 +50,22 @@ pub fn transmit<S: Conn>(stream: S, session: Session) -> io::Result<()> {
         })
         .collect::<io::Result<_>>()?;
     let mut reader = BufReader::with_capacity(256 << 10, stream);
-    let result = read_requests(&mut reader, |job| tx.send(job).is_ok());
+    let mut counts = [0u64; COMMAND_NAMES.len() + 1];
+    let result = read_requests(&mut reader, |job| {
+        counts[(job.request.command as usize).min(COMMAND_NAMES.len())] += 1;
+        tx.send(job).is_ok()
+    });
     drop(tx);
     for w in workers {
         let _ = w.join();
     }
+    let summary: Vec<String> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0)
+        .map(|(i, n)| format!("{}={n}", COMMAND_NAMES.get(i).unwrap_or(&"other")))
+        .collect();
+    tracing::debug!(commands = %summary.join(" "), "NBD connection done");
     result
 }
 
