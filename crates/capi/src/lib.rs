@@ -1108,7 +1108,8 @@ pub unsafe extern "C" fn blksnap_snapshot_take(c: *mut blksnap_client, id: *cons
     let body = |client: &mut Client| -> Outcome {
         // SAFETY: `id` has 16 readable bytes (contract).
         let id = unsafe { arg_id(id, "id")? };
-        Ok(client.snapshot_take(id)?)
+        client.snapshot_take(id)?;
+        Ok(())
     };
     // SAFETY: `c` is NULL or a live client that only this thread uses
     // (this function's contract).

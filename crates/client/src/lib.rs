@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 pub use proto::{
     CbtInfo, DeviceInfo, Event, ListResult, OnCopyError, Range, SnapshotCreateArgs, SnapshotInfo,
-    VersionInfo,
+    TakeResult, VersionInfo,
 };
 
 /// Where the daemon listens unless told otherwise.
@@ -140,10 +140,28 @@ impl Client {
 
     /// Starts tracking a block device or image file (an absolute path).
     pub fn attach(&mut self, device: &str, name: Option<&str>) -> Result<DeviceInfo> {
+        self.attach_with_loop(device, name, None)
+    }
+
+    /// Like [`Client::attach`]; `loop_device` asks for (or refuses) a loop
+    /// device over the device's FUSE file, `None` leaves it to the daemon.
+    pub fn attach_with_loop(
+        &mut self,
+        device: &str,
+        name: Option<&str>,
+        loop_device: Option<bool>,
+    ) -> Result<DeviceInfo> {
         self.typed(Request::Attach(proto::AttachArgs {
             device: device.into(),
             name: name.map(Into::into),
+            loop_device,
         }))
+    }
+
+    /// Asks the daemon to stop; refused (EBUSY) while loop devices are in
+    /// use, unless `force`.
+    pub fn shutdown(&mut self, force: bool) -> Result<()> {
+        self.unit(Request::Shutdown(proto::ShutdownArgs { force }))
     }
 
     pub fn detach(&mut self, device: &str) -> Result<()> {
@@ -215,8 +233,10 @@ impl Client {
         }))
     }
 
-    pub fn snapshot_take(&mut self, id: Uuid) -> Result<()> {
-        self.unit(Request::SnapshotTake(proto::SnapshotIdArgs { id }))
+    /// Takes the snapshot; the result names the filesystems frozen around
+    /// the take and any warnings.
+    pub fn snapshot_take(&mut self, id: Uuid) -> Result<proto::TakeResult> {
+        self.typed(Request::SnapshotTake(proto::SnapshotIdArgs { id }))
     }
 
     pub fn snapshot_destroy(&mut self, id: Uuid) -> Result<()> {

@@ -43,6 +43,32 @@ struct Registry {
     served_aliases: HashSet<DeviceIdentity>,
 }
 
+/// A device key as given (a name or a path) and, for a path, where it
+/// resolves. Resolved before the registry lock is taken: the path may be on
+/// our own FUSE mount, whose handlers need that lock.
+struct DeviceKey {
+    raw: String,
+    canonical: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Display for DeviceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
+
+impl DeviceKey {
+    fn new(key: &str) -> Self {
+        Self {
+            raw: key.to_string(),
+            canonical: key
+                .contains('/')
+                .then(|| std::fs::canonicalize(key).ok())
+                .flatten(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Snapshot {
     devices: Vec<Arc<TrackedDevice>>,
@@ -76,19 +102,16 @@ pub struct SnapshotInfo {
 impl Registry {
     /// A device by name, by the path it was attached with, or by any path
     /// that resolves to the same file (symlinks, `..`).
-    fn find(&self, key: &str) -> Result<&Arc<TrackedDevice>> {
-        let canonical = key
-            .contains('/')
-            .then(|| std::fs::canonicalize(key).ok())
-            .flatten();
+    fn find(&self, key: &DeviceKey) -> Result<&Arc<TrackedDevice>> {
         self.devices
             .iter()
             .find(|d| {
-                d.name() == key
-                    || d.path()
-                        .is_some_and(|p| p == Path::new(key) || canonical.as_deref() == Some(p))
+                d.name() == key.raw
+                    || d.path().is_some_and(|p| {
+                        p == Path::new(&key.raw) || key.canonical.as_deref() == Some(p)
+                    })
             })
-            .ok_or_else(|| Error::NotFound(format!("tracked device {key}")))
+            .ok_or_else(|| Error::NotFound(format!("tracked device {}", key.raw)))
     }
 
     fn snapshot(&self, id: &Uuid) -> Result<&Snapshot> {
@@ -103,19 +126,26 @@ impl Registry {
             .find(|(_, s)| s.devices.iter().any(|d| Arc::ptr_eq(d, device)))
     }
 
-    fn served(&self) -> HashSet<DeviceIdentity> {
+    /// The identities we serve, without the files behind loop devices:
+    /// cheap, no I/O, so it can run under the registry lock.
+    fn served_identities(&self) -> HashSet<DeviceIdentity> {
         let mut served = self.served_aliases.clone();
-        let origins = self.devices.iter().filter_map(|d| d.origin().identity());
-        let aliases = self.served_aliases.iter().copied();
-        let backing: Vec<_> = origins
-            .clone()
-            .chain(aliases)
-            .filter_map(DeviceIdentity::loop_backing_file)
-            .collect();
-        served.extend(origins);
-        served.extend(backing);
+        served.extend(self.devices.iter().filter_map(|d| d.origin().identity()));
         served
     }
+}
+
+/// Adds the backing files of served loop devices. Reads sysfs and stats
+/// files that may live on our own FUSE mount, whose handlers take the
+/// registry lock: never call it with the lock held.
+fn with_loop_backing(mut served: HashSet<DeviceIdentity>) -> HashSet<DeviceIdentity> {
+    let backing: Vec<_> = served
+        .iter()
+        .copied()
+        .filter_map(DeviceIdentity::loop_backing_file)
+        .collect();
+    served.extend(backing);
+    served
 }
 
 impl Engine {
@@ -144,7 +174,8 @@ impl Engine {
     /// its name is `name`, or else the path's file name.
     pub fn attach_path(&self, path: &Path, name: Option<&str>) -> Result<Arc<TrackedDevice>> {
         let shown = path.display().to_string();
-        if let Ok(existing) = self.registry().find(&shown) {
+        let key = DeviceKey::new(&shown);
+        if let Ok(existing) = self.registry().find(&key) {
             return Err(Error::AlreadyExists(format!(
                 "tracked device {} for {shown}",
                 existing.name()
@@ -157,6 +188,13 @@ impl Engine {
                 .map(|n| n.to_string_lossy().into_owned())
                 .ok_or_else(|| Error::InvalidArgument(format!("{shown} has no file name")))?,
         };
+        // A device we serve (our own FUSE file or loop device) would be
+        // tracked through itself.
+        if let Err(Error::InvalidArgument(_)) = check_not_served(path, &self.served()) {
+            return Err(Error::InvalidArgument(format!(
+                "{shown} is served by this daemon; attach the original device instead"
+            )));
+        }
         let device = FileDevice::open(path)?;
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         self.attach_inner(&name, Some(&canonical), Arc::new(device))
@@ -213,8 +251,9 @@ impl Engine {
 
     /// Stops tracking; refused while the device is in a snapshot.
     pub fn detach(&self, key: &str) -> Result<()> {
+        let key = DeviceKey::new(key);
         let mut registry = self.registry();
-        let device = registry.find(key)?.clone();
+        let device = registry.find(&key)?.clone();
         if let Some((id, _)) = registry.snapshot_of(&device) {
             return Err(Error::Busy {
                 what: format!("device {}", device.name()),
@@ -230,11 +269,19 @@ impl Engine {
     }
 
     pub fn device(&self, key: &str) -> Result<Arc<TrackedDevice>> {
-        self.registry().find(key).cloned()
+        let key = DeviceKey::new(key);
+        self.registry().find(&key).cloned()
     }
 
     pub fn devices(&self) -> Vec<Arc<TrackedDevice>> {
         self.registry().devices.clone()
+    }
+
+    /// Everything we serve, loop backing files included. Takes the registry
+    /// lock only to copy the identities.
+    fn served(&self) -> HashSet<DeviceIdentity> {
+        let identities = self.registry().served_identities();
+        with_loop_backing(identities)
     }
 
     /// Registers another identity under which the frontends serve a device,
@@ -286,17 +333,18 @@ impl Engine {
             ));
         }
         let id = Uuid::new_v4();
-        let mut registry = self.registry();
+        let served = self.served();
         let events = Arc::new(EventQueue::default());
+        // Made without the registry lock: opening storage is file I/O.
         let storage = DiffStorage::new(
             id.to_string(),
             &storage,
             options.limit,
             self.config.diff_storage_minimum,
-            &registry.served(),
+            &served,
             events.clone(),
         )?;
-        registry.snapshots.insert(
+        self.registry().snapshots.insert(
             id,
             Snapshot {
                 devices: Vec::new(),
@@ -311,8 +359,9 @@ impl Engine {
     }
 
     pub fn snapshot_add(&self, id: &Uuid, key: &str) -> Result<()> {
+        let key = DeviceKey::new(key);
         let mut registry = self.registry();
-        let device = registry.find(key)?.clone();
+        let device = registry.find(&key)?.clone();
         registry.snapshot(id)?;
         if let Some((other, _)) = registry.snapshot_of(&device) {
             return Err(if other == id {
@@ -343,16 +392,15 @@ impl Engine {
         path: &Path,
         ranges: &[SectorRange],
     ) -> Result<()> {
-        let registry = self.registry();
-        let snapshot = registry.snapshot(id)?;
-        check_not_served(path, &registry.served())?;
+        let storage = self.registry().snapshot(id)?.storage.clone();
+        check_not_served(path, &self.served())?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(|e| Error::io(format!("cannot open storage {}", path.display()), e))?;
         let device = FileDevice::from_file(file, path)?;
-        snapshot.storage.append_ranges(Arc::new(device), ranges)
+        storage.append_ranges(Arc::new(device), ranges)
     }
 
     /// Appends ranges of a device object (tests, benchmarks).
@@ -471,15 +519,17 @@ impl Engine {
 
     /// The snapshot a device is in, if any.
     pub fn snapshot_of(&self, key: &str) -> Result<Option<Uuid>> {
+        let key = DeviceKey::new(key);
         let registry = self.registry();
-        let device = registry.find(key)?;
+        let device = registry.find(&key)?;
         Ok(registry.snapshot_of(device).map(|(id, _)| *id))
     }
 
     /// The image of a device in its taken snapshot.
     pub fn image(&self, key: &str) -> Result<Image> {
+        let key = DeviceKey::new(key);
         let registry = self.registry();
-        let device = registry.find(key)?;
+        let device = registry.find(&key)?;
         let (id, snapshot) = registry.snapshot_of(device).ok_or_else(|| {
             Error::NotFound(format!(
                 "snapshot image of {key} (the device is in no snapshot)"

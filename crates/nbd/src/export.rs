@@ -11,18 +11,17 @@
 
 use std::sync::Arc;
 
-use blksnap_engine::{Engine, Extent, Image, TrackedDevice};
+use blksnap_engine::{Engine, Volume};
 
 use crate::protocol::*;
 
-pub const IMAGE_PREFIX: &str = "snapshot/";
 const BASE_ALLOCATION: &str = "base:allocation";
 const DIRTY_PREFIX: &str = "qemu:dirty-bitmap:since-";
 
+/// A volume as an NBD export.
 #[derive(Clone)]
-pub enum Export {
-    Device(Arc<TrackedDevice>),
-    Image(Image),
+pub struct Export {
+    volume: Volume,
 }
 
 /// A metadata context selected on a connection.
@@ -47,34 +46,18 @@ impl Context {
     }
 }
 
-/// Exports, by the names clients use: every tracked device by name, and
-/// `snapshot/<name>` for every device whose snapshot is taken.
+/// Exports, by the names clients use: the engine's volume names.
 pub fn list(engine: &Engine) -> Vec<String> {
-    let mut names = Vec::new();
-    for device in engine.devices() {
-        names.push(device.name().to_string());
-        if engine.image(device.name()).is_ok() {
-            names.push(format!("{IMAGE_PREFIX}{}", device.name()));
-        }
-    }
-    names
+    engine.volume_names()
 }
 
 pub fn resolve(engine: &Engine, name: &str) -> Option<Export> {
-    if let Some(device) = name.strip_prefix(IMAGE_PREFIX) {
-        let image = engine.image(device).ok()?;
-        return (image.device_name() == device).then_some(Export::Image(image));
-    }
-    let device = engine.device(name).ok()?;
-    (device.name() == name).then_some(Export::Device(device))
+    engine.volume(name).map(|volume| Export { volume })
 }
 
 impl Export {
     pub fn size(&self) -> u64 {
-        match self {
-            Export::Device(d) => d.size(),
-            Export::Image(i) => i.size(),
-        }
+        self.volume.size()
     }
 
     pub fn transmission_flags(&self, structured: bool) -> u16 {
@@ -97,71 +80,34 @@ impl Export {
     /// Preferred I/O size: a chunk for images (whole-chunk copies), the
     /// device's minimum I/O size (at least 4 KiB) otherwise.
     pub fn preferred_block(&self) -> u32 {
-        match self {
-            Export::Device(d) => d.min_io_size().max(4096),
-            Export::Image(i) => i.chunk_size().min(MAX_PAYLOAD as u64) as u32,
+        match &self.volume {
+            Volume::Device(d) => d.min_io_size().max(4096),
+            Volume::Image(i) => i.chunk_size().min(MAX_PAYLOAD as u64) as u32,
         }
     }
 
     pub fn description(&self) -> String {
-        match self {
-            Export::Device(d) => format!("blksnap tracked device {}", d.name()),
-            Export::Image(i) => format!("blksnap snapshot image of {}", i.device_name()),
-        }
-    }
-
-    pub fn read(&self, buf: &mut [u8], offset: u64) -> blksnap_engine::Result<()> {
-        match self {
-            Export::Device(d) => d.read(buf, offset),
-            Export::Image(i) => i.read(buf, offset),
-        }
-    }
-
-    pub fn write(&self, buf: &[u8], offset: u64) -> blksnap_engine::Result<()> {
-        match self {
-            Export::Device(d) => d.write(buf, offset),
-            Export::Image(i) => i.write(buf, offset),
-        }
-    }
-
-    pub fn flush(&self) -> blksnap_engine::Result<()> {
-        match self {
-            Export::Device(d) => d.flush(),
-            Export::Image(i) => i.flush(),
-        }
-    }
-
-    pub fn discard(&self, offset: u64, len: u64) -> blksnap_engine::Result<()> {
-        match self {
-            Export::Device(d) => d.discard(offset, len),
-            Export::Image(i) => i.write_zeroes(offset, len),
-        }
-    }
-
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> blksnap_engine::Result<()> {
-        match self {
-            Export::Device(d) => d.write_zeroes(offset, len),
-            Export::Image(i) => i.write_zeroes(offset, len),
+        match &self.volume {
+            Volume::Device(d) => format!("blksnap tracked device {}", d.name()),
+            Volume::Image(i) => format!("blksnap snapshot image of {}", i.device_name()),
         }
     }
 
     /// Whether write-zeroes is cheaper than writing zeroes (FAST_ZERO): on
     /// devices it is a fallocate; on images it writes the storage.
     pub fn fast_zero(&self) -> bool {
-        matches!(self, Export::Device(_))
+        matches!(self.volume, Volume::Device(_))
     }
 
-    pub fn extents(&self, offset: u64, len: u64) -> blksnap_engine::Result<Vec<Extent>> {
-        match self {
-            Export::Device(d) => d.extents(offset, len),
-            Export::Image(i) => i.extents(offset, len),
-        }
+    /// The volume behind the export, for its I/O.
+    pub fn volume(&self) -> &Volume {
+        &self.volume
     }
 
     /// Every context this export offers, by name.
     pub fn contexts(&self) -> Vec<(String, Context)> {
         let mut all = vec![(BASE_ALLOCATION.to_string(), Context::Allocation)];
-        if let Export::Image(image) = self {
+        if let Volume::Image(image) = &self.volume {
             let tracker = image.change_tracker();
             let info = tracker.info();
             let map = Arc::new(tracker.readable_map());
@@ -209,7 +155,7 @@ impl Export {
         };
         match context {
             Context::Allocation => {
-                for e in self.extents(offset, len)? {
+                for e in self.volume.extents(offset, len)? {
                     let flags = if e.zero { STATE_HOLE | STATE_ZERO } else { 0 };
                     out.push(e.len, flags);
                 }

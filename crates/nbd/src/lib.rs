@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 
 use blksnap_engine::Engine;
 
-pub use export::IMAGE_PREFIX;
+pub use blksnap_engine::IMAGE_PREFIX;
 
 /// A stream the server can serve on.
 pub trait Conn: Read + Write + Send + 'static {

@@ -94,7 +94,8 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result
             "NBD option"
         );
         if len > MAX_OPTION_LEN {
-            if len > 1 << 20 {
+            // EXPORT_NAME has no option reply: the only answer is to hang up.
+            if len > 1 << 20 || option == OPT_EXPORT_NAME {
                 return Err(invalid("option payload too large"));
             }
             io::copy(&mut Read::by_ref(stream).take(len as u64), &mut io::sink())?;

@@ -161,7 +161,8 @@ fn handle(session: &Session, job: Job) -> Reply {
         request: r,
         payload,
     } = job;
-    let export = &session.export;
+    let export = session.export.volume();
+    let nbd_export = &session.export;
     if r.flags & !KNOWN_FLAGS != 0 {
         return error(EINVAL, format!("unknown command flags {:#x}", r.flags));
     }
@@ -223,7 +224,7 @@ fn handle(session: &Session, job: Job) -> Reply {
         CMD_FLUSH => flush_if_fua(export.flush()),
         CMD_TRIM => flush_if_fua(export.discard(r.offset, r.length as u64)),
         CMD_WRITE_ZEROES => {
-            if r.flags & CMD_FLAG_FAST_ZERO != 0 && !export.fast_zero() {
+            if r.flags & CMD_FLAG_FAST_ZERO != 0 && !nbd_export.fast_zero() {
                 return error(
                     ENOTSUP,
                     "write-zeroes is not faster than a write on this export",
@@ -233,7 +234,7 @@ fn handle(session: &Session, job: Job) -> Reply {
         }
         // The engine reads straight from the device: nothing to warm.
         CMD_CACHE => Reply::Done,
-        CMD_BLOCK_STATUS => block_status(export, &session.contexts, session.structured, &r),
+        CMD_BLOCK_STATUS => block_status(nbd_export, &session.contexts, session.structured, &r),
         other => error(EINVAL, format!("unknown command {other}")),
     }
 }

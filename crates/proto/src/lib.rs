@@ -43,6 +43,19 @@ pub struct AttachArgs {
     /// Name to give it; default: the path's file name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Also create a loop device over the device's FUSE file; absent: the
+    /// daemon's `attach_loop` setting.
+    #[serde(default, rename = "loop", skip_serializing_if = "Option::is_none")]
+    pub loop_device: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownArgs {
+    /// Stop even when loop devices are in use (mounted): they are flushed
+    /// and detached lazily, and their users get I/O errors.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +155,7 @@ pub struct WaitEventArgs {
 )]
 pub enum Request {
     Version,
+    Shutdown(ShutdownArgs),
     Attach(AttachArgs),
     Detach(DeviceArgs),
     List,
@@ -257,6 +271,9 @@ pub struct DeviceInfo {
     /// The NBD URI of the device's export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<String>,
+    /// The loop device serving it locally, if any.
+    #[serde(default, rename = "loop", skip_serializing_if = "Option::is_none")]
+    pub loop_device: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,6 +315,16 @@ impl CbtMapPart {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotId {
     pub id: Uuid,
+}
+
+/// What a take did around the engine's take.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeResult {
+    /// Filesystems frozen (FIFREEZE) during the take.
+    pub frozen: Vec<String>,
+    /// Problems that did not stop the take (a filesystem that could not be
+    /// frozen, an image loop device that could not be made).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -179,6 +179,10 @@ impl BlockDevice for FileDevice {
         self.min_io
     }
 
+    fn logical_block_size(&self) -> u32 {
+        self.logical_block.max(512)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
     }

@@ -69,6 +69,10 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn min_io_size(&self) -> u32 {
         512
     }
+    /// Smallest addressable unit (512 for regular files).
+    fn logical_block_size(&self) -> u32 {
+        512
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn flush(&self) -> io::Result<()>;

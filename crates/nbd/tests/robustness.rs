@@ -1,0 +1,1809 @@
+//! Robustness of the NBD server against bad and hostile input: an engine and
+//! an `NbdServer` in this process, on a Unix socket in a temporary
+//! directory, and a minimal raw NBD client written here (fixed newstyle with
+//! NO_ZEROES, STRUCTURED_REPLY, SET_META_CONTEXT, GO; simple and structured
+//! replies) that misbehaves on purpose.
+//!
+//! Every case asserts the protocol's answer (an error reply, an option error,
+//! or the connection closed) and afterwards that the server still serves:
+//! a connection opened before the bad one still reads back its data, a new
+//! connection reads back every acknowledged write, the bad connections are
+//! gone from the server, and no server thread panicked.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blksnap_engine::{Config, Engine, MemDevice, SnapshotOptions, StorageSpec};
+use blksnap_nbd::protocol::*;
+use blksnap_nbd::NbdServer;
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const DISK: &str = "disk";
+/// Longest wait for any one answer of the server.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// `NBD_REP_ERR_*` replies have the top bit set.
+const REP_ERR_BIT: u32 = 1 << 31;
+
+// ---------------------------------------------------------------------------
+// Panics in server threads (named "nbd-…") fail the tests.
+
+static SERVER_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn watch_server_panics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("nbd-"))
+            {
+                SERVER_PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            default(info);
+        }));
+    });
+}
+
+fn assert_no_server_panic() {
+    assert_eq!(
+        SERVER_PANICS.load(Ordering::SeqCst),
+        0,
+        "a server thread panicked (see the output above)"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Byte helpers.
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes(b[at..at + 2].try_into().unwrap())
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Deterministic bytes, different for every seed, never long runs of zeroes.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x as u8) | 1
+        })
+        .collect()
+}
+
+fn read_n(s: &mut impl Read, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b)
+        .unwrap_or_else(|e| panic!("reading {n} bytes from the server: {e}"));
+    b
+}
+
+/// Asserts that the server closes the connection without sending anything
+/// more (end of stream, or a reset when it left our bytes unread).
+fn assert_closed(s: &mut UnixStream, what: &str) {
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!(
+            "{what}: expected the connection closed, got {n} more bytes: {:02x?}",
+            &buf[..n]
+        ),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: expected the connection closed, got: {e}"),
+    }
+}
+
+/// Reads everything until the server closes; panics if it does not.
+fn read_until_closed(s: &mut UnixStream, what: &str) -> Vec<u8> {
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: the server did not close the connection: {e}"),
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Handshake.
+
+fn connect(socket: &Path) -> UnixStream {
+    let s = UnixStream::connect(socket).expect("connect to the NBD socket");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+/// Reads the server's greeting; returns its handshake flags.
+fn read_hello(s: &mut UnixStream) -> u16 {
+    let b = read_n(s, 18);
+    assert_eq!(be64(&b, 0), NBDMAGIC);
+    assert_eq!(be64(&b, 8), IHAVEOPT);
+    let flags = be16(&b, 16);
+    assert_ne!(flags & FLAG_FIXED_NEWSTYLE, 0);
+    assert_ne!(flags & FLAG_NO_ZEROES, 0);
+    flags
+}
+
+/// A connection past the greeting, with FIXED_NEWSTYLE | NO_ZEROES sent.
+fn greeted(socket: &Path) -> UnixStream {
+    let mut s = connect(socket);
+    read_hello(&mut s);
+    s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    s
+}
+
+fn option_bytes(option: u32, len: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+fn send_option(s: &mut UnixStream, option: u32, data: &[u8]) {
+    s.write_all(&option_bytes(option, data.len() as u32, data))
+        .unwrap();
+}
+
+#[derive(Debug)]
+struct OptReply {
+    option: u32,
+    kind: u32,
+    data: Vec<u8>,
+}
+
+fn read_opt_reply(s: &mut UnixStream) -> OptReply {
+    let h = read_n(s, 20);
+    assert_eq!(be64(&h, 0), REPLY_MAGIC, "option reply magic");
+    let len = be32(&h, 16) as usize;
+    OptReply {
+        option: be32(&h, 8),
+        kind: be32(&h, 12),
+        data: read_n(s, len),
+    }
+}
+
+/// Sends one option and expects a single reply of type `kind` to it.
+fn expect_opt_reply(s: &mut UnixStream, option: u32, data: &[u8], kind: u32) -> OptReply {
+    send_option(s, option, data);
+    let r = read_opt_reply(s);
+    assert_eq!(r.option, option, "reply to option {option}: {r:?}");
+    assert_eq!(
+        r.kind,
+        kind,
+        "reply to option {option}: type {:#x}, expected {kind:#x} ({})",
+        r.kind,
+        String::from_utf8_lossy(&r.data)
+    );
+    r
+}
+
+fn go_payload(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut b = (name.len() as u32).to_be_bytes().to_vec();
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        b.extend_from_slice(&i.to_be_bytes());
+    }
+    b
+}
+
+fn meta_payload(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut b = (name.len() as u32).to_be_bytes().to_vec();
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        b.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        b.extend_from_slice(q.as_bytes());
+    }
+    b
+}
+
+/// Sends INFO or GO for `name`: `Ok((size, transmission flags))` after the
+/// ACK, `Err(reply type)` on an error reply.
+fn info_or_go(s: &mut UnixStream, option: u32, name: &str) -> Result<(u64, u16), u32> {
+    send_option(s, option, &go_payload(name, &[INFO_NAME, INFO_DESCRIPTION]));
+    let mut export = None;
+    loop {
+        let r = read_opt_reply(s);
+        assert_eq!(r.option, option);
+        match r.kind {
+            REP_INFO => {
+                if be16(&r.data, 0) == INFO_EXPORT {
+                    assert_eq!(r.data.len(), 12);
+                    export = Some((be64(&r.data, 2), be16(&r.data, 10)));
+                }
+            }
+            REP_ACK => return Ok(export.expect("NBD_INFO_EXPORT before the ACK")),
+            kind if kind & REP_ERR_BIT != 0 => return Err(kind),
+            kind => panic!("unexpected reply {kind:#x} to INFO/GO"),
+        }
+    }
+}
+
+/// SET_META_CONTEXT: the selected contexts, id -> name.
+fn set_meta_context(s: &mut UnixStream, export: &str, queries: &[&str]) -> HashMap<u32, String> {
+    send_option(s, OPT_SET_META_CONTEXT, &meta_payload(export, queries));
+    let mut contexts = HashMap::new();
+    loop {
+        let r = read_opt_reply(s);
+        assert_eq!(r.option, OPT_SET_META_CONTEXT);
+        match r.kind {
+            REP_META_CONTEXT => {
+                let name = String::from_utf8(r.data[4..].to_vec()).unwrap();
+                assert!(queries.contains(&name.as_str()), "unasked context {name}");
+                assert!(contexts.insert(be32(&r.data, 0), name).is_none());
+            }
+            REP_ACK => return contexts,
+            kind => panic!("SET_META_CONTEXT failed: {kind:#x}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Transmission.
+
+#[derive(Debug, Clone, PartialEq)]
+enum Chunk {
+    None,
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Hole {
+        offset: u64,
+        len: u32,
+    },
+    Status {
+        id: u32,
+        descriptors: Vec<(u32, u32)>,
+    },
+    Error {
+        errno: u32,
+        message: String,
+    },
+}
+
+fn parse_chunk(kind: u16, p: &[u8]) -> Chunk {
+    match kind {
+        REPLY_TYPE_NONE => {
+            assert!(p.is_empty(), "NONE chunk with a payload");
+            Chunk::None
+        }
+        REPLY_TYPE_OFFSET_DATA => {
+            assert!(p.len() > 8, "OFFSET_DATA chunk without data");
+            Chunk::Data {
+                offset: be64(p, 0),
+                data: p[8..].to_vec(),
+            }
+        }
+        REPLY_TYPE_OFFSET_HOLE => {
+            assert_eq!(p.len(), 12, "OFFSET_HOLE chunk length");
+            Chunk::Hole {
+                offset: be64(p, 0),
+                len: be32(p, 8),
+            }
+        }
+        REPLY_TYPE_BLOCK_STATUS => {
+            assert!(
+                p.len() >= 12 && (p.len() - 4) % 8 == 0,
+                "BLOCK_STATUS length"
+            );
+            Chunk::Status {
+                id: be32(p, 0),
+                descriptors: p[4..].chunks(8).map(|d| (be32(d, 0), be32(d, 4))).collect(),
+            }
+        }
+        REPLY_TYPE_ERROR => {
+            assert!(p.len() >= 6, "ERROR chunk length");
+            let len = be16(p, 4) as usize;
+            assert_eq!(p.len(), 6 + len, "ERROR chunk message length");
+            Chunk::Error {
+                errno: be32(p, 0),
+                message: String::from_utf8_lossy(&p[6..]).into_owned(),
+            }
+        }
+        other => panic!("unknown structured reply chunk type {other}"),
+    }
+}
+
+/// One whole reply: a simple reply, or all the chunks of a structured one.
+#[derive(Debug)]
+struct Reply {
+    cookie: u64,
+    /// 0 on success; the simple reply's error or the first error chunk's.
+    error: u32,
+    /// Data of a simple read reply.
+    data: Vec<u8>,
+    /// `(flags, chunk)` of a structured reply, in arrival order.
+    chunks: Vec<(u16, Chunk)>,
+}
+
+struct Client {
+    s: UnixStream,
+    structured: bool,
+    size: u64,
+    flags: u16,
+    /// Selected metadata contexts: id -> name.
+    contexts: HashMap<u32, String>,
+    partial: HashMap<u64, Vec<(u16, Chunk)>>,
+    next_cookie: u64,
+}
+
+impl Client {
+    fn open(socket: &Path, export: &str, structured: bool, queries: &[&str]) -> Client {
+        Self::negotiate(greeted(socket), export, structured, queries)
+    }
+
+    /// Finishes a handshake on a greeted connection.
+    fn negotiate(mut s: UnixStream, export: &str, structured: bool, queries: &[&str]) -> Client {
+        if structured {
+            expect_opt_reply(&mut s, OPT_STRUCTURED_REPLY, &[], REP_ACK);
+        }
+        let contexts = if queries.is_empty() {
+            HashMap::new()
+        } else {
+            set_meta_context(&mut s, export, queries)
+        };
+        Self::go(s, export, structured, contexts)
+    }
+
+    /// Sends GO and enters transmission.
+    fn go(
+        mut s: UnixStream,
+        export: &str,
+        structured: bool,
+        contexts: HashMap<u32, String>,
+    ) -> Client {
+        let (size, flags) = info_or_go(&mut s, OPT_GO, export)
+            .unwrap_or_else(|e| panic!("GO {export} failed: {e:#x}"));
+        assert_ne!(flags & TFLAG_HAS_FLAGS, 0);
+        assert_eq!(flags & TFLAG_SEND_DF != 0, structured);
+        Client {
+            s,
+            structured,
+            size,
+            flags,
+            contexts,
+            partial: HashMap::new(),
+            next_cookie: 1,
+        }
+    }
+
+    fn send(
+        &mut self,
+        flags: u16,
+        command: u16,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
+        let mut b = Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+        .encode()
+        .to_vec();
+        b.extend_from_slice(payload);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// The next whole reply; `read_len` tells a simple reply's data length
+    /// from its cookie (a simple reply does not say).
+    fn reply(&mut self, read_len: &dyn Fn(u64) -> usize) -> Reply {
+        loop {
+            let magic = be32(&read_n(&mut self.s, 4), 0);
+            match magic {
+                SIMPLE_REPLY_MAGIC => {
+                    let h = read_n(&mut self.s, 12);
+                    let (error, cookie) = (be32(&h, 0), be64(&h, 4));
+                    let n = read_len(cookie);
+                    assert!(
+                        !(self.structured && n > 0),
+                        "simple reply to a read on a structured connection"
+                    );
+                    let data = if error == 0 {
+                        read_n(&mut self.s, n)
+                    } else {
+                        Vec::new()
+                    };
+                    return Reply {
+                        cookie,
+                        error,
+                        data,
+                        chunks: Vec::new(),
+                    };
+                }
+                STRUCTURED_REPLY_MAGIC if self.structured => {
+                    let h = read_n(&mut self.s, 16);
+                    let (flags, kind, cookie, len) =
+                        (be16(&h, 0), be16(&h, 2), be64(&h, 4), be32(&h, 12));
+                    let payload = read_n(&mut self.s, len as usize);
+                    let chunk = parse_chunk(kind, &payload);
+                    self.partial.entry(cookie).or_default().push((flags, chunk));
+                    if flags & REPLY_FLAG_DONE != 0 {
+                        let chunks = self.partial.remove(&cookie).unwrap();
+                        let error = chunks
+                            .iter()
+                            .find_map(|(_, c)| match c {
+                                Chunk::Error { errno, .. } => Some(*errno),
+                                _ => None,
+                            })
+                            .unwrap_or(0);
+                        return Reply {
+                            cookie,
+                            error,
+                            data: Vec::new(),
+                            chunks,
+                        };
+                    }
+                }
+                other => panic!("bad reply magic {other:#x}"),
+            }
+        }
+    }
+
+    fn cookie(&mut self) -> u64 {
+        self.next_cookie += 1;
+        self.next_cookie.wrapping_mul(0x1000_0001)
+    }
+
+    /// Sends one request and waits for its reply.
+    fn request(
+        &mut self,
+        flags: u16,
+        command: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Reply {
+        let cookie = self.cookie();
+        self.send(flags, command, cookie, offset, length, payload);
+        let n = if command == CMD_READ {
+            length as usize
+        } else {
+            0
+        };
+        let r = self.reply(&|_| n);
+        assert_eq!(r.cookie, cookie, "reply for another request");
+        r
+    }
+
+    /// The error of a request that must fail.
+    fn errno(&mut self, flags: u16, command: u16, offset: u64, length: u32, payload: &[u8]) -> u32 {
+        let r = self.request(flags, command, offset, length, payload);
+        assert_ne!(
+            r.error, 0,
+            "command {command} flags {flags:#x} at {offset}+{length} should have failed"
+        );
+        if self.structured {
+            assert_eq!(r.chunks.len(), 1, "an error reply is one chunk: {r:?}");
+            assert_eq!(r.chunks[0].0, REPLY_FLAG_DONE);
+        }
+        r.error
+    }
+
+    fn try_read(&mut self, flags: u16, offset: u64, len: usize) -> Result<Vec<u8>, u32> {
+        let r = self.request(flags, CMD_READ, offset, len as u32, &[]);
+        if r.error != 0 {
+            return Err(r.error);
+        }
+        Ok(assemble(&r, self.structured, offset, len))
+    }
+
+    fn read(&mut self, offset: u64, len: usize) -> Vec<u8> {
+        self.try_read(0, offset, len)
+            .unwrap_or_else(|e| panic!("read {offset}+{len} failed: {e}"))
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let r = self.request(0, CMD_WRITE, offset, data.len() as u32, data);
+        assert_eq!(r.error, 0, "write {offset}+{} failed", data.len());
+    }
+
+    /// Soft disconnect; the server closes.
+    fn disconnect(mut self) {
+        let cookie = self.cookie();
+        self.send(0, CMD_DISC, cookie, 0, 0, &[]);
+        assert_closed(&mut self.s, "after NBD_CMD_DISC");
+    }
+}
+
+/// The data of a successful read reply, checking that structured chunks
+/// cover the request exactly once, with DONE on the last chunk only.
+fn assemble(r: &Reply, structured: bool, offset: u64, len: usize) -> Vec<u8> {
+    assert_eq!(r.error, 0);
+    if !structured {
+        assert_eq!(r.data.len(), len);
+        return r.data.clone();
+    }
+    let mut buf = vec![0xa5u8; len];
+    let mut covered = vec![false; len];
+    let last = r.chunks.len() - 1;
+    for (i, (flags, chunk)) in r.chunks.iter().enumerate() {
+        assert_eq!(
+            flags & REPLY_FLAG_DONE != 0,
+            i == last,
+            "DONE must be on the last chunk only"
+        );
+        let (start, n, data) = match chunk {
+            Chunk::Data { offset, data } => (*offset, data.len(), Some(data)),
+            Chunk::Hole { offset, len } => {
+                assert!(*len > 0, "empty hole");
+                (*offset, *len as usize, None)
+            }
+            Chunk::None => {
+                assert!(len == 0 && i == last, "NONE chunk in a read of {len}");
+                continue;
+            }
+            other => panic!("unexpected chunk in a read reply: {other:?}"),
+        };
+        assert!(
+            start >= offset && start + n as u64 <= offset + len as u64,
+            "chunk {start}+{n} outside the read {offset}+{len}"
+        );
+        let at = (start - offset) as usize;
+        assert!(
+            covered[at..at + n].iter().all(|c| !c),
+            "chunks overlap at {start}"
+        );
+        covered[at..at + n].fill(true);
+        match data {
+            Some(d) => buf[at..at + n].copy_from_slice(d),
+            None => buf[at..at + n].fill(0),
+        }
+    }
+    assert!(covered.iter().all(|&c| c), "chunks do not cover the read");
+    buf
+}
+
+/// Block status chunks by context id, checking one chunk per context and
+/// DONE on the last.
+fn status_chunks(r: &Reply) -> HashMap<u32, Vec<(u32, u32)>> {
+    assert_eq!(r.error, 0, "block status failed: {r:?}");
+    let mut out = HashMap::new();
+    let last = r.chunks.len() - 1;
+    for (i, (flags, chunk)) in r.chunks.iter().enumerate() {
+        assert_eq!(flags & REPLY_FLAG_DONE != 0, i == last);
+        match chunk {
+            Chunk::Status { id, descriptors } => {
+                assert!(
+                    out.insert(*id, descriptors.clone()).is_none(),
+                    "two chunks for context {id}"
+                )
+            }
+            other => panic!("unexpected chunk in a block status reply: {other:?}"),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The server under test.
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    engine: Arc<Engine>,
+    server: Arc<NbdServer>,
+    disk: Arc<MemDevice>,
+}
+
+impl Fixture {
+    /// An engine tracking a memory device `disk` of `size` bytes, served on
+    /// a Unix socket.
+    fn new(size: u64) -> Fixture {
+        watch_server_panics();
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(Engine::new(Config::default()).unwrap());
+        let disk = Arc::new(MemDevice::new(size));
+        engine.attach(DISK, disk.clone()).unwrap();
+        let server = NbdServer::new(engine.clone());
+        let socket = dir.path().join("nbd.sock");
+        server.listen_unix(&socket).unwrap();
+        Fixture {
+            _dir: dir,
+            socket,
+            engine,
+            server,
+            disk,
+        }
+    }
+
+    fn client(&self, structured: bool) -> Client {
+        Client::open(&self.socket, DISK, structured, &[])
+    }
+
+    /// Waits until the server has exactly `n` connections (the bad ones
+    /// closed on its side too).
+    fn wait_connections(&self, n: usize) {
+        let start = Instant::now();
+        while self.server.connection_count() != n {
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "the server still has {} connections, expected {n}",
+                self.server.connection_count()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The server still serves: the survivor (opened before the bad
+    /// connections) and a new connection read back every acknowledged
+    /// write, the bad connections are gone, no server thread panicked.
+    fn check_healthy(&self, survivor: &mut Client, acked: &[(u64, Vec<u8>)], live: usize) {
+        for (offset, data) in acked {
+            assert_eq!(
+                &survivor.read(*offset, data.len()),
+                data,
+                "survivor at {offset}"
+            );
+        }
+        self.wait_connections(live);
+        let mut fresh = self.client(true);
+        for (offset, data) in acked {
+            assert_eq!(
+                &fresh.read(*offset, data.len()),
+                data,
+                "new client at {offset}"
+            );
+        }
+        fresh.disconnect();
+        assert_no_server_panic();
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.server.shutdown();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bad requests.
+
+#[test]
+fn bad_requests_get_protocol_errors() {
+    // Larger than the maximum payload, so an oversized read is in range.
+    let size = 40 * MIB;
+    let fx = Fixture::new(size);
+    let mut survivor = fx.client(false);
+    let mine = pattern(1, 8192);
+    survivor.write(0, &mine);
+    let mut acked = vec![(0, mine)];
+    for structured in [false, true] {
+        let mut c = fx.client(structured);
+        assert_eq!(c.size, size);
+        let at = MIB + if structured { 64 * KIB } else { 0 };
+        let data = pattern(2 + structured as u64, 4096);
+        c.write(at, &data);
+        acked.push((at, data.clone()));
+
+        // Beyond the end: reads EINVAL, writes ENOSPC (payload consumed).
+        assert_eq!(c.errno(0, CMD_READ, size - 512, 1024, &[]), EINVAL);
+        assert_eq!(c.errno(0, CMD_READ, size, 1, &[]), EINVAL);
+        assert_eq!(c.errno(0, CMD_READ, u64::MAX, 1, &[]), EINVAL);
+        assert_eq!(c.errno(0, CMD_WRITE, size - 512, 1024, &[7; 1024]), ENOSPC);
+        assert_eq!(c.errno(0, CMD_WRITE, size, 1, &[7]), ENOSPC);
+        assert_eq!(c.errno(0, CMD_TRIM, size - 512, 1024, &[]), EINVAL);
+        assert_eq!(c.errno(0, CMD_WRITE_ZEROES, size, 512, &[]), EINVAL);
+        assert_eq!(c.errno(0, CMD_CACHE, size, 512, &[]), EINVAL);
+
+        // offset + length overflowing u64.
+        let wrap = u64::MAX - 100;
+        assert_eq!(c.errno(0, CMD_READ, wrap, 4096, &[]), EINVAL);
+        assert_eq!(c.errno(0, CMD_WRITE, wrap, 4096, &[9; 4096]), ENOSPC);
+        assert_eq!(c.errno(0, CMD_TRIM, wrap, u32::MAX, &[]), EINVAL);
+        assert_eq!(c.errno(0, CMD_WRITE_ZEROES, wrap, u32::MAX, &[]), EINVAL);
+        assert_eq!(c.errno(0, CMD_CACHE, wrap, u32::MAX, &[]), EINVAL);
+        assert_eq!(c.errno(0, CMD_BLOCK_STATUS, wrap, u32::MAX, &[]), EINVAL);
+
+        // Over the maximum payload: EINVAL, or EOVERFLOW with structured
+        // replies.
+        let over = if structured { EOVERFLOW } else { EINVAL };
+        assert_eq!(c.errno(0, CMD_READ, 0, MAX_PAYLOAD + 1, &[]), over);
+
+        // Unknown command types and flags.
+        assert_eq!(c.errno(0, 99, 0, 512, &[]), EINVAL);
+        assert_eq!(c.errno(0, 99, 0, 0, &[]), EINVAL);
+        assert_eq!(c.errno(0, u16::MAX, 0, 0, &[]), EINVAL);
+        assert_eq!(c.errno(1 << 7, CMD_READ, 0, 512, &[]), EINVAL);
+        assert_eq!(c.errno(1 << 15, CMD_FLUSH, 0, 0, &[]), EINVAL);
+        // A write with an unknown flag is refused and not applied.
+        assert_eq!(
+            c.errno(1 << 12, CMD_WRITE, at, 4096, &pattern(99, 4096)),
+            EINVAL
+        );
+
+        // Block status without structured replies or without a context.
+        assert_eq!(c.errno(0, CMD_BLOCK_STATUS, 0, 4096, &[]), EINVAL);
+        assert_eq!(
+            c.errno(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 0, 4096, &[]),
+            EINVAL
+        );
+
+        // The connection is still in step and its data intact.
+        assert_eq!(c.read(at, 4096), data);
+        assert_eq!(c.request(0, CMD_FLUSH, 0, 0, &[]).error, 0);
+        c.disconnect();
+    }
+
+    // With a context: block status beyond the end or of zero length.
+    let mut c = Client::open(&fx.socket, DISK, true, &["base:allocation"]);
+    assert_eq!(c.contexts.len(), 1);
+    assert_eq!(c.errno(0, CMD_BLOCK_STATUS, size, 512, &[]), EINVAL);
+    assert_eq!(c.errno(0, CMD_BLOCK_STATUS, size - 512, 1024, &[]), EINVAL);
+    assert_eq!(c.errno(0, CMD_BLOCK_STATUS, 0, 0, &[]), EINVAL);
+    let r = c.request(0, CMD_BLOCK_STATUS, 0, 4096, &[]);
+    let chunks = status_chunks(&r);
+    let total: u64 = chunks
+        .values()
+        .next()
+        .unwrap()
+        .iter()
+        .map(|d| d.0 as u64)
+        .sum();
+    assert_eq!(total, 4096);
+    c.disconnect();
+
+    fx.check_healthy(&mut survivor, &acked, 1);
+}
+
+#[test]
+fn oversized_write_header_and_bad_magic_disconnect() {
+    let fx = Fixture::new(4 * MIB);
+    let mut survivor = fx.client(true);
+    let mine = pattern(1, 4096);
+    survivor.write(0, &mine);
+    let mut acked = vec![(0, mine)];
+    for (i, structured) in [false, true].into_iter().enumerate() {
+        let mut bad = fx.client(structured);
+        let at = MIB + i as u64 * 64 * KIB;
+        let data = pattern(10 + i as u64, 64 * KIB as usize);
+        bad.write(at, &data);
+        acked.push((at, data));
+        // A write announcing 32 MiB + 1: the server hangs up, no reply.
+        bad.send(0, CMD_WRITE, 5, at, MAX_PAYLOAD + 1, &[0xee; 4096]);
+        assert_closed(&mut bad.s, "write over the maximum payload");
+        fx.check_healthy(&mut survivor, &acked, 1);
+    }
+    // A request with a bad magic: the stream cannot be trusted, hang up.
+    let mut bad = fx.client(false);
+    let mut header = Request {
+        flags: 0,
+        command: CMD_READ,
+        cookie: 1,
+        offset: 0,
+        length: 512,
+    }
+    .encode();
+    header[0] ^= 0x80;
+    bad.s.write_all(&header).unwrap();
+    assert_closed(&mut bad.s, "request with a bad magic");
+    fx.check_healthy(&mut survivor, &acked, 1);
+}
+
+#[test]
+fn client_vanishing_mid_write_loses_nothing_acknowledged() {
+    let fx = Fixture::new(4 * MIB);
+    let mut survivor = fx.client(false);
+    let mine = pattern(1, 4096);
+    survivor.write(3 * MIB, &mine);
+    let at = MIB;
+    let before = pattern(2, 64 * KIB as usize);
+    for structured in [false, true] {
+        let mut c = fx.client(structured);
+        c.write(at, &before);
+        // A WRITE header and half its payload, then gone.
+        let half = pattern(3, 32 * KIB as usize);
+        c.send(0, CMD_WRITE, 77, at, 64 * KIB as u32, &half);
+        drop(c);
+        fx.wait_connections(1);
+        // A FUA write whose payload never completes, closing only our side
+        // for writing: no reply may come for it.
+        let mut c = fx.client(structured);
+        c.send(CMD_FLAG_FUA, CMD_WRITE, 78, at, 64 * KIB as u32, &half);
+        c.s.shutdown(Shutdown::Write).unwrap();
+        let rest = read_until_closed(&mut c.s, "half a write, then EOF");
+        assert!(
+            rest.is_empty(),
+            "reply to a write never completed: {rest:02x?}"
+        );
+    }
+    fx.check_healthy(&mut survivor, &[(3 * MIB, mine), (at, before)], 1);
+}
+
+// ---------------------------------------------------------------------------
+// Handshake.
+
+type BadHandshake = Box<dyn Fn(&mut UnixStream)>;
+
+#[test]
+fn broken_handshakes_disconnect() {
+    let fx = Fixture::new(4 * MIB);
+    let mut survivor = fx.client(true);
+    let mine = pattern(1, 4096);
+    survivor.write(0, &mine);
+    let acked = vec![(0, mine)];
+    let ok_flags = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes();
+    let garbage = pattern(7, 64);
+    let cases: Vec<(&str, BadHandshake)> = vec![
+        (
+            "unknown client flag",
+            Box::new(|s| s.write_all(&(1u32 << 2).to_be_bytes()).unwrap()),
+        ),
+        (
+            "all client flags",
+            Box::new(|s| s.write_all(&u32::MAX.to_be_bytes()).unwrap()),
+        ),
+        (
+            "garbage instead of the client flags",
+            Box::new({
+                let mut g = garbage.clone();
+                g[0] = 0xde;
+                move |s| s.write_all(&g).unwrap()
+            }),
+        ),
+        (
+            "wrong option magic",
+            Box::new(move |s| {
+                s.write_all(&ok_flags).unwrap();
+                let mut o = option_bytes(OPT_GO, 0, &[]);
+                o[7] ^= 1;
+                s.write_all(&o).unwrap();
+            }),
+        ),
+        (
+            "garbage after the client flags",
+            Box::new(move |s| {
+                s.write_all(&ok_flags).unwrap();
+                s.write_all(&garbage).unwrap();
+            }),
+        ),
+        (
+            "option length 4 GiB - 1",
+            Box::new(move |s| {
+                s.write_all(&ok_flags).unwrap();
+                s.write_all(&option_bytes(OPT_GO, u32::MAX, &[0; 100]))
+                    .unwrap();
+            }),
+        ),
+        (
+            "option length 16 MiB",
+            Box::new(move |s| {
+                s.write_all(&ok_flags).unwrap();
+                s.write_all(&option_bytes(OPT_LIST, 16 << 20, &[])).unwrap();
+            }),
+        ),
+        (
+            "truncated option payload",
+            Box::new(move |s| {
+                s.write_all(&ok_flags).unwrap();
+                let p = go_payload(DISK, &[]);
+                s.write_all(&option_bytes(OPT_GO, p.len() as u32, &p[..5]))
+                    .unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+            }),
+        ),
+        (
+            "truncated option header",
+            Box::new(move |s| {
+                s.write_all(&ok_flags).unwrap();
+                s.write_all(&option_bytes(OPT_GO, 0, &[])[..10]).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+            }),
+        ),
+        (
+            "truncated client flags",
+            Box::new(|s| {
+                s.write_all(&[0, 0]).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+            }),
+        ),
+        (
+            "EXPORT_NAME of an unknown export",
+            Box::new(move |s| {
+                s.write_all(&ok_flags).unwrap();
+                s.write_all(&option_bytes(OPT_EXPORT_NAME, 4, b"nope"))
+                    .unwrap();
+            }),
+        ),
+        (
+            "EXPORT_NAME of an image that is not taken",
+            Box::new(move |s| {
+                s.write_all(&ok_flags).unwrap();
+                let name = format!("snapshot/{DISK}");
+                s.write_all(&option_bytes(
+                    OPT_EXPORT_NAME,
+                    name.len() as u32,
+                    name.as_bytes(),
+                ))
+                .unwrap();
+            }),
+        ),
+        (
+            "EXPORT_NAME that is not UTF-8",
+            Box::new(move |s| {
+                s.write_all(&ok_flags).unwrap();
+                s.write_all(&option_bytes(OPT_EXPORT_NAME, 4, &[0x64, 0x69, 0xff, 0x6b]))
+                    .unwrap();
+            }),
+        ),
+    ];
+    for (what, misbehave) in &cases {
+        let mut s = connect(&fx.socket);
+        read_hello(&mut s);
+        misbehave(&mut s);
+        assert_closed(&mut s, what);
+        fx.check_healthy(&mut survivor, &acked, 1);
+    }
+
+    // Clients hanging up at every step of the handshake.
+    drop(connect(&fx.socket));
+    let mut s = connect(&fx.socket);
+    read_hello(&mut s);
+    drop(s);
+    drop(greeted(&fx.socket));
+    let mut s = greeted(&fx.socket);
+    expect_opt_reply(&mut s, OPT_STRUCTURED_REPLY, &[], REP_ACK);
+    drop(s);
+    let mut s = greeted(&fx.socket);
+    let p = go_payload(DISK, &[]);
+    s.write_all(&option_bytes(OPT_GO, p.len() as u32, &p[..3]))
+        .unwrap();
+    drop(s);
+    fx.check_healthy(&mut survivor, &acked, 1);
+
+    // ABORT: acknowledged, then closed.
+    let mut s = greeted(&fx.socket);
+    expect_opt_reply(&mut s, OPT_ABORT, &[], REP_ACK);
+    assert_closed(&mut s, "after ABORT");
+    fx.check_healthy(&mut survivor, &acked, 1);
+}
+
+#[test]
+fn oversized_export_name_disconnects() {
+    // EXPORT_NAME cannot be answered with an error: a server that cannot
+    // satisfy it must terminate the session (proto.md, "Termination of the
+    // session during option haggling").
+    let fx = Fixture::new(4 * MIB);
+    let mut s = greeted(&fx.socket);
+    let name = vec![b'x'; 100 << 10];
+    send_option(&mut s, OPT_EXPORT_NAME, &name);
+    assert_closed(&mut s, "EXPORT_NAME over the option limit");
+    fx.wait_connections(0);
+    assert_no_server_panic();
+}
+
+#[test]
+fn handshake_errors_let_the_handshake_continue() {
+    let fx = Fixture::new(4 * MIB);
+    let mut survivor = fx.client(false);
+    let mine = pattern(1, 4096);
+    survivor.write(0, &mine);
+
+    let mut s = greeted(&fx.socket);
+    // Unknown options.
+    expect_opt_reply(&mut s, 42, &[], REP_ERR_UNSUP);
+    expect_opt_reply(&mut s, 42, &pattern(3, 100), REP_ERR_UNSUP);
+    expect_opt_reply(&mut s, u32::MAX, &[1, 2, 3], REP_ERR_UNSUP);
+    // Unknown exports.
+    expect_opt_reply(&mut s, OPT_GO, &go_payload("nope", &[]), REP_ERR_UNKNOWN);
+    expect_opt_reply(&mut s, OPT_INFO, &go_payload("nope", &[]), REP_ERR_UNKNOWN);
+    expect_opt_reply(
+        &mut s,
+        OPT_GO,
+        &go_payload("snapshot/disk", &[]),
+        REP_ERR_UNKNOWN,
+    );
+    // Malformed GO and INFO payloads.
+    let good = go_payload(DISK, &[INFO_NAME]);
+    let mut name_too_long = good.clone();
+    name_too_long[3] = 200;
+    let mut extra_byte = good.clone();
+    extra_byte.push(0);
+    let mut count_too_big = good.clone();
+    let at = 4 + DISK.len();
+    count_too_big[at..at + 2].copy_from_slice(&5u16.to_be_bytes());
+    let mut not_utf8 = go_payload("d\u{7f}sk", &[]);
+    not_utf8[5] = 0xff;
+    for (option, payload) in [
+        (OPT_GO, vec![]),
+        (OPT_GO, vec![0, 0]),
+        (OPT_GO, good[..good.len() - 1].to_vec()),
+        (OPT_GO, name_too_long),
+        (OPT_INFO, extra_byte),
+        (OPT_GO, count_too_big),
+        (OPT_GO, not_utf8),
+    ] {
+        expect_opt_reply(&mut s, option, &payload, REP_ERR_INVALID);
+    }
+    // Metadata contexts need structured replies first.
+    expect_opt_reply(
+        &mut s,
+        OPT_SET_META_CONTEXT,
+        &meta_payload(DISK, &["base:allocation"]),
+        REP_ERR_INVALID,
+    );
+    // Options with a payload where none is allowed.
+    expect_opt_reply(&mut s, OPT_STRUCTURED_REPLY, &[0], REP_ERR_INVALID);
+    expect_opt_reply(&mut s, OPT_LIST, &[0], REP_ERR_INVALID);
+    // An option over the 64 KiB limit (but not absurdly large): refused,
+    // its payload skipped.
+    expect_opt_reply(
+        &mut s,
+        42,
+        &pattern(4, (64 * KIB + 1) as usize),
+        REP_ERR_TOO_BIG,
+    );
+    // The handshake is still in step: INFO and LIST work.
+    let (size, _) = info_or_go(&mut s, OPT_INFO, DISK).unwrap();
+    assert_eq!(size, 4 * MIB);
+    send_option(&mut s, OPT_LIST, &[]);
+    let mut names = Vec::new();
+    loop {
+        let r = read_opt_reply(&mut s);
+        match r.kind {
+            REP_SERVER => names.push(String::from_utf8(r.data[4..].to_vec()).unwrap()),
+            REP_ACK => break,
+            kind => panic!("LIST reply {kind:#x}"),
+        }
+    }
+    assert_eq!(names, vec![DISK.to_string()]);
+    // Structured replies, once only; then malformed and unknown contexts.
+    expect_opt_reply(&mut s, OPT_STRUCTURED_REPLY, &[], REP_ACK);
+    expect_opt_reply(&mut s, OPT_STRUCTURED_REPLY, &[], REP_ERR_INVALID);
+    let mut meta = meta_payload(DISK, &["base:allocation"]);
+    meta.pop();
+    expect_opt_reply(&mut s, OPT_SET_META_CONTEXT, &meta, REP_ERR_INVALID);
+    expect_opt_reply(
+        &mut s,
+        OPT_LIST_META_CONTEXT,
+        &meta_payload("nope", &[]),
+        REP_ERR_UNKNOWN,
+    );
+    // A query count far beyond the payload.
+    let mut huge = meta_payload(DISK, &[]);
+    let at = huge.len() - 4;
+    huge[at..].copy_from_slice(&u32::MAX.to_be_bytes());
+    huge.extend_from_slice(&[0, 0, 0, 1, b'x']);
+    expect_opt_reply(&mut s, OPT_SET_META_CONTEXT, &huge, REP_ERR_INVALID);
+    expect_opt_reply(&mut s, OPT_LIST_META_CONTEXT, &huge, REP_ERR_INVALID);
+    // Contexts that do not exist (no dirty bitmaps on a device) are simply
+    // not selected.
+    let none = set_meta_context(&mut s, DISK, &["qemu:dirty-bitmap:since-0", "nope:nothing"]);
+    assert!(none.is_empty(), "{none:?}");
+    let contexts = set_meta_context(&mut s, DISK, &["base:allocation"]);
+    assert_eq!(contexts.len(), 1);
+    // And finally GO works, with the context, and the data is there.
+    let mut c = Client::go(s, DISK, true, contexts);
+    assert_eq!(c.read(0, 4096), mine);
+    let r = c.request(0, CMD_BLOCK_STATUS, 0, 4096, &[]);
+    assert_eq!(status_chunks(&r).len(), 1);
+    c.disconnect();
+
+    // EXPORT_NAME without NO_ZEROES: size, flags and 124 zeroes.
+    let mut s = connect(&fx.socket);
+    read_hello(&mut s);
+    s.write_all(&CLIENT_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+    send_option(&mut s, OPT_EXPORT_NAME, DISK.as_bytes());
+    let b = read_n(&mut s, 8 + 2 + 124);
+    assert_eq!(be64(&b, 0), 4 * MIB);
+    assert!(b[10..].iter().all(|&x| x == 0));
+    let mut c = Client {
+        s,
+        structured: false,
+        size: 4 * MIB,
+        flags: be16(&b, 8),
+        contexts: HashMap::new(),
+        partial: HashMap::new(),
+        next_cookie: 1,
+    };
+    assert_ne!(c.flags & TFLAG_HAS_FLAGS, 0);
+    assert_eq!(c.read(0, 4096), mine);
+    c.disconnect();
+
+    fx.check_healthy(&mut survivor, &[(0, mine)], 1);
+}
+
+// ---------------------------------------------------------------------------
+// Pipelining.
+
+#[test]
+fn many_requests_in_flight_on_one_connection() {
+    let fx = Fixture::new(4 * MIB);
+    let mut survivor = fx.client(true);
+    let mine = pattern(1, 4096);
+    survivor.write(0, &mine);
+    let mut acked = vec![(0, mine)];
+    const N: usize = 64;
+    const BLOCK: usize = 4096;
+    for (round, structured) in [false, true].into_iter().enumerate() {
+        let mut c = fx.client(structured);
+        let reads_at = MIB + round as u64 * MIB / 2;
+        let writes_at = reads_at + MIB / 4;
+        let before = pattern(20 + round as u64, N / 2 * BLOCK);
+        c.write(reads_at, &before);
+        // Every request written before any reply is read.
+        let mut batch = Vec::new();
+        let mut expected: HashMap<u64, (u16, u64, Vec<u8>)> = HashMap::new();
+        for i in 0..N {
+            let cookie = 0xc0de_0000_0000_0000 ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let k = (i / 2) as u64;
+            let (command, offset, data) = if i % 2 == 0 {
+                let o = k as usize * BLOCK;
+                (CMD_READ, reads_at + o as u64, before[o..o + BLOCK].to_vec())
+            } else {
+                (
+                    CMD_WRITE,
+                    writes_at + k * BLOCK as u64,
+                    pattern(100 + i as u64, BLOCK),
+                )
+            };
+            batch.extend_from_slice(
+                &Request {
+                    flags: 0,
+                    command,
+                    cookie,
+                    offset,
+                    length: BLOCK as u32,
+                }
+                .encode(),
+            );
+            if command == CMD_WRITE {
+                batch.extend_from_slice(&data);
+            }
+            assert!(expected.insert(cookie, (command, offset, data)).is_none());
+        }
+        c.s.write_all(&batch).unwrap();
+        let lengths: HashMap<u64, usize> = expected
+            .iter()
+            .map(|(&k, (cmd, _, _))| (k, if *cmd == CMD_READ { BLOCK } else { 0 }))
+            .collect();
+        let mut seen = HashSet::new();
+        for _ in 0..N {
+            let r = c.reply(&|cookie| lengths.get(&cookie).copied().unwrap_or(0));
+            let (command, offset, data) = expected
+                .get(&r.cookie)
+                .unwrap_or_else(|| panic!("reply with an unknown cookie {:#x}", r.cookie));
+            assert!(
+                seen.insert(r.cookie),
+                "two replies for cookie {:#x}",
+                r.cookie
+            );
+            assert_eq!(r.error, 0);
+            if *command == CMD_READ {
+                assert_eq!(&assemble(&r, structured, *offset, BLOCK), data);
+            } else if structured {
+                assert_eq!(r.chunks, vec![(REPLY_FLAG_DONE, Chunk::None)]);
+            }
+        }
+        assert_eq!(seen.len(), N);
+        // No stray reply: the next one is for the next request.
+        let r = c.request(0, CMD_FLUSH, 0, 0, &[]);
+        assert_eq!(r.error, 0);
+        let written: Vec<u8> = (0..N)
+            .filter(|i| i % 2 == 1)
+            .flat_map(|i| pattern(100 + i as u64, BLOCK))
+            .collect();
+        assert_eq!(c.read(writes_at, written.len()), written);
+        acked.push((writes_at, written));
+        acked.push((reads_at, before));
+        c.disconnect();
+    }
+    fx.check_healthy(&mut survivor, &acked, 1);
+}
+
+#[test]
+fn soft_disconnect_answers_requests_in_flight_first() {
+    let fx = Fixture::new(4 * MIB);
+    fx.disk.set_delay(Duration::from_millis(2));
+    for structured in [false, true] {
+        let mut c = fx.client(structured);
+        let mut batch = Vec::new();
+        let mut data = Vec::new();
+        for i in 0..16u64 {
+            let block = pattern(200 + i, 4096);
+            let request = Request {
+                flags: CMD_FLAG_FUA * (i % 2) as u16,
+                command: CMD_WRITE,
+                cookie: 1000 + i,
+                offset: MIB + i * 4096,
+                length: 4096,
+            };
+            batch.extend_from_slice(&request.encode());
+            batch.extend_from_slice(&block);
+            data.extend_from_slice(&block);
+        }
+        batch.extend_from_slice(
+            &Request {
+                flags: 0,
+                command: CMD_DISC,
+                cookie: 2000,
+                offset: 0,
+                length: 0,
+            }
+            .encode(),
+        );
+        c.s.write_all(&batch).unwrap();
+        let mut seen = HashSet::new();
+        for _ in 0..16 {
+            let r = c.reply(&|_| 0);
+            assert_eq!(r.error, 0);
+            assert!((1000..1016).contains(&r.cookie) && seen.insert(r.cookie));
+        }
+        assert_closed(&mut c.s, "after NBD_CMD_DISC");
+        assert_eq!(
+            fx.disk.contents()[MIB as usize..MIB as usize + data.len()],
+            data[..]
+        );
+    }
+    fx.disk.set_delay(Duration::ZERO);
+    fx.wait_connections(0);
+    assert_no_server_panic();
+}
+
+#[test]
+fn device_errors_become_error_replies() {
+    let fx = Fixture::new(4 * MIB);
+    let mut survivor = fx.client(true);
+    let mine = pattern(1, 4096);
+    survivor.write(0, &mine);
+    for structured in [false, true] {
+        let mut c = fx.client(structured);
+        fx.disk.set_fail_reads(true);
+        assert_eq!(c.try_read(0, 0, 4096), Err(EIO));
+        assert_eq!(c.try_read(CMD_FLAG_DF, 0, 4096), Err(EIO));
+        fx.disk.set_fail_reads(false);
+        fx.disk.set_fail_writes(true);
+        assert_eq!(c.errno(0, CMD_WRITE, 0, 4096, &pattern(5, 4096)), EIO);
+        assert_eq!(c.errno(CMD_FLAG_FUA, CMD_WRITE_ZEROES, 0, 4096, &[]), EIO);
+        fx.disk.set_fail_writes(false);
+        // The connection is still in step; nothing acknowledged was lost.
+        assert_eq!(c.read(0, 4096), mine);
+        c.disconnect();
+    }
+    fx.check_healthy(&mut survivor, &[(0, mine)], 1);
+}
+
+// ---------------------------------------------------------------------------
+// Structured reads.
+
+#[test]
+fn structured_reads_send_holes_and_respect_df() {
+    let fx = Fixture::new(4 * MIB);
+    let mut c = fx.client(true);
+    assert_ne!(c.flags & TFLAG_SEND_DF, 0);
+    let head = pattern(1, 4096);
+    let middle = pattern(2, 10);
+    c.write(0, &head);
+    c.write(200 * KIB, &middle);
+    let len = (320 * KIB + 100) as usize;
+    let mut expected = vec![0u8; len];
+    expected[..4096].copy_from_slice(&head);
+    expected[200 * KIB as usize..200 * KIB as usize + 10].copy_from_slice(&middle);
+
+    for offset in [0u64, 1000] {
+        let n = len - offset as usize;
+        let r = c.request(0, CMD_READ, offset, n as u32, &[]);
+        assert_eq!(assemble(&r, true, offset, n), expected[offset as usize..]);
+        let holes: Vec<_> = r
+            .chunks
+            .iter()
+            .filter_map(|(_, ch)| match ch {
+                Chunk::Hole { offset, len } => Some((*offset, *len)),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !holes.is_empty(),
+            "no hole in a read with 64 KiB+ zero runs"
+        );
+        assert!(holes.iter().all(|&(_, l)| l as u64 >= 64 * KIB));
+        // The 128 KiB of zeroes after the first 64 KiB unit are a hole.
+        let hole_bytes: u64 = holes.iter().map(|&(_, l)| l as u64).sum();
+        assert!(hole_bytes >= 128 * KIB, "holes: {holes:?}");
+        assert!(r
+            .chunks
+            .iter()
+            .any(|(_, ch)| matches!(ch, Chunk::Data { .. })));
+    }
+
+    // DF: one data chunk with everything.
+    let r = c.request(CMD_FLAG_DF, CMD_READ, 0, len as u32, &[]);
+    assert_eq!(r.chunks.len(), 1, "DF read in {} chunks", r.chunks.len());
+    match &r.chunks[0] {
+        (REPLY_FLAG_DONE, Chunk::Data { offset: 0, data }) => assert_eq!(data, &expected),
+        other => panic!("DF read reply {other:?}"),
+    }
+    // All zeroes with DF: still data, not a hole.
+    let r = c.request(CMD_FLAG_DF, CMD_READ, 2 * MIB, 256 * KIB as u32, &[]);
+    assert!(
+        matches!(&r.chunks[..], [(REPLY_FLAG_DONE, Chunk::Data { offset, data })]
+            if *offset == 2 * MIB && data.len() == 256 * KIB as usize && data.iter().all(|&b| b == 0))
+    );
+    // All zeroes without DF: one hole.
+    let r = c.request(0, CMD_READ, 2 * MIB, 256 * KIB as u32, &[]);
+    assert_eq!(
+        r.chunks,
+        vec![(
+            REPLY_FLAG_DONE,
+            Chunk::Hole {
+                offset: 2 * MIB,
+                len: 256 * KIB as u32
+            }
+        )]
+    );
+    // A structured read error is an error chunk, never a simple reply.
+    let r = c.request(0, CMD_READ, 4 * MIB, 1, &[]);
+    assert!(
+        matches!(&r.chunks[..], [(REPLY_FLAG_DONE, Chunk::Error { errno, .. })] if *errno == EINVAL)
+    );
+    c.disconnect();
+    fx.wait_connections(0);
+    assert_no_server_panic();
+}
+
+// ---------------------------------------------------------------------------
+// Block status on a snapshot image.
+
+/// Per tracking block, whether a dirty-bitmap context marks it, checking
+/// that descriptors cover `[0, len)` exactly along block boundaries.
+fn dirty_blocks(descriptors: &[(u32, u32)], block: u64, len: u64) -> Vec<bool> {
+    let mut out = vec![false; len.div_ceil(block) as usize];
+    let mut pos = 0u64;
+    for &(l, flags) in descriptors {
+        assert!(l > 0);
+        assert_eq!(pos % block, 0, "descriptor not on a block boundary");
+        let end = pos + l as u64;
+        assert!(end % block == 0 || end == len);
+        assert_eq!(flags & !STATE_DIRTY, 0);
+        for b in pos / block..end.div_ceil(block) {
+            out[b as usize] = flags & STATE_DIRTY != 0;
+        }
+        pos = end;
+    }
+    assert_eq!(pos, len, "descriptors do not cover the request");
+    out
+}
+
+#[test]
+fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
+    let size = 4 * MIB;
+    let fx = Fixture::new(size);
+    let block = fx.engine.cbt_info(DISK).unwrap().block_size as u64;
+    assert_eq!(block, 64 * KIB);
+    let blocks = (size / block) as usize;
+    let mut dev = fx.client(true);
+    // Before the first snapshot: block 0.
+    dev.write(100, &pattern(1, 10));
+    let storage = || StorageSpec::Device(Arc::new(MemDevice::new(16 * MIB)));
+    let first = fx
+        .engine
+        .snapshot_create(storage(), SnapshotOptions::default())
+        .unwrap();
+    fx.engine.snapshot_add(&first, DISK).unwrap();
+    fx.engine.snapshot_take(&first).unwrap();
+    // Between the snapshots: blocks 3, 10, 11-12 (one write across the
+    // boundary) and the last one.
+    let between: [(u64, usize); 4] = [
+        (3 * block, block as usize),
+        (10 * block + 100, 1),
+        (11 * block + 60 * KIB, 8 * KIB as usize),
+        (size - 512, 512),
+    ];
+    for (i, &(at, n)) in between.iter().enumerate() {
+        dev.write(at, &pattern(10 + i as u64, n));
+    }
+    fx.engine.snapshot_destroy(&first).unwrap();
+    let second = fx
+        .engine
+        .snapshot_create(storage(), SnapshotOptions::default())
+        .unwrap();
+    fx.engine.snapshot_add(&second, DISK).unwrap();
+    fx.engine.snapshot_take(&second).unwrap();
+    // Written after the second take: not in the image's maps.
+    dev.write(20 * block, &pattern(30, 4096));
+
+    let image = format!("snapshot/{DISK}");
+    let queries = [
+        "base:allocation",
+        "qemu:dirty-bitmap:since-1",
+        "qemu:dirty-bitmap:since-0",
+        // The image's change number is 2: no bitmap since 2 or later.
+        "qemu:dirty-bitmap:since-2",
+    ];
+    let mut c = Client::open(&fx.socket, &image, true, &queries);
+    assert_eq!(c.size, size);
+    let id = |name: &str| {
+        *c.contexts
+            .iter()
+            .find(|(_, n)| n.as_str() == name)
+            .unwrap_or_else(|| panic!("context {name} not selected"))
+            .0
+    };
+    let (alloc, since1, since0) = (
+        id("base:allocation"),
+        id("qemu:dirty-bitmap:since-1"),
+        id("qemu:dirty-bitmap:since-0"),
+    );
+    assert_eq!(c.contexts.len(), 3, "contexts: {:?}", c.contexts);
+
+    let mut expect1 = vec![false; blocks];
+    for b in [3, 10, 11, 12, blocks - 1] {
+        expect1[b] = true;
+    }
+    let mut expect0 = expect1.clone();
+    expect0[0] = true;
+
+    let r = c.request(0, CMD_BLOCK_STATUS, 0, size as u32, &[]);
+    let status = status_chunks(&r);
+    assert_eq!(status.len(), 3);
+    assert_eq!(dirty_blocks(&status[&since1], block, size), expect1);
+    assert_eq!(dirty_blocks(&status[&since0], block, size), expect0);
+    let total: u64 = status[&alloc].iter().map(|d| d.0 as u64).sum();
+    assert_eq!(total, size);
+    for &(l, flags) in &status[&alloc] {
+        assert!(l > 0);
+        assert_eq!(flags & !(STATE_HOLE | STATE_ZERO), 0);
+    }
+
+    // An unaligned range: dirty up to the end of block 12, then clean.
+    let r = c.request(0, CMD_BLOCK_STATUS, 10 * block + 100, 3 * block as u32, &[]);
+    let status = status_chunks(&r);
+    assert_eq!(
+        status[&since1],
+        vec![(3 * block as u32 - 100, STATE_DIRTY), (100, 0)]
+    );
+
+    // REQ_ONE: exactly one descriptor per context, within the request.
+    let r = c.request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 0, size as u32, &[]);
+    let status = status_chunks(&r);
+    assert_eq!(status.len(), 3);
+    for descriptors in status.values() {
+        assert_eq!(descriptors.len(), 1, "REQ_ONE gave {descriptors:?}");
+        assert!(descriptors[0].0 > 0 && descriptors[0].0 as u64 <= size);
+    }
+    assert_eq!(status[&since1], vec![(3 * block as u32, 0)]);
+    assert_eq!(status[&since0], vec![(block as u32, STATE_DIRTY)]);
+    let r = c.request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 3 * block + 5, 10, &[]);
+    assert_eq!(status_chunks(&r)[&since1], vec![(10, STATE_DIRTY)]);
+
+    // The image reads as the device at the second take.
+    assert_eq!(
+        c.read(3 * block, block as usize),
+        pattern(10, block as usize)
+    );
+    assert_eq!(c.read(20 * block, 4096), vec![0; 4096]);
+    // The snapshot destroyed under the connection: errors, not a crash.
+    fx.engine.snapshot_destroy(&second).unwrap();
+    assert_ne!(c.try_read(0, 0, 4096).unwrap_err(), 0);
+    let r = c.request(0, CMD_BLOCK_STATUS, 0, size as u32, &[]);
+    if r.error == 0 {
+        status_chunks(&r);
+    }
+    c.disconnect();
+    dev.disconnect();
+    fx.wait_connections(0);
+    assert_no_server_panic();
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown.
+
+#[test]
+fn shutdown_answers_in_flight_requests_and_refuses_new_connections() {
+    let fx = Fixture::new(4 * MIB);
+    let (tcp, _) = fx.server.listen_tcp("127.0.0.1:0").unwrap();
+    let mut c = fx.client(true);
+    let data = pattern(1, 4096);
+    c.write(0, &data);
+    let mut simple = fx.client(false);
+    let mut handshaking = connect(&fx.socket);
+    read_hello(&mut handshaking);
+
+    // Slow I/O, so the requests are still in the engine at the shutdown.
+    fx.disk.set_delay(Duration::from_millis(400));
+    c.send(0, CMD_READ, 0xabc, 0, 4096, &[]);
+    simple.send(CMD_FLAG_FUA, CMD_WRITE, 0xdef, 8192, 4096, &data);
+    thread::sleep(Duration::from_millis(150));
+    fx.server.shutdown();
+
+    let r = c.reply(&|_| 4096);
+    assert_eq!(r.cookie, 0xabc);
+    assert_eq!(assemble(&r, true, 0, 4096), data);
+    let r = simple.reply(&|_| 0);
+    assert_eq!((r.cookie, r.error), (0xdef, 0));
+    fx.disk.set_delay(Duration::ZERO);
+    assert_closed(&mut c.s, "in transmission at shutdown");
+    assert_closed(&mut simple.s, "in transmission at shutdown");
+    assert_closed(&mut handshaking, "in the handshake at shutdown");
+    // The acknowledged FUA write reached the device.
+    assert_eq!(fx.disk.contents()[8192..12288], data[..]);
+
+    // New connections are refused, or closed without a greeting.
+    if let Ok(mut s) = UnixStream::connect(&fx.socket) {
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut b = [0u8; 18];
+        assert!(s.read_exact(&mut b).is_err(), "greeted after shutdown");
+    }
+    if let Ok(mut s) = TcpStream::connect(tcp) {
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut b = [0u8; 18];
+        assert!(
+            s.read_exact(&mut b).is_err(),
+            "greeted over TCP after shutdown"
+        );
+    }
+    fx.wait_connections(0);
+    assert_no_server_panic();
+}
+
+// ---------------------------------------------------------------------------
+// Random input.
+
+/// How many replies a request header followed by `extra` bytes (then EOF)
+/// must get.
+fn replies_due(header: &[u8; REQUEST_LEN], extra: usize) -> usize {
+    if be32(header, 0) != 0x2560_9513 {
+        return 0;
+    }
+    let (command, length) = (be16(header, 6), be32(header, 24));
+    match command {
+        CMD_DISC => 0,
+        CMD_WRITE => usize::from(length <= MAX_PAYLOAD && length as usize <= extra),
+        _ => 1,
+    }
+}
+
+/// Parses every reply in `out` (the whole stream up to EOF) to `header`.
+fn parse_replies(out: &[u8], header: &[u8; REQUEST_LEN], structured: bool) -> usize {
+    let (command, cookie, length) = (be16(header, 6), be64(header, 8), be32(header, 24));
+    let mut rest = out;
+    let mut count = 0;
+    while !rest.is_empty() {
+        if structured {
+            loop {
+                assert!(rest.len() >= 20, "truncated chunk header");
+                assert_eq!(be32(rest, 0), STRUCTURED_REPLY_MAGIC);
+                assert_eq!(be64(rest, 8), cookie);
+                let (flags, kind, len) = (be16(rest, 4), be16(rest, 6), be32(rest, 16) as usize);
+                assert!(rest.len() >= 20 + len, "truncated chunk");
+                parse_chunk(kind, &rest[20..20 + len]);
+                rest = &rest[20 + len..];
+                if flags & REPLY_FLAG_DONE != 0 {
+                    break;
+                }
+            }
+        } else {
+            assert!(rest.len() >= 16, "truncated simple reply");
+            assert_eq!(be32(rest, 0), SIMPLE_REPLY_MAGIC);
+            assert_eq!(be64(rest, 8), cookie);
+            let data = if be32(rest, 4) == 0 && command == CMD_READ {
+                length as usize
+            } else {
+                0
+            };
+            assert!(rest.len() >= 16 + data, "truncated read data");
+            rest = &rest[16 + data..];
+        }
+        count += 1;
+    }
+    count
+}
+
+fn header_strategy(size: u64) -> impl Strategy<Value = [u8; REQUEST_LEN]> {
+    let flags = prop_oneof![Just(0u16), 0u16..32, any::<u16>()];
+    let command = prop_oneof![4 => 0u16..10, 1 => any::<u16>()];
+    let offset = prop_oneof![
+        0..size,
+        size - 8192..size + 8192,
+        Just(u64::MAX),
+        any::<u64>()
+    ];
+    let length = prop_oneof![
+        0u32..REQUEST_LEN as u32,
+        0u32..8192,
+        Just(MAX_PAYLOAD),
+        Just(MAX_PAYLOAD + 1),
+        any::<u32>()
+    ];
+    prop_oneof![
+        1 => any::<[u8; REQUEST_LEN]>(),
+        4 => (flags, command, any::<u64>(), offset, length).prop_map(
+            |(flags, command, cookie, offset, length)| {
+                Request {
+                    flags,
+                    command,
+                    cookie,
+                    offset,
+                    length,
+                }
+                .encode()
+            }
+        ),
+    ]
+}
+
+#[test]
+fn random_request_headers_never_break_the_server() {
+    let fx = Fixture::new(MIB);
+    let spare = Arc::new(MemDevice::new(MIB));
+    fx.engine.attach("spare", spare).unwrap();
+    let mut survivor = Client::open(&fx.socket, "spare", true, &[]);
+    let mine = pattern(1, 4096);
+    survivor.write(0, &mine);
+
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let strategy = (
+        header_strategy(MIB),
+        proptest::collection::vec(any::<u8>(), 0..REQUEST_LEN),
+        0u8..3,
+    );
+    runner
+        .run(&strategy, |(header, extra, mode)| {
+            let structured = mode > 0;
+            let queries: &[&str] = if mode == 2 { &["base:allocation"] } else { &[] };
+            let mut c = Client::open(&fx.socket, DISK, structured, queries);
+            let mut bytes = header.to_vec();
+            bytes.extend_from_slice(&extra);
+            // The server may hang up before taking everything.
+            let _ = c.s.write_all(&bytes);
+            let _ = c.s.shutdown(Shutdown::Write);
+            let out = read_until_closed(&mut c.s, "after a random request");
+            let got = parse_replies(&out, &header, structured);
+            prop_assert_eq!(got, replies_due(&header, extra.len()));
+            prop_assert_eq!(SERVER_PANICS.load(Ordering::SeqCst), 0);
+            Ok(())
+        })
+        .unwrap();
+
+    fx.check_healthy(&mut survivor, &[], 1);
+    let mut spare = Client::open(&fx.socket, "spare", false, &[]);
+    assert_eq!(spare.read(0, 4096), mine);
+}
+
+/// Pieces of a random handshake stream.
+#[derive(Debug, Clone)]
+enum Piece {
+    Option {
+        option: u32,
+        /// Replaces the true payload length when set.
+        len: Option<u32>,
+        payload: Vec<u8>,
+    },
+    Garbage(Vec<u8>),
+}
+
+fn piece_strategy() -> impl Strategy<Value = Piece> {
+    let option = prop_oneof![8 => 0u32..13, 1 => any::<u32>()];
+    let name = prop_oneof![
+        Just(String::new()),
+        Just(DISK.to_string()),
+        Just("snapshot/disk".to_string()),
+        "[a-z/]{0,8}"
+    ];
+    let payload = prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..64),
+        (name.clone(), proptest::collection::vec(any::<u16>(), 0..4))
+            .prop_map(|(n, infos)| go_payload(&n, &infos)),
+        (
+            name,
+            proptest::collection::vec(
+                prop_oneof![
+                    Just("base:allocation"),
+                    Just("qemu:dirty-bitmap:since-0"),
+                    Just("qemu:"),
+                    Just("")
+                ],
+                0..3
+            )
+        )
+            .prop_map(|(n, q)| meta_payload(&n, &q)),
+    ];
+    let len = prop_oneof![
+        8 => Just(None),
+        1 => prop_oneof![
+            Just(MAX_OPTION_LEN + 1),
+            Just(1 << 20),
+            Just((1 << 20) + 1),
+            Just(u32::MAX),
+            0u32..100
+        ]
+        .prop_map(Some),
+    ];
+    prop_oneof![
+        8 => (option, len, payload).prop_map(|(option, len, payload)| Piece::Option {
+            option,
+            len,
+            payload
+        }),
+        1 => proptest::collection::vec(any::<u8>(), 1..40).prop_map(Piece::Garbage),
+    ]
+}
+
+#[test]
+fn random_handshakes_never_break_the_server() {
+    let fx = Fixture::new(MIB);
+    let spare = Arc::new(MemDevice::new(MIB));
+    fx.engine.attach("spare", spare).unwrap();
+    let mut survivor = Client::open(&fx.socket, "spare", true, &[]);
+    let mine = pattern(1, 4096);
+    survivor.write(0, &mine);
+
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let flags = prop_oneof![
+        8 => Just(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES),
+        1 => Just(CLIENT_FIXED_NEWSTYLE),
+        1 => any::<u32>()
+    ];
+    let strategy = (flags, proptest::collection::vec(piece_strategy(), 0..6));
+    runner
+        .run(&strategy, |(flags, pieces)| {
+            let mut s = connect(&fx.socket);
+            read_hello(&mut s);
+            let mut bytes = flags.to_be_bytes().to_vec();
+            for piece in &pieces {
+                match piece {
+                    Piece::Option {
+                        option,
+                        len,
+                        payload,
+                    } => bytes.extend_from_slice(&option_bytes(
+                        *option,
+                        len.unwrap_or(payload.len() as u32),
+                        payload,
+                    )),
+                    Piece::Garbage(g) => bytes.extend_from_slice(g),
+                }
+            }
+            let _ = s.write_all(&bytes);
+            let _ = s.shutdown(Shutdown::Write);
+            // Whatever it answers, the server must end the connection once
+            // the client has nothing more to say.
+            read_until_closed(&mut s, "after a random handshake");
+            prop_assert_eq!(SERVER_PANICS.load(Ordering::SeqCst), 0);
+            Ok(())
+        })
+        .unwrap();
+
+    fx.check_healthy(&mut survivor, &[], 1);
+    let mut spare = Client::open(&fx.socket, "spare", false, &[]);
+    assert_eq!(spare.read(0, 4096), mine);
+}
