@@ -47,6 +47,20 @@ enum Command {
         /// Name for the device (default: the path's file name).
         #[arg(long)]
         name: Option<String>,
+        /// Also create a loop device over the device's FUSE file (needs
+        /// blksnapd --fuse-dir); prints its path. Images get one at take.
+        #[arg(long = "loop", conflicts_with = "no_loop")]
+        loop_device: bool,
+        /// No loop device, even if the daemon's attach_loop is set.
+        #[arg(long)]
+        no_loop: bool,
+    },
+    /// Stop the daemon; refused while loop devices are in use (mounted).
+    #[command(name = "shutdown")]
+    Shutdown {
+        /// Stop anyway: busy loop devices are flushed and detached.
+        #[arg(long)]
+        force: bool,
     },
     /// Stop tracking a device (refused while it is in a snapshot).
     #[command(name = "detach")]
@@ -249,14 +263,31 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 println!("{}", v.version);
             }
         }
-        Command::Attach { device, name } => {
-            let info = client.attach(&absolute(device, "device")?, name.as_deref())?;
+        Command::Attach {
+            device,
+            name,
+            loop_device,
+            no_loop,
+        } => {
+            let want_loop = match (loop_device, no_loop) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            let info = client.attach_with_loop(
+                &absolute(device, "device")?,
+                name.as_deref(),
+                want_loop,
+            )?;
             if json {
                 print_json(&info);
             } else {
                 println!("device={}", info.name);
                 if let Some(uri) = &info.nbd {
                     println!("nbd={uri}");
+                }
+                if let Some(path) = &info.loop_device {
+                    println!("loop={path}");
                 }
             }
         }
@@ -362,7 +393,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             empty(json);
         }
         Command::SnapshotTake { id } => {
-            client.snapshot_take(*id)?;
+            let result = client.snapshot_take(*id)?;
+            for warning in &result.warnings {
+                eprintln!("blksnap: warning: {warning}");
+            }
+            if json {
+                print_json(&result);
+            }
+        }
+        Command::Shutdown { force } => {
+            client.shutdown(*force)?;
             empty(json);
         }
         Command::SnapshotDestroy { id } => {

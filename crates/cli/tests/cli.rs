@@ -224,7 +224,10 @@ fn whole_command_set() {
     let id2: serde_json::Value = serde_json::from_str(&id2).unwrap();
     let id2 = id2["id"].as_str().unwrap().to_string();
     assert_eq!(d.ok(&["snapshot_add", "--id", &id2, "--device", "bee"]), "");
-    assert_eq!(d.ok(&["snapshot_take", "--id", &id2, "--json"]), "{}\n");
+    assert_eq!(
+        d.ok(&["snapshot_take", "--id", &id2, "--json"]),
+        "{\"frozen\":[],\"warnings\":[]}\n"
+    );
     assert_eq!(d.ok(&["snapshot_destroy", "--id", &id2]), "");
     assert_eq!(d.ok(&["detach", "--device", "a.img"]), "");
     assert_eq!(d.ok(&["detach", "--device", b.to_str().unwrap()]), "");

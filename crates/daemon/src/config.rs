@@ -31,6 +31,12 @@ pub struct DaemonConfig {
     /// Allow `--nbd-tcp` on an address other than loopback. NBD has no
     /// authentication here: only for trusted networks.
     pub nbd_tcp_allow_remote: bool,
+    /// Give every attached device (and its snapshot image) a loop device,
+    /// unless the attach request says otherwise. Needs `--fuse-dir`.
+    pub attach_loop: bool,
+    /// Freeze (FIFREEZE) filesystems mounted on our loop devices around a
+    /// snapshot take.
+    pub freeze_on_take: bool,
 }
 
 fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -61,6 +67,8 @@ impl Default for DaemonConfig {
             copy_timeout_ms: 0,
             control_group: None,
             nbd_tcp_allow_remote: false,
+            attach_loop: false,
+            freeze_on_take: true,
         }
     }
 }

@@ -10,6 +10,7 @@ use blksnap_daemon::config::DaemonConfig;
 use blksnap_daemon::control::{ControlServer, DaemonLock};
 use blksnap_daemon::service::Service;
 use blksnap_engine::Engine;
+use blksnap_fuse::LocalDevices;
 use blksnap_nbd::NbdServer;
 use clap::Parser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -40,6 +41,11 @@ struct Options {
     /// the configuration sets nbd_tcp_allow_remote.
     #[arg(long)]
     nbd_tcp: Option<String>,
+    /// Mount the FUSE frontend here: one file per tracked device and per
+    /// snapshot image (under snapshot/), which loop devices turn into local
+    /// block devices. Needs root (or FUSE permissions) and /dev/fuse.
+    #[arg(long)]
+    fuse_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -86,9 +92,9 @@ fn run(options: Options) -> Result<(), String> {
         .nbd_socket
         .clone()
         .unwrap_or_else(|| options.control.with_file_name("nbd.sock"));
-    let service = Arc::new(Service::new(engine.clone(), Some(nbd_socket.clone())));
-    // The lock first, so a second daemon touches none of our sockets; the
-    // control socket last, so a client that can connect finds NBD ready.
+    // The lock first, so a second daemon touches none of our sockets or
+    // mounts; the control socket last, so a client that can connect finds
+    // every frontend ready.
     let lock = DaemonLock::acquire(&options.control)?;
     let nbd = NbdServer::new(engine.clone());
     nbd.listen_unix(&nbd_socket)
@@ -97,13 +103,50 @@ fn run(options: Options) -> Result<(), String> {
         nbd.listen_tcp(addr)
             .map_err(|e| format!("cannot serve NBD on {addr}: {e}"))?;
     }
-    let server = ControlServer::bind(lock, config.control_group.as_deref(), service)?;
+    let mut service = Service::new(engine.clone(), Some(nbd_socket.clone()));
+    let local = match &options.fuse_dir {
+        Some(dir) => {
+            let local = LocalDevices::mount(engine.clone(), dir)
+                .map_err(|e| format!("cannot mount the FUSE frontend on {}: {e}", dir.display()))?;
+            // Storage inside our own FUSE files would write into ourselves.
+            if let Ok(meta) = std::fs::metadata(dir) {
+                use std::os::unix::fs::MetadataExt;
+                engine.add_served_identity(blksnap_engine::DeviceIdentity::Block {
+                    rdev: meta.dev(),
+                });
+            }
+            service = service.with_local_devices(
+                local.clone(),
+                config.attach_loop,
+                config.freeze_on_take,
+            );
+            Some(local)
+        }
+        None if config.attach_loop => {
+            return Err("attach_loop = true needs --fuse-dir".into());
+        }
+        None => None,
+    };
+    let service = Arc::new(service);
+    let server = ControlServer::bind(lock, config.control_group.as_deref(), service.clone())?;
     let stopper = server.shutdown_handle();
+    service.set_stopper(stopper.clone());
+    let watcher = service.clone();
     std::thread::spawn(move || {
         for signal in signals.forever() {
             if signal == SIGHUP {
                 // No configuration reload yet: a hangup must not kill us.
                 tracing::info!("SIGHUP ignored (there is nothing to reload)");
+                continue;
+            }
+            let busy = watcher.busy_devices();
+            if !busy.is_empty() {
+                // Dropping a mounted device would fail its filesystem.
+                tracing::error!(
+                    signal,
+                    "not stopping: loop devices in use: {}; unmount them, or run `blksnap shutdown --force`",
+                    busy.join(", ")
+                );
                 continue;
             }
             tracing::info!(signal, "stopping");
@@ -122,6 +165,12 @@ fn run(options: Options) -> Result<(), String> {
         if let Err(e) = device.flush() {
             tracing::error!(device = device.name(), error = %e, "flush at stop failed");
         }
+    }
+    if let Some(local) = local {
+        if service.forced_stop() {
+            tracing::warn!(busy = ?service.busy_devices(), "forced stop: loop devices detached while in use");
+        }
+        local.shutdown();
     }
     tracing::info!("blksnapd stopped");
     Ok(())

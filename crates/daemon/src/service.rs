@@ -4,12 +4,18 @@
 //! many connection threads as there are clients.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use blksnap_engine::{Engine, SectorRange, SnapshotOptions, StorageSpec};
+use blksnap_engine::{
+    DeviceIdentity, Engine, SectorRange, SnapshotOptions, StorageSpec, IMAGE_PREFIX,
+};
+use blksnap_fuse::LocalDevices;
 use blksnap_proto as proto;
 use proto::{ErrorReply, Request};
+
+use crate::control::ShutdownHandle;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -20,6 +26,12 @@ pub struct Service {
     engine: Arc<Engine>,
     /// The NBD server's Unix socket, for the URIs in replies.
     nbd_socket: Option<PathBuf>,
+    /// The FUSE + loop frontend, when the daemon has one.
+    local: Option<Arc<LocalDevices>>,
+    attach_loop: bool,
+    freeze_on_take: bool,
+    stopper: OnceLock<ShutdownHandle>,
+    forced_stop: AtomicBool,
 }
 
 fn engine_error(e: blksnap_engine::Error) -> ErrorReply {
@@ -46,29 +58,18 @@ fn absolute<'a>(path: &'a str, what: &str) -> Result<&'a Path, ErrorReply> {
     }
 }
 
-/// A device key is a name or an absolute path: a relative path would be
-/// resolved against the daemon's working directory, not the client's.
-fn check_device_keys(request: &Request) -> Result<(), ErrorReply> {
-    let key = match request {
-        Request::Detach(a) | Request::Cbtinfo(a) => Some(&a.device),
-        Request::Readcbtmap(a) => Some(&a.device),
-        Request::Markdirtyblock(a) => Some(&a.device),
-        Request::SnapshotAdd(a) => Some(&a.device),
-        Request::SnapshotInfo(a) => a.device.as_ref(),
-        _ => None,
-    };
-    let create_keys = match request {
-        Request::SnapshotCreate(a) => a.devices.as_slice(),
-        _ => &[],
-    };
-    for k in key.into_iter().chain(create_keys) {
-        if k.contains('/') && !k.starts_with('/') {
-            return Err(invalid(format!(
-                "device {k:?} must be a name or an absolute path"
-            )));
-        }
+/// The device keys (name or path) a request carries, for checking and
+/// resolving them.
+fn device_keys(request: &mut Request) -> Vec<&mut String> {
+    match request {
+        Request::Detach(a) | Request::Cbtinfo(a) => vec![&mut a.device],
+        Request::Readcbtmap(a) => vec![&mut a.device],
+        Request::Markdirtyblock(a) => vec![&mut a.device],
+        Request::SnapshotAdd(a) => vec![&mut a.device],
+        Request::SnapshotInfo(a) => a.device.iter_mut().collect(),
+        Request::SnapshotCreate(a) => a.devices.iter_mut().collect(),
+        _ => Vec::new(),
     }
-    Ok(())
 }
 
 fn ranges(ranges: &[proto::Range]) -> Vec<SectorRange> {
@@ -80,7 +81,108 @@ fn ranges(ranges: &[proto::Range]) -> Vec<SectorRange> {
 
 impl Service {
     pub fn new(engine: Arc<Engine>, nbd_socket: Option<PathBuf>) -> Self {
-        Self { engine, nbd_socket }
+        Self {
+            engine,
+            nbd_socket,
+            local: None,
+            attach_loop: false,
+            freeze_on_take: true,
+            stopper: OnceLock::new(),
+            forced_stop: AtomicBool::new(false),
+        }
+    }
+
+    /// Serves volumes as local block devices too: loop devices by default
+    /// on attach when `attach_loop`; filesystems on them frozen at take when
+    /// `freeze_on_take`.
+    pub fn with_local_devices(
+        mut self,
+        local: Arc<LocalDevices>,
+        attach_loop: bool,
+        freeze_on_take: bool,
+    ) -> Self {
+        self.local = Some(local);
+        self.attach_loop = attach_loop;
+        self.freeze_on_take = freeze_on_take;
+        self
+    }
+
+    /// How the `shutdown` command stops the daemon.
+    pub fn set_stopper(&self, stopper: ShutdownHandle) {
+        let _ = self.stopper.set(stopper);
+    }
+
+    /// Whether the stop was forced over busy loop devices.
+    pub fn forced_stop(&self) -> bool {
+        self.forced_stop.load(Ordering::SeqCst)
+    }
+
+    /// Loop devices in use, as "volume (/dev/loopN)".
+    pub fn busy_devices(&self) -> Vec<String> {
+        self.local
+            .as_ref()
+            .map(|l| {
+                l.busy()
+                    .into_iter()
+                    .map(|(v, p)| format!("{v} ({})", p.display()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn loop_path(&self, volume: &str) -> Option<String> {
+        self.local
+            .as_ref()?
+            .loop_path(volume)
+            .map(|p| p.display().to_string())
+    }
+
+    /// Gives a volume a loop device and marks it served (no storage there).
+    fn add_loop(&self, volume: &str) -> Result<String, ErrorReply> {
+        let local = self.local.as_ref().ok_or_else(|| {
+            invalid("loop devices need the FUSE frontend: start blksnapd with --fuse-dir")
+        })?;
+        let path = local.attach_loop(volume).map_err(|e| {
+            ErrorReply::new(
+                e.raw_os_error().unwrap_or(5),
+                format!("cannot create a loop device for {volume}: {e}"),
+            )
+        })?;
+        if let Some(rdev) = local.loop_rdev(volume) {
+            self.engine
+                .add_served_identity(DeviceIdentity::Block { rdev });
+        }
+        Ok(path.display().to_string())
+    }
+
+    fn remove_loop(&self, volume: &str) {
+        if let Some(local) = &self.local {
+            if let Some(rdev) = local.loop_rdev(volume) {
+                self.engine
+                    .remove_served_identity(DeviceIdentity::Block { rdev });
+            }
+            local.detach_loop(volume);
+        }
+    }
+
+    /// A key naming one of our loop devices means its device.
+    fn resolve_key(&self, key: &mut String) -> Result<(), ErrorReply> {
+        if key.contains('/') && !key.starts_with('/') {
+            return Err(invalid(format!(
+                "device {key:?} must be a name or an absolute path"
+            )));
+        }
+        if let Some(local) = &self.local {
+            if let Some(volume) = local.volume_of_loop(Path::new(key.as_str())) {
+                if volume.starts_with(IMAGE_PREFIX) {
+                    return Err(invalid(format!(
+                        "{key} is a snapshot image, not a tracked device"
+                    )));
+                }
+                *key = volume;
+            }
+        }
+        Ok(())
     }
 
     fn nbd_uri(&self, export: &str) -> Option<String> {
@@ -93,8 +195,10 @@ impl Service {
         &self.engine
     }
 
-    pub fn handle(&self, request: Request) -> Result<serde_json::Value, ErrorReply> {
-        check_device_keys(&request)?;
+    pub fn handle(&self, mut request: Request) -> Result<serde_json::Value, ErrorReply> {
+        for key in device_keys(&mut request) {
+            self.resolve_key(key)?;
+        }
         let e = &self.engine;
         match request {
             Request::Version => json(proto::VersionInfo {
@@ -106,10 +210,55 @@ impl Service {
                 let device = e
                     .attach_path(path, a.name.as_deref())
                     .map_err(engine_error)?;
+                if a.loop_device.unwrap_or(self.attach_loop) {
+                    if let Err(err) = self.add_loop(device.name()) {
+                        // All or nothing: no device attached without the
+                        // loop device that was asked for.
+                        let _ = e.detach(device.name());
+                        return Err(err);
+                    }
+                }
                 json(self.device_info(device.name())?)
             }
             Request::Detach(a) => {
-                e.detach(&a.device).map_err(engine_error)?;
+                let device = e.device(&a.device).map_err(engine_error)?;
+                let name = device.name().to_string();
+                if let Some(id) = e.snapshot_of(&name).map_err(engine_error)? {
+                    return Err(ErrorReply::new(
+                        16,
+                        format!("device {name} is busy: it is in snapshot {id}; destroy the snapshot first"),
+                    ));
+                }
+                if let Some(local) = &self.local {
+                    if local.loop_in_use(&name) {
+                        let path = self.loop_path(&name).unwrap_or_default();
+                        return Err(ErrorReply::new(
+                            16,
+                            format!("device {name} is busy: its loop device {path} is in use (mounted?); unmount it first"),
+                        ));
+                    }
+                }
+                self.remove_loop(&name);
+                e.detach(&name).map_err(engine_error)?;
+                json(proto::Empty {})
+            }
+            Request::Shutdown(a) => {
+                let busy = self.busy_devices();
+                if !busy.is_empty() && !a.force {
+                    return Err(ErrorReply::new(
+                        16,
+                        format!(
+                            "loop devices in use: {}; unmount them or use --force",
+                            busy.join(", ")
+                        ),
+                    ));
+                }
+                self.forced_stop.store(a.force, Ordering::SeqCst);
+                let stopper = self.stopper.get().ok_or_else(|| {
+                    ErrorReply::new(95, "this daemon cannot be stopped over its socket")
+                })?;
+                tracing::info!(force = a.force, busy = ?busy, "stop requested over the control socket");
+                stopper.shutdown();
                 json(proto::Empty {})
             }
             Request::List => {
@@ -177,11 +326,12 @@ impl Service {
                     .map_err(engine_error)?;
                 json(proto::Empty {})
             }
-            Request::SnapshotTake(a) => {
-                e.snapshot_take(&a.id).map_err(engine_error)?;
-                json(proto::Empty {})
-            }
+            Request::SnapshotTake(a) => json(self.snapshot_take(&a.id)?),
             Request::SnapshotDestroy(a) => {
+                let devices = e.snapshot_info(&a.id).map_err(engine_error)?.devices;
+                for d in &devices {
+                    self.remove_loop(&format!("{IMAGE_PREFIX}{d}"));
+                }
                 e.snapshot_destroy(&a.id).map_err(engine_error)?;
                 json(proto::Empty {})
             }
@@ -261,6 +411,37 @@ impl Service {
         Ok(id)
     }
 
+    /// Freezes filesystems on the devices' loop devices, takes, thaws, and
+    /// gives each image a loop device where its device has one.
+    fn snapshot_take(&self, id: &Uuid) -> Result<proto::TakeResult, ErrorReply> {
+        let e = &self.engine;
+        let devices = e.snapshot_info(id).map_err(engine_error)?.devices;
+        let mut mounts = Vec::new();
+        if let (Some(local), true) = (&self.local, self.freeze_on_take) {
+            for d in &devices {
+                if let Some(rdev) = local.loop_rdev(d) {
+                    mounts.extend(crate::freeze::mounts_on(rdev));
+                }
+            }
+        }
+        let (frozen, mut warnings) = crate::freeze::Frozen::freeze(&mounts);
+        let taken = e.snapshot_take(id).map_err(engine_error);
+        let frozen_mounts = frozen.mount_points();
+        drop(frozen);
+        taken?;
+        if let Some(local) = &self.local {
+            for d in devices.iter().filter(|d| local.loop_path(d).is_some()) {
+                if let Err(err) = self.add_loop(&format!("{IMAGE_PREFIX}{d}")) {
+                    warnings.push(err.message);
+                }
+            }
+        }
+        Ok(proto::TakeResult {
+            frozen: frozen_mounts,
+            warnings,
+        })
+    }
+
     fn device_info(&self, key: &str) -> Result<proto::DeviceInfo, ErrorReply> {
         let device = self.engine.device(key).map_err(engine_error)?;
         Ok(proto::DeviceInfo {
@@ -269,6 +450,7 @@ impl Service {
             size: device.size(),
             snapshot: self.engine.snapshot_of(key).map_err(engine_error)?,
             nbd: self.nbd_uri(device.name()),
+            loop_device: self.loop_path(device.name()),
         })
     }
 
@@ -289,12 +471,12 @@ impl Service {
                 .images
                 .into_iter()
                 .map(|im| proto::ImageInfo {
-                    nbd: self.nbd_uri(&format!("{}{}", blksnap_nbd::IMAGE_PREFIX, im.device)),
+                    image: self.loop_path(&format!("{IMAGE_PREFIX}{}", im.device)),
+                    nbd: self.nbd_uri(&format!("{IMAGE_PREFIX}{}", im.device)),
                     device: im.device,
                     size: im.size,
                     chunk_size: im.chunk_size,
                     error_code: im.error_code,
-                    image: None,
                 })
                 .collect(),
         })

@@ -1,0 +1,342 @@
+//! The FUSE filesystem: a root directory with one file per tracked device
+//! and a `snapshot/` directory with one file per snapshot image, each file
+//! the size of its volume. Reads and writes go to the engine; fsync flushes;
+//! fallocate punch-hole and zero-range become discard and write-zeroes.
+//! Files are opened in direct-I/O mode so the page cache never holds stale
+//! data (the same volumes are served over NBD) and loop devices can use
+//! direct I/O on them. Inode numbers are handed out per name and stay
+//! stable while the daemon runs.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use blksnap_engine::{Engine, Volume, IMAGE_PREFIX};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyWrite, Request, WriteFlags,
+};
+
+const ROOT: u64 = 1;
+const SNAPSHOT_DIR: u64 = 2;
+const SNAPSHOT_DIR_NAME: &str = "snapshot";
+/// Attributes may change (volumes come and go): keep kernel caching short.
+const TTL: Duration = Duration::from_secs(1);
+const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
+
+pub struct VolumeFs {
+    engine: Arc<Engine>,
+    inodes: Mutex<Inodes>,
+    /// Open files: the volume is resolved once at open, so the I/O path
+    /// never takes the engine's registry lock.
+    handles: RwLock<HashMap<u64, Volume>>,
+    next_handle: AtomicU64,
+    started: SystemTime,
+}
+
+#[derive(Default)]
+struct Inodes {
+    by_name: HashMap<String, u64>,
+    by_ino: HashMap<u64, String>,
+}
+
+fn errno(e: &blksnap_engine::Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl VolumeFs {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self {
+            engine,
+            inodes: Mutex::new(Inodes::default()),
+            handles: RwLock::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            started: SystemTime::now(),
+        }
+    }
+
+    fn ino(&self, name: &str) -> u64 {
+        let mut inodes = self.inodes.lock().unwrap();
+        if let Some(&ino) = inodes.by_name.get(name) {
+            return ino;
+        }
+        let ino = 3 + inodes.by_name.len() as u64;
+        inodes.by_name.insert(name.to_string(), ino);
+        inodes.by_ino.insert(ino, name.to_string());
+        ino
+    }
+
+    fn volume(&self, ino: u64) -> Option<Volume> {
+        let name = self.inodes.lock().unwrap().by_ino.get(&ino).cloned()?;
+        self.engine.volume(&name)
+    }
+
+    fn handle(&self, fh: FileHandle) -> Option<Volume> {
+        self.handles.read().unwrap().get(&fh.0).cloned()
+    }
+
+    fn dir_attr(&self, ino: u64) -> FileAttr {
+        self.attr(ino, FileType::Directory, 0, 0o755)
+    }
+
+    fn file_attr(&self, ino: u64, volume: &Volume) -> FileAttr {
+        self.attr(ino, FileType::RegularFile, volume.size(), 0o600)
+    }
+
+    fn attr(&self, ino: u64, kind: FileType, size: u64, perm: u16) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind,
+            perm,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// Names listed in a directory: devices in the root, images in
+    /// `snapshot/`.
+    fn entries(&self, dir: u64) -> Vec<(u64, FileType, String)> {
+        let names = self.engine.volume_names();
+        let mut out = Vec::new();
+        for name in names {
+            match (dir, name.strip_prefix(IMAGE_PREFIX)) {
+                (ROOT, None) => out.push((self.ino(&name), FileType::RegularFile, name.clone())),
+                (SNAPSHOT_DIR, Some(device)) => {
+                    out.push((self.ino(&name), FileType::RegularFile, device.to_string()))
+                }
+                _ => {}
+            }
+        }
+        if dir == ROOT {
+            out.push((SNAPSHOT_DIR, FileType::Directory, SNAPSHOT_DIR_NAME.into()));
+        }
+        out
+    }
+}
+
+impl Filesystem for VolumeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests: up to 1 MiB per read or write.
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        if parent.0 == ROOT && name == SNAPSHOT_DIR_NAME {
+            return reply.entry(&TTL, &self.dir_attr(SNAPSHOT_DIR), Generation(0));
+        }
+        let full = match parent.0 {
+            ROOT => name.to_string(),
+            SNAPSHOT_DIR => format!("{IMAGE_PREFIX}{name}"),
+            _ => return reply.error(Errno::ENOENT),
+        };
+        match self.engine.volume(&full) {
+            Some(volume) => {
+                let ino = self.ino(&full);
+                reply.entry(&TTL, &self.file_attr(ino, &volume), Generation(0))
+            }
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match ino.0 {
+            ROOT | SNAPSHOT_DIR => reply.attr(&TTL, &self.dir_attr(ino.0)),
+            i => match self.volume(i) {
+                Some(v) => reply.attr(&TTL, &self.file_attr(i, &v)),
+                None => reply.error(Errno::ENOENT),
+            },
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.volume(ino.0) {
+            Some(volume) => {
+                let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+                self.handles.write().unwrap().insert(fh, volume);
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+            }
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.write().unwrap().remove(&fh.0);
+        reply.ok()
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(volume) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        // Reads past the end are short, as on a file.
+        let len = (size as u64).min(volume.size().saturating_sub(offset));
+        let mut buf = vec![0u8; len as usize];
+        match volume.read(&mut buf, offset) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => {
+                tracing::debug!(volume = %volume.name(), error = %e, "FUSE read failed");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(volume) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > volume.size())
+        {
+            // A block device does not grow.
+            return reply.error(Errno::ENOSPC);
+        }
+        match volume.write(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => {
+                tracing::debug!(volume = %volume.name(), error = %e, "FUSE write failed");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Called at every close: data is written through already.
+        reply.ok()
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.handle(fh).map(|v| v.flush()) {
+            Some(Ok(())) => reply.ok(),
+            Some(Err(e)) => reply.error(errno(&e)),
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let Some(volume) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > volume.size())
+        {
+            return reply.error(if mode & FALLOC_FL_KEEP_SIZE != 0 {
+                Errno::EINVAL
+            } else {
+                Errno::EOPNOTSUPP
+            });
+        }
+        let result = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+            volume.discard(offset, length)
+        } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
+            volume.write_zeroes(offset, length)
+        } else if mode & !FALLOC_FL_KEEP_SIZE == 0 {
+            // Plain preallocation inside the volume: nothing to do.
+            Ok(())
+        } else {
+            return reply.error(Errno::EOPNOTSUPP);
+        };
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino.0 != ROOT && ino.0 != SNAPSHOT_DIR {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let mut entries = vec![
+            (ino.0, FileType::Directory, ".".to_string()),
+            (ROOT, FileType::Directory, "..".to_string()),
+        ];
+        entries.extend(self.entries(ino.0));
+        for (i, (entry_ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(entry_ino), (i + 1) as u64, kind, &name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+}
