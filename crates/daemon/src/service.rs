@@ -329,6 +329,24 @@ impl Service {
             Request::SnapshotTake(a) => json(self.snapshot_take(&a.id)?),
             Request::SnapshotDestroy(a) => {
                 let devices = e.snapshot_info(&a.id).map_err(engine_error)?.devices;
+                if let Some(local) = &self.local {
+                    let mounted: Vec<String> = devices
+                        .iter()
+                        .map(|d| format!("{IMAGE_PREFIX}{d}"))
+                        .filter(|v| local.loop_in_use(v))
+                        .filter_map(|v| self.loop_path(&v))
+                        .collect();
+                    if !mounted.is_empty() {
+                        return Err(ErrorReply::new(
+                            16,
+                            format!(
+                                "snapshot {} is busy: its image loop devices {} are in use (mounted?); unmount them first",
+                                a.id,
+                                mounted.join(", ")
+                            ),
+                        ));
+                    }
+                }
                 for d in &devices {
                     self.remove_loop(&format!("{IMAGE_PREFIX}{d}"));
                 }

@@ -26,6 +26,7 @@ use crate::events::{Event, EventQueue};
 use crate::image::Image;
 use crate::snapshot::{CowSettings, DeviceSnapshot};
 use crate::tracked::TrackedDevice;
+use crate::volume::IMAGE_PREFIX;
 use crate::{SectorRange, SECTOR_SIZE};
 
 #[derive(Debug)]
@@ -209,6 +210,13 @@ impl Engine {
         if name.is_empty() || name.contains('/') || name.len() > 255 {
             return Err(Error::InvalidArgument(format!(
                 "device name {name:?} must be 1 to 255 characters without '/'"
+            )));
+        }
+        // Volume names: `snapshot/` holds the images; `.` and `..` are
+        // directory entries wherever volumes show as files.
+        if [".", "..", IMAGE_PREFIX.trim_end_matches('/')].contains(&name) {
+            return Err(Error::InvalidArgument(format!(
+                "device name {name:?} is reserved; give another with --name"
             )));
         }
         if origin.size() == 0 {

@@ -34,9 +34,10 @@ pub struct LocalDevices {
 impl LocalDevices {
     /// Mounts the volume filesystem on `dir` (created if missing).
     pub fn mount(engine: Arc<Engine>, dir: &Path) -> io::Result<Arc<Self>> {
-        std::fs::create_dir_all(dir)?;
-        // A mount left by a daemon that died: the kernel still lists it.
+        // A mount left by a daemon that died: the kernel still lists it, and
+        // the directory cannot even be stat'ed until it is gone.
         let _ = rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH);
+        std::fs::create_dir_all(dir)?;
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("blksnap".into()),

@@ -321,9 +321,11 @@ pub struct SnapshotId {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TakeResult {
     /// Filesystems frozen (FIFREEZE) during the take.
+    #[serde(default)]
     pub frozen: Vec<String>,
     /// Problems that did not stop the take (a filesystem that could not be
     /// frozen, an image loop device that could not be made).
+    #[serde(default)]
     pub warnings: Vec<String>,
 }
 
