@@ -443,6 +443,13 @@ impl Service {
             }
         }
         let (frozen, mut warnings) = crate::freeze::Frozen::freeze(&mounts);
+        let info = e.snapshot_info(id).map_err(engine_error)?;
+        if info.storage.total == 0 && !info.storage_grows {
+            warnings.push(format!(
+                "snapshot {id} has no difference storage yet: the first write to one of its devices \
+                 corrupts that image unless storage is appended first (snapshot_appendstorage)"
+            ));
+        }
         let taken = e.snapshot_take(id).map_err(engine_error);
         let frozen_mounts = frozen.mount_points();
         drop(frozen);

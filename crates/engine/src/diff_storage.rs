@@ -415,6 +415,11 @@ impl DiffStorage {
         })
     }
 
+    /// Whether the storage grows by itself when it runs low.
+    pub fn grows(&self) -> bool {
+        self.growable.is_some()
+    }
+
     pub fn stats(&self) -> StorageStats {
         let alloc = self.alloc.lock().unwrap();
         StorageStats {

@@ -96,6 +96,8 @@ pub struct SnapshotInfo {
     pub devices: Vec<String>,
     pub taken: bool,
     pub storage: StorageStats,
+    /// Whether the storage can grow by itself (a file or directory store).
+    pub storage_grows: bool,
     /// Empty until the take.
     pub images: Vec<ImageInfo>,
 }
@@ -511,6 +513,7 @@ impl Engine {
                 .collect(),
             taken: !snapshot.images.is_empty(),
             storage: snapshot.storage.stats(),
+            storage_grows: snapshot.storage.grows(),
             images: snapshot
                 .devices
                 .iter()

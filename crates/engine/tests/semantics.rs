@@ -708,9 +708,13 @@ fn appended_ranges_that_overflow_are_refused() {
 fn reserved_volume_names_are_refused() {
     let engine = Engine::new(Config::default()).unwrap();
     for name in ["snapshot", ".", ".."] {
-        let err = engine.attach(name, Arc::new(MemDevice::new(4096))).unwrap_err();
+        let err = engine
+            .attach(name, Arc::new(MemDevice::new(4096)))
+            .unwrap_err();
         assert_eq!(err.errno(), 22, "{name}: {err}");
         assert!(err.to_string().contains("reserved"), "{err}");
     }
-    engine.attach("snapshots", Arc::new(MemDevice::new(4096))).unwrap();
+    engine
+        .attach("snapshots", Arc::new(MemDevice::new(4096)))
+        .unwrap();
 }

@@ -153,7 +153,16 @@ impl LocalDevices {
         self.loops.lock().unwrap().clear();
         if let Some(session) = self.session.lock().unwrap().take() {
             drop(session);
-            tracing::info!(dir = %self.mountpoint.display(), "FUSE volumes unmounted");
+            // Still mounted (a forced stop with files open): detach it lazily
+            // so the next start is not blocked by a dead mount.
+            match rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH) {
+                Ok(()) => {
+                    tracing::warn!(dir = %self.mountpoint.display(), "FUSE volumes still in use: unmounted lazily")
+                }
+                Err(_) => {
+                    tracing::info!(dir = %self.mountpoint.display(), "FUSE volumes unmounted")
+                }
+            }
         }
     }
 }

@@ -1,0 +1,1828 @@
+//! Local block devices end to end (issue 5): `blksnapd --fuse-dir` with loop
+//! devices, real filesystems (ext4, xfs) on tracked devices and on snapshot
+//! images, every kind of difference storage, storage overflow, change
+//! tracking with `markdirtyblock --file`, concurrent I/O and a destroy under
+//! load, and the clean stop.
+//!
+//! Needs root, /dev/fuse, /dev/loop-control and the tools in [`TOOLS`].
+//! Without them each test prints a loud `SKIPPED: <test>: <reason>` line and
+//! passes, unless the environment variable CI is set: then it fails.
+//!
+//! Safety: a mounted loop device over our FUSE files must never lose its
+//! daemon, or the machine may hang on it. So every test owns an [`Env`]
+//! whose Drop (also on panic) stops background processes, unmounts every
+//! mount point the test made (`umount`, then `umount -l`), detaches its own
+//! loop devices and stops the daemon with `blksnap shutdown --force`; only a
+//! wedged daemon is killed, after its FUSE connection was aborted. A
+//! watchdog thread does the lazy unmount and abort if a test runs far too
+//! long, so blocked I/O fails instead of hanging. Every external command
+//! runs under `timeout`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+/// Longest any external command may run (seconds, for `timeout`).
+const COMMAND_TIMEOUT: &str = "60";
+/// A test still running after this is wedged: the watchdog unblocks it.
+const WATCHDOG: Duration = Duration::from_secs(120);
+/// Difference storage files grow in 8 MiB steps (which no chunk may
+/// exceed).
+const SMALL_STEPS: &str = "diff_storage_minimum = \"8M\"\nchunk_maximum_shift = 20\n";
+/// Tools every test needs (found in PATH or an sbin directory).
+const TOOLS: &[&str] = &[
+    "timeout",
+    "losetup",
+    "mount",
+    "umount",
+    "mkfs.ext4",
+    "mkfs.xfs",
+    "md5sum",
+    "sync",
+    "dd",
+    "kill",
+];
+
+// ---------------------------------------------------------------------------
+// External commands, all under `timeout`.
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// `timeout -k 5 60 <prog>`: a hung command fails the test instead of
+/// hanging it (timeout runs it in its own process group).
+fn command(prog: &str) -> Command {
+    command_timeout(prog, COMMAND_TIMEOUT)
+}
+
+fn command_timeout(prog: &str, seconds: &str) -> Command {
+    let mut c = Command::new(which("timeout").unwrap_or_else(|| "timeout".into()));
+    c.args(["-k", "5", seconds])
+        .arg(which(prog).unwrap_or_else(|| prog.into()))
+        .stdin(Stdio::null());
+    c
+}
+
+fn try_run(prog: &str, args: &[&str]) -> Option<Output> {
+    command(prog).args(args).output().ok()
+}
+
+fn run(prog: &str, args: &[&str]) -> Output {
+    command(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+}
+
+/// Runs a command, asserts success, returns stdout.
+fn run_ok(prog: &str, args: &[&str]) -> String {
+    let out = run(prog, args);
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// Straight to the test's stderr, past the test harness's capture.
+fn loud(message: &str) {
+    let _ = std::io::stderr().write_all(format!("\n{message}\n").as_bytes());
+}
+
+fn is_root() -> bool {
+    // "Uid:\treal\teffective\t..."
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
+        .unwrap_or(false)
+}
+
+/// Whether the test can run here; prints a loud SKIPPED line when it cannot
+/// (and fails when CI is set: there the tests must run).
+fn ready(test: &str, extra_tools: &[&str]) -> bool {
+    let missing_tool = TOOLS.iter().chain(extra_tools).find(|t| which(t).is_none());
+    let reason = if !is_root() {
+        Some("needs root".to_string())
+    } else if !Path::new("/dev/fuse").exists() {
+        Some("no /dev/fuse".to_string())
+    } else if !Path::new("/dev/loop-control").exists() {
+        Some("no /dev/loop-control (loop module)".to_string())
+    } else {
+        missing_tool.map(|t| format!("{t} not found"))
+    };
+    let Some(reason) = reason else {
+        return true;
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "{test}: {reason}; CI is set, so the local-device tests must run \
+             (as root, with /dev/fuse, losetup, mkfs.ext4 and mkfs.xfs)"
+        );
+    }
+    loud(&format!(
+        "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+         SKIPPED: {test}: {reason}\n\
+         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+    ));
+    false
+}
+
+// ---------------------------------------------------------------------------
+// Mounts, loop devices, processes.
+
+/// (mount point, fstype, "major:minor") of every mount, from mountinfo.
+fn mounts() -> Vec<(PathBuf, String, String)> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            Some((
+                PathBuf::from(fields.get(4)?.replace("\\040", " ")),
+                fields.get(dash + 1)?.to_string(),
+                fields.get(2)?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn is_mounted(path: &Path) -> bool {
+    mounts().iter().any(|(mp, _, _)| mp == path)
+}
+
+/// `umount`, and `umount -l` when that fails; never panics.
+fn unmount(path: &Path) {
+    if !is_mounted(path) {
+        return;
+    }
+    let ok = try_run("umount", &[s(path)]).is_some_and(|o| o.status.success());
+    if !ok && is_mounted(path) {
+        loud(&format!(
+            "umount {} failed: unmounting lazily",
+            path.display()
+        ));
+        let _ = try_run("umount", &["-l", s(path)]);
+    }
+}
+
+/// Aborts the FUSE connection mounted on `dir` (pending and future requests
+/// fail at once), then unmounts it lazily. For a wedged daemon only.
+fn abort_fuse(dir: &Path) {
+    let connection = mounts()
+        .into_iter()
+        .find(|(mp, fstype, _)| mp == dir && fstype.starts_with("fuse"))
+        .and_then(|(_, _, dev)| dev.split(':').nth(1).map(str::to_string));
+    if let Some(minor) = connection {
+        let connections = Path::new("/sys/fs/fuse/connections");
+        if !connections.join(&minor).exists() {
+            let _ = try_run("mount", &["-t", "fusectl", "none", s(connections)]);
+        }
+        let abort = connections.join(&minor).join("abort");
+        match std::fs::write(&abort, "1") {
+            Ok(()) => loud(&format!("aborted FUSE connection {}", abort.display())),
+            Err(e) => loud(&format!("cannot abort {}: {e}", abort.display())),
+        }
+    }
+    let _ = try_run("umount", &["-l", s(dir)]);
+}
+
+/// `losetup -a` lines whose backing file is under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    try_run("losetup", &["-a"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(s(dir)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether process `pid` runs (a zombie has stopped).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops a background command started under `timeout`: SIGTERM (timeout
+/// passes it on), then SIGKILL to its process group. Never blocks for long.
+fn stop_child(mut child: Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    if wait_until(Duration::from_secs(10), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    }) {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status();
+    if !wait_until(Duration::from_secs(10), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    }) {
+        loud(&format!("background process {pid} does not exit"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Files with md5 sums.
+
+/// File name -> md5 (hex).
+type Sums = BTreeMap<String, String>;
+
+fn md5s(dir: &Path, names: &[String]) -> Sums {
+    if names.is_empty() {
+        return Sums::new();
+    }
+    let mut c = command("md5sum");
+    c.current_dir(dir).arg("--").args(names);
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "md5sum in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (sum, name) = l.split_once("  ").expect("md5sum line");
+            (name.to_string(), sum.to_string())
+        })
+        .collect()
+}
+
+/// `count` files of random content and size (1 byte to `max`) in `dir`,
+/// named `<prefix>-<i>`; returns their md5 sums.
+fn write_files(dir: &Path, prefix: &str, count: usize, max: u64, seed: u64) -> Sums {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut names = Vec::new();
+    for i in 0..count {
+        let mut data = vec![0u8; rng.usize(1..=max as usize)];
+        rng.fill(&mut data);
+        let name = format!("{prefix}-{i}");
+        std::fs::write(dir.join(&name), &data)
+            .unwrap_or_else(|e| panic!("writing {}/{name}: {e}", dir.display()));
+        names.push(name);
+    }
+    md5s(dir, &names)
+}
+
+/// `count` files of exactly 1 MiB of random content; returns their sums.
+/// A failed write fails the test.
+fn write_mib_files(dir: &Path, prefix: &str, count: usize, seed: u64) -> Sums {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut data = vec![0u8; MIB as usize];
+    let mut names = Vec::new();
+    for i in 0..count {
+        rng.fill(&mut data);
+        let name = format!("{prefix}-{i}");
+        std::fs::write(dir.join(&name), &data)
+            .unwrap_or_else(|e| panic!("writing {}/{name}: {e}", dir.display()));
+        names.push(name);
+    }
+    md5s(dir, &names)
+}
+
+/// `dir` holds exactly the expected files, with the expected content.
+fn verify(dir: &Path, expected: &Sums, what: &str) {
+    let names: BTreeSet<String> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+        Err(e) => panic!("{what}: cannot list {}: {e}", dir.display()),
+    };
+    let wanted: BTreeSet<String> = expected.keys().cloned().collect();
+    assert_eq!(names, wanted, "{what}: files in {}", dir.display());
+    let names: Vec<String> = names.into_iter().collect();
+    let sums = md5s(dir, &names);
+    for (name, sum) in expected {
+        assert_eq!(
+            sums.get(name),
+            Some(sum),
+            "{what}: content of {}/{name}",
+            dir.display()
+        );
+    }
+}
+
+fn merged(a: &Sums, b: &Sums) -> Sums {
+    a.iter()
+        .chain(b)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// syncfs of the filesystem at `mount_point`.
+fn sync_fs(mount_point: &Path) {
+    run_ok("sync", &["-f", s(mount_point)]);
+}
+
+fn parse_json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON {text:?}: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+// The test environment: a daemon with a FUSE frontend, and everything the
+// test mounted or attached, cleaned up in Drop.
+
+#[derive(Default)]
+struct Held {
+    mounts: Vec<PathBuf>,
+    /// Loop devices the test made with losetup.
+    loops: Vec<String>,
+    /// Loop devices the daemon made: (device, FUSE file relative to the
+    /// FUSE directory).
+    daemon_loops: Vec<(String, String)>,
+}
+
+enum Fs {
+    Ext4,
+    Xfs,
+}
+
+struct Env {
+    test: &'static str,
+    work: PathBuf,
+    fuse_dir: PathBuf,
+    control: PathBuf,
+    log: PathBuf,
+    pid: u32,
+    held: Arc<Mutex<Held>>,
+    children: Mutex<Vec<Child>>,
+    done: Arc<AtomicBool>,
+    started: Instant,
+    daemon: Option<Daemon>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Env {
+    /// A daemon with `--fuse-dir <work>/dev` (and `--config` when given).
+    fn start(test: &'static str, config: Option<&str>) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("blksnap-local-")
+            .tempdir()
+            .unwrap();
+        let work = tmp.path().canonicalize().unwrap();
+        let fuse_dir = work.join("dev");
+        let mut args = vec!["--fuse-dir".to_string(), s(&fuse_dir).to_string()];
+        if let Some(text) = config {
+            let path = work.join("blksnapd.toml");
+            std::fs::write(&path, text).unwrap();
+            args.extend(["--config".to_string(), s(&path).to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let daemon = Daemon::start_with(&args);
+        let held = Arc::new(Mutex::new(Held::default()));
+        let done = Arc::new(AtomicBool::new(false));
+        {
+            let (held, done, fuse_dir) = (held.clone(), done.clone(), fuse_dir.clone());
+            std::thread::spawn(move || watchdog(test, held, done, fuse_dir));
+        }
+        Self {
+            test,
+            control: daemon.control.clone(),
+            log: daemon.path("daemon.log"),
+            pid: daemon.pid(),
+            work,
+            fuse_dir,
+            held,
+            children: Mutex::new(Vec::new()),
+            done,
+            started: Instant::now(),
+            daemon: Some(daemon),
+            _tmp: tmp,
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The daemon's log, without the per-request FUSE lines.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains("fuser::request"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn cli_command(&self, args: &[&str]) -> Command {
+        let mut c = command(env!("CARGO_BIN_EXE_blksnap"));
+        c.args(args)
+            .env("BLKSNAP_CONTROL", &self.control)
+            .current_dir("/");
+        c
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        self.cli_command(args).output().unwrap()
+    }
+
+    /// Runs `blksnap`, asserts success, returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "blksnap {args:?} failed ({}): {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `blksnap`, asserts status 1 and a message with every needle.
+    fn fails(&self, args: &[&str], needles: &[&str]) -> String {
+        let out = self.cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "blksnap {args:?}: {stderr}");
+        for n in needles {
+            assert!(
+                stderr.contains(n),
+                "blksnap {args:?}: {stderr:?} lacks {n:?}"
+            );
+        }
+        stderr
+    }
+
+    /// Starts `blksnap` in the background (stopped in Drop if still running);
+    /// its stdout and stderr go to `<work>/<name>.out` and `.err`.
+    fn spawn_cli(&self, args: &[&str], name: &str) -> u32 {
+        let child = self
+            .cli_command(args)
+            .stdout(std::fs::File::create(self.work.join(format!("{name}.out"))).unwrap())
+            .stderr(std::fs::File::create(self.work.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        pid
+    }
+
+    /// Waits for a background command; panics if it runs past `limit`.
+    fn wait_child(&self, pid: u32, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            {
+                let mut children = self.children.lock().unwrap();
+                let i = children.iter().position(|c| c.id() == pid).unwrap();
+                if let Some(status) = children[i].try_wait().unwrap() {
+                    // Reaped by try_wait: forget it.
+                    children.retain(|c| c.id() != pid);
+                    return status;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "background process {pid} still runs after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A sparse file of `size` bytes in the work directory.
+    fn file(&self, name: &str, size: u64) -> PathBuf {
+        let path = self.work.join(name);
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        path
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        let path = self.work.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    }
+
+    /// `blksnap attach --device FILE --loop`: (device name, loop device).
+    fn attach_loop(&self, file: &Path) -> (String, String) {
+        let out = self.ok(&["attach", "--device", s(file), "--loop"]);
+        let field = |key: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {out:?}"))
+                .to_string()
+        };
+        let (name, device) = (field("device="), field("loop="));
+        assert!(device.starts_with("/dev/loop"), "{out}");
+        self.held()
+            .daemon_loops
+            .push((device.clone(), name.clone()));
+        assert!(out.contains("nbd="), "{out}");
+        (name, device)
+    }
+
+    fn mkfs(&self, fs: Fs, device: &str) {
+        match fs {
+            // No lazy initialization: no background writes after mount.
+            Fs::Ext4 => run_ok(
+                "mkfs.ext4",
+                &[
+                    "-q",
+                    "-F",
+                    "-E",
+                    "lazy_itable_init=0,lazy_journal_init=0",
+                    device,
+                ],
+            ),
+            // xfsprogs refuses filesystems under 300 MB unless it believes
+            // it runs under fstests; these variables say so.
+            Fs::Xfs => {
+                let out = command("mkfs.xfs")
+                    .args(["-q", "-f", device])
+                    .env("TEST_DIR", "1")
+                    .env("TEST_DEV", "1")
+                    .env("QA_CHECK_FS", "1")
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "mkfs.xfs {device}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::new()
+            }
+        };
+    }
+
+    /// Mounts `device` on `<work>/<name>`, which the Drop guard unmounts.
+    fn try_mount(&self, device: &str, name: &str, options: &[&str]) -> (PathBuf, Output) {
+        let mount_point = self.dir(name);
+        self.held().mounts.push(mount_point.clone());
+        let mut args: Vec<&str> = options.to_vec();
+        args.extend([device, s(&mount_point)]);
+        let out = run("mount", &args);
+        (mount_point, out)
+    }
+
+    fn mount(&self, device: &str, name: &str, options: &[&str]) -> PathBuf {
+        let (mount_point, out) = self.try_mount(device, name, options);
+        assert!(
+            out.status.success(),
+            "mount {options:?} {device} {}: {}\ndaemon log:\n{}",
+            mount_point.display(),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        mount_point
+    }
+
+    fn umount(&self, mount_point: &Path) {
+        run_ok("umount", &[s(mount_point)]);
+        self.held().mounts.retain(|m| m != mount_point);
+    }
+
+    /// Unmount and mount again: later reads come from the device, not from
+    /// the page cache.
+    fn remount(&self, device: &str, mount_point: &Path, options: &[&str]) {
+        self.umount(mount_point);
+        let name = mount_point.file_name().unwrap().to_str().unwrap();
+        self.mount(device, name, options);
+    }
+
+    /// `losetup -f --show FILE`, detached by the Drop guard if still there.
+    fn losetup(&self, file: &Path) -> String {
+        let device = run_ok("losetup", &["-f", "--show", s(file)])
+            .trim()
+            .to_string();
+        self.held().loops.push(device.clone());
+        device
+    }
+
+    fn losetup_detach(&self, device: &str) {
+        run_ok("losetup", &["-d", device]);
+        self.held().loops.retain(|l| l != device);
+    }
+
+    fn create(&self, args: &[&str]) -> String {
+        let mut all = vec!["snapshot_create"];
+        all.extend(args);
+        let id = self.ok(&all).trim().to_string();
+        assert_eq!(id.len(), 36, "snapshot id {id:?}");
+        id
+    }
+
+    /// `snapshot_take --json`: the result.
+    fn take(&self, id: &str) -> Value {
+        parse_json(&self.ok(&["snapshot_take", "--id", id, "--json"]))
+    }
+
+    fn image_of(&self, device: &str) -> String {
+        let image = self
+            .ok(&["snapshot_info", "--device", device, "--field", "image"])
+            .trim()
+            .to_string();
+        assert!(image.starts_with("/dev/loop"), "image of {device}: {image}");
+        let name = self.info(device)["for_device"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.held()
+            .daemon_loops
+            .push((image.clone(), format!("snapshot/{name}")));
+        image
+    }
+
+    fn info(&self, device: &str) -> Value {
+        parse_json(&self.ok(&["snapshot_info", "--device", device, "--json"]))
+    }
+
+    fn storage_total(&self, device: &str) -> u64 {
+        self.info(device)["storage"]["total"].as_u64().unwrap()
+    }
+
+    /// Stops the daemon with SIGTERM (it must exit within 20 s).
+    fn sigterm_stop(&mut self) -> ExitStatus {
+        common::signal(self.pid, "TERM");
+        assert!(
+            wait_until(Duration::from_secs(20), || !running(self.pid)),
+            "blksnapd did not stop on SIGTERM:\n{}",
+            self.log_tail()
+        );
+        // The daemon object stays: it owns the log.
+        self.daemon.as_mut().unwrap().stop_or_status()
+    }
+}
+
+/// Unblocks a wedged test: unmounts its mounts lazily and aborts its FUSE
+/// connection, so blocked I/O fails. Does not kill the daemon.
+fn watchdog(test: &str, held: Arc<Mutex<Held>>, done: Arc<AtomicBool>, fuse_dir: PathBuf) {
+    let deadline = Instant::now() + WATCHDOG;
+    while !done.load(Ordering::SeqCst) {
+        if Instant::now() >= deadline {
+            loud(&format!(
+                "WATCHDOG: {test} still runs after {WATCHDOG:?}: unmounting lazily and \
+                 aborting the FUSE connection"
+            ));
+            let mounts = held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .mounts
+                .clone();
+            for m in mounts.iter().rev() {
+                if is_mounted(m) {
+                    let _ = try_run("umount", &["-l", s(m)]);
+                }
+            }
+            abort_fuse(&fuse_dir);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let children: Vec<Child> = self
+            .children
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        for child in children {
+            stop_child(child);
+        }
+        let held = std::mem::take(&mut *self.held());
+        // Unmounting writes back through the daemon: if that hangs, the
+        // daemon is wedged; lazy unmounts and an aborted FUSE connection
+        // then fail the blocked I/O instead of hanging.
+        let (sent, unmounted) = std::sync::mpsc::channel();
+        let mounts = held.mounts.clone();
+        std::thread::spawn(move || {
+            for m in mounts.iter().rev() {
+                unmount(m);
+            }
+            let _ = sent.send(());
+        });
+        if unmounted.recv_timeout(Duration::from_secs(30)).is_err() {
+            loud(&format!(
+                "{}: unmounting hangs: unmounting lazily and aborting the FUSE connection",
+                self.test
+            ));
+            for m in held.mounts.iter().rev() {
+                let _ = try_run("umount", &["-l", s(m)]);
+            }
+            abort_fuse(&self.fuse_dir);
+            let _ = unmounted.recv_timeout(Duration::from_secs(30));
+        }
+        for l in held.loops.iter().rev() {
+            let _ = try_run("losetup", &["-d", l]);
+        }
+        if let Some(daemon) = self.daemon.take() {
+            if running(self.pid) {
+                eprintln!("{}: blksnap shutdown --force", self.test);
+                let _ = command_timeout(env!("CARGO_BIN_EXE_blksnap"), "15")
+                    .args(["shutdown", "--force"])
+                    .env("BLKSNAP_CONTROL", &self.control)
+                    .output();
+                if !wait_until(Duration::from_secs(20), || !running(self.pid)) {
+                    loud(&format!(
+                        "{}: blksnapd {} is wedged: aborting its FUSE connection before killing it",
+                        self.test, self.pid
+                    ));
+                    abort_fuse(&self.fuse_dir);
+                }
+            }
+            if is_mounted(&self.fuse_dir) {
+                loud(&format!(
+                    "{}: FUSE mount {} left behind: unmounting it lazily",
+                    self.test,
+                    self.fuse_dir.display()
+                ));
+                abort_fuse(&self.fuse_dir);
+            }
+            // Kills the daemon only if it still runs (wedged, aborted above).
+            drop(daemon);
+        }
+        // A daemon killed after an abort leaves its loop devices bound to
+        // files of the dead FUSE mount (shown relative to it once it is
+        // detached): detach those, and only those.
+        for (device, file) in &held.daemon_loops {
+            let sys = format!(
+                "/sys/block/{}/loop/backing_file",
+                device.trim_start_matches("/dev/")
+            );
+            let Ok(backing) = std::fs::read_to_string(&sys) else {
+                continue;
+            };
+            let backing = backing.trim();
+            if backing == s(&self.fuse_dir.join(file)) || backing == format!("/{file}") {
+                loud(&format!(
+                    "{}: loop device {device} of the daemon left behind: detaching it",
+                    self.test
+                ));
+                let _ = try_run("losetup", &["-d", device]);
+            }
+        }
+        let left = loops_under(&self.work);
+        if !left.is_empty() {
+            loud(&format!(
+                "{}: loop devices left behind: {left:?}",
+                self.test
+            ));
+            for line in left {
+                if let Some((device, _)) = line.split_once(':') {
+                    let _ = try_run("losetup", &["-d", device]);
+                }
+            }
+        }
+        self.done.store(true, Ordering::SeqCst);
+        eprintln!("{}: {:.1?}", self.test, self.started.elapsed());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Filesystems on two origins and on their images.
+
+#[test]
+fn filesystems_on_origins_and_images() {
+    const TEST: &str = "filesystems_on_origins_and_images";
+    if !ready(TEST, &[]) {
+        return;
+    }
+    let env = Env::start(TEST, None);
+    let (a, a_loop) = env.attach_loop(&env.file("a.img", 64 * MIB));
+    let (b, b_loop) = env.attach_loop(&env.file("b.img", 128 * MIB));
+    env.mkfs(Fs::Ext4, &a_loop);
+    env.mkfs(Fs::Xfs, &b_loop);
+    let origin_a = env.mount(&a_loop, "origin-a", &[]);
+    let origin_b = env.mount(&b_loop, "origin-b", &[]);
+    let early_a = write_files(&origin_a.join("data"), "early", 20, MIB, 11);
+    let early_b = write_files(&origin_b.join("data"), "early", 20, MIB, 12);
+    sync_fs(&origin_a);
+    sync_fs(&origin_b);
+
+    let storage = env.dir("storage");
+    let id = env.create(&[
+        "--device",
+        &a,
+        "--device",
+        &b,
+        "--file",
+        s(&storage),
+        "--limit",
+        "1G",
+    ]);
+    let taken = env.take(&id);
+    let frozen: BTreeSet<&str> = taken["frozen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        frozen,
+        BTreeSet::from([s(&origin_a), s(&origin_b)]),
+        "both filesystems frozen for the take: {taken}"
+    );
+    assert_eq!(taken["warnings"], serde_json::json!([]), "{taken}");
+
+    let late_a = write_files(&origin_a.join("data"), "late", 20, MIB, 13);
+    let late_b = write_files(&origin_b.join("data"), "late", 20, MIB, 14);
+    sync_fs(&origin_a);
+    sync_fs(&origin_b);
+
+    let image_a = env.image_of(&a);
+    let image_b = env.image_of(&b);
+    let listing = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    let names = BTreeSet::from([a.clone(), b.clone()]);
+    let mut with_dir = names.clone();
+    with_dir.insert("snapshot".into());
+    assert_eq!(
+        listing(&env.fuse_dir),
+        with_dir,
+        "FUSE files of the devices"
+    );
+    assert_eq!(
+        listing(&env.fuse_dir.join("snapshot")),
+        names,
+        "FUSE files of the images"
+    );
+    assert_eq!(
+        std::fs::metadata(env.fuse_dir.join("snapshot").join(&b))
+            .unwrap()
+            .len(),
+        128 * MIB
+    );
+    let images = BTreeSet::from([&a_loop, &b_loop, &image_a, &image_b]);
+    assert_eq!(images.len(), 4, "four distinct loop devices");
+    let mounted_a = env.mount(&image_a, "image-a", &[]);
+    // The image's xfs has the origin's UUID, mounted too.
+    let mounted_b = env.mount(&image_b, "image-b", &["-o", "nouuid"]);
+    verify(&mounted_a.join("data"), &early_a, "ext4 image");
+    verify(&mounted_b.join("data"), &early_b, "xfs image");
+    let own_a = write_files(&mounted_a.join("own"), "image", 10, MIB, 15);
+    let own_b = write_files(&mounted_b.join("own"), "image", 10, MIB, 16);
+    sync_fs(&mounted_a);
+    sync_fs(&mounted_b);
+    env.remount(&image_a, &mounted_a, &[]);
+    env.remount(&image_b, &mounted_b, &["-o", "nouuid"]);
+    for (mounted, early, own, what) in [
+        (&mounted_a, &early_a, &own_a, "ext4 image after remount"),
+        (&mounted_b, &early_b, &own_b, "xfs image after remount"),
+    ] {
+        verify(&mounted.join("data"), early, what);
+        verify(&mounted.join("own"), own, what);
+    }
+    env.umount(&mounted_a);
+    env.umount(&mounted_b);
+
+    env.ok(&["snapshot_destroy", "--id", &id]);
+    let snapshot_files = env.fuse_dir.join("snapshot");
+    assert!(
+        wait_until(Duration::from_secs(5), || loops_under(&snapshot_files)
+            .is_empty()),
+        "image loop devices left after destroy: {:?}",
+        loops_under(&snapshot_files)
+    );
+    assert!(
+        listing(&snapshot_files).is_empty(),
+        "image files after destroy"
+    );
+    // Read the origins back from their devices.
+    env.remount(&a_loop, &origin_a, &[]);
+    env.remount(&b_loop, &origin_b, &[]);
+    verify(
+        &origin_a.join("data"),
+        &merged(&early_a, &late_a),
+        "ext4 origin",
+    );
+    verify(
+        &origin_b.join("data"),
+        &merged(&early_b, &late_b),
+        "xfs origin",
+    );
+    assert!(
+        !origin_a.join("own").exists(),
+        "image writes reached origin a"
+    );
+    assert!(
+        !origin_b.join("own").exists(),
+        "image writes reached origin b"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2. Every kind of difference storage.
+
+/// One snapshot over the mounted ext4 origin: files written before the take
+/// must be exactly what the image shows, whatever the origin gets after.
+struct Round<'a> {
+    env: &'a Env,
+    device: &'a str,
+    origin: &'a Path,
+    label: &'a str,
+    before: Sums,
+}
+
+impl<'a> Round<'a> {
+    fn begin(env: &'a Env, device: &'a str, origin: &'a Path, label: &'a str, seed: u64) -> Self {
+        let before = write_files(&origin.join(label), "before", 5, MIB, seed);
+        sync_fs(origin);
+        Self {
+            env,
+            device,
+            origin,
+            label,
+            before,
+        }
+    }
+
+    fn create(&self, storage: &[&str]) -> String {
+        let mut args = vec!["--device", self.device];
+        args.extend(storage);
+        self.env.create(&args)
+    }
+
+    /// `mib` MiB more on the origin, in 1 MiB files, then syncfs.
+    fn write_after(&self, batch: usize, mib: usize) {
+        let dir = self.origin.join(format!("{}-after", self.label));
+        write_mib_files(&dir, &format!("after{batch}"), mib, 1000 + batch as u64);
+        sync_fs(self.origin);
+    }
+
+    /// The image holds the files of before the take, and nothing after.
+    fn check_image(&self) {
+        let image = self.env.image_of(self.device);
+        let mounted = self
+            .env
+            .mount(&image, &format!("image-{}", self.label), &[]);
+        verify(
+            &mounted.join(self.label),
+            &self.before,
+            &format!("image ({})", self.label),
+        );
+        assert!(!mounted.join(format!("{}-after", self.label)).exists());
+        self.env.umount(&mounted);
+        assert_eq!(
+            self.env
+                .ok(&[
+                    "snapshot_info",
+                    "--device",
+                    self.device,
+                    "--field",
+                    "error_code"
+                ])
+                .trim(),
+            "0"
+        );
+    }
+
+    fn finish(&self, id: &str) {
+        self.env.ok(&["snapshot_destroy", "--id", id]);
+        verify(
+            &self.origin.join(self.label),
+            &self.before,
+            &format!("origin ({})", self.label),
+        );
+        std::fs::remove_dir_all(self.origin.join(self.label)).unwrap();
+        let _ = std::fs::remove_dir_all(self.origin.join(format!("{}-after", self.label)));
+        sync_fs(self.origin);
+    }
+}
+
+#[test]
+fn difference_storage_variants() {
+    const TEST: &str = "difference_storage_variants";
+    if !ready(TEST, &[]) {
+        return;
+    }
+    const STEP: u64 = 8 * MIB;
+    let env = Env::start(TEST, Some(SMALL_STEPS));
+    let (dev, dev_loop) = env.attach_loop(&env.file("origin.img", 64 * MIB));
+    env.mkfs(Fs::Ext4, &dev_loop);
+    let origin = env.mount(&dev_loop, "origin", &[]);
+
+    // A regular file of 4 KiB, grown in 8 MiB steps.
+    {
+        let file = env.file("diff.file", 4096);
+        let round = Round::begin(&env, &dev, &origin, "file", 21);
+        let id = round.create(&["--file", s(&file), "--limit", "1G"]);
+        env.take(&id);
+        let mut totals = vec![env.storage_total(&dev)];
+        for batch in 0..6 {
+            round.write_after(batch, 4);
+            totals.push(env.storage_total(&dev));
+        }
+        eprintln!("storage file totals: {totals:?}");
+        for (i, total) in totals.iter().enumerate() {
+            assert_eq!(
+                total % STEP,
+                4096,
+                "storage total = the 4 KiB file + whole 8 MiB steps: {totals:?}"
+            );
+            if i > 0 {
+                assert!(*total >= totals[i - 1], "storage shrank: {totals:?}");
+            }
+        }
+        assert!(
+            *totals.last().unwrap() >= 4096 + 24 * MIB,
+            "24 MiB of copies need 3 steps at least: {totals:?}"
+        );
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().len(),
+            *totals.last().unwrap(),
+            "the file is as large as the storage"
+        );
+        round.check_image();
+        round.finish(&id);
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().len(),
+            4096,
+            "the storage file is given back after destroy"
+        );
+    }
+
+    // A directory: an unnamed temporary file there.
+    {
+        let dir = env.dir("diff-dir");
+        let round = Round::begin(&env, &dev, &origin, "dir", 22);
+        let id = round.create(&["--file", s(&dir), "--limit", "1G"]);
+        env.take(&id);
+        round.write_after(0, 8);
+        assert!(env.storage_total(&dev) >= 8 * MIB);
+        round.check_image();
+        round.finish(&id);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "the directory is empty after destroy"
+        );
+    }
+
+    // A loop block device over a 64 MiB file, used whole.
+    {
+        let block = env.losetup(&env.file("diff-block.img", 64 * MIB));
+        let round = Round::begin(&env, &dev, &origin, "block", 23);
+        let id = round.create(&["--file", &block]);
+        env.take(&id);
+        round.write_after(0, 8);
+        assert_eq!(env.storage_total(&dev), 64 * MIB);
+        round.check_image();
+        round.finish(&id);
+        env.losetup_detach(&block);
+    }
+
+    // A file on tmpfs, grown from nothing.
+    {
+        let (tmpfs, out) = env.try_mount("tmpfs", "tmpfs", &["-t", "tmpfs", "-o", "size=40M"]);
+        assert!(out.status.success(), "mount tmpfs: {out:?}");
+        let file = tmpfs.join("diff");
+        std::fs::File::create(&file).unwrap();
+        let round = Round::begin(&env, &dev, &origin, "tmpfs", 24);
+        let id = round.create(&["--file", s(&file), "--limit", "32M"]);
+        env.take(&id);
+        round.write_after(0, 8);
+        let total = env.storage_total(&dev);
+        assert!(
+            total >= 8 * MIB && total % STEP == 0,
+            "tmpfs storage total {total}"
+        );
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), total);
+        round.check_image();
+        round.finish(&id);
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
+        env.umount(&tmpfs);
+    }
+
+    // No storage at create; sector ranges of a file appended after the take.
+    // Until then any origin write would find no storage and corrupt the
+    // image, and thawing ext4 writes its superblock right after the take:
+    // so the take happens with the origin mounted read-only (nothing to
+    // freeze, nothing written), and it goes back to read-write after.
+    {
+        let ranges = env.file("diff-ranges.img", 64 * MIB);
+        let round = Round::begin(&env, &dev, &origin, "ranges", 25);
+        let id = round.create(&[]);
+        assert_eq!(env.storage_total(&dev), 0);
+        run_ok("mount", &["-o", "remount,ro", s(&origin)]);
+        env.take(&id);
+        env.ok(&[
+            "snapshot_appendstorage",
+            "--id",
+            &id,
+            "--device",
+            s(&ranges),
+            "--range",
+            "2048:32768",
+            "--range",
+            "40960:32768",
+        ]);
+        let info = env.info(&dev);
+        assert_eq!(info["storage"]["total"], 32 * MIB, "{info}");
+        assert_eq!(info["storage"]["extents"], 2, "{info}");
+        run_ok("mount", &["-o", "remount,rw", s(&origin)]);
+        round.write_after(0, 8);
+        assert!(env.info(&dev)["storage"]["used"].as_u64().unwrap() >= 8 * MIB);
+        round.check_image();
+        round.finish(&id);
+    }
+}
+
+/// Storage appended right after the take, with the origin mounted
+/// read-write as usual: the image must survive until the append.
+#[test]
+#[ignore = "known limitation, open: a take with no difference storage corrupts the \
+            image at the first write, and the FITHAW right after the take makes ext4 \
+            write its superblock at once; snapshot_take now warns about it. Fix: hold \
+            origin writes until storage is appended, or refuse such a take"]
+fn storage_appended_after_take_with_origin_mounted() {
+    const TEST: &str = "storage_appended_after_take_with_origin_mounted";
+    if !ready(TEST, &[]) {
+        return;
+    }
+    let env = Env::start(TEST, None);
+    let (dev, dev_loop) = env.attach_loop(&env.file("origin.img", 64 * MIB));
+    env.mkfs(Fs::Ext4, &dev_loop);
+    let origin = env.mount(&dev_loop, "origin", &[]);
+    let round = Round::begin(&env, &dev, &origin, "ranges", 26);
+    let ranges = env.file("diff-ranges.img", 64 * MIB);
+    let id = round.create(&[]);
+    let taken = env.take(&id);
+    assert_eq!(taken["frozen"], serde_json::json!([s(&origin)]), "{taken}");
+    env.ok(&[
+        "snapshot_appendstorage",
+        "--id",
+        &id,
+        "--device",
+        s(&ranges),
+        "--range",
+        "0:65536",
+    ]);
+    assert_eq!(
+        env.ok(&["snapshot_info", "--device", &dev, "--field", "error_code"])
+            .trim(),
+        "0",
+        "image corrupted before the storage could be appended:\n{}",
+        env.log_tail()
+    );
+    round.write_after(0, 8);
+    round.check_image();
+    round.finish(&id);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Overflow: the image is lost, never the origin's writes.
+
+#[test]
+fn storage_overflow_corrupts_only_the_image() {
+    const TEST: &str = "storage_overflow_corrupts_only_the_image";
+    if !ready(TEST, &[]) {
+        return;
+    }
+    let env = Env::start(TEST, Some(SMALL_STEPS));
+    let (dev, dev_loop) = env.attach_loop(&env.file("origin.img", 64 * MIB));
+    env.mkfs(Fs::Ext4, &dev_loop);
+    let origin = env.mount(&dev_loop, "origin", &[]);
+    let base = write_files(&origin.join("base"), "base", 5, MIB, 31);
+    sync_fs(&origin);
+
+    let storage = env.file("diff.file", 4096);
+    let id = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "8M"]);
+    env.take(&id);
+    let watcher = env.spawn_cli(&["snapshot_watcher", "--id", &id], "watcher");
+    std::thread::sleep(Duration::from_millis(300));
+
+    // 32 MiB: four times the limit. Every write must succeed.
+    let bulk = write_mib_files(&origin.join("bulk"), "bulk", 32, 32);
+    sync_fs(&origin);
+
+    let status = env.wait_child(watcher, Duration::from_secs(30));
+    let out = std::fs::read_to_string(env.work.join("watcher.out")).unwrap();
+    let err = std::fs::read_to_string(env.work.join("watcher.err")).unwrap();
+    assert_eq!(status.code(), Some(3), "watcher: {out}{err}");
+    assert!(out.contains("event=corrupted"), "{out}");
+    assert!(out.contains(&format!("device={dev}")), "{out}");
+    assert!(err.contains("corrupted"), "{err}");
+    let info = env.info(&dev);
+    assert_eq!(info["storage"]["total"], 8 * MIB, "the limit holds: {info}");
+    assert_eq!(
+        env.ok(&["snapshot_info", "--device", &dev, "--field", "error_code"])
+            .trim(),
+        "28"
+    );
+
+    // The image fails loudly, both read raw and mounted.
+    let image = env.image_of(&dev);
+    let read = run(
+        "dd",
+        &[
+            &format!("if={image}"),
+            "of=/dev/null",
+            "bs=64K",
+            "count=16",
+            "iflag=direct",
+        ],
+    );
+    assert!(
+        !read.status.success(),
+        "reading the corrupted image succeeded"
+    );
+    let stderr = String::from_utf8_lossy(&read.stderr);
+    assert!(stderr.contains("Input/output error"), "{stderr}");
+    let (mount_point, mounted) = env.try_mount(&image, "image", &["-o", "ro"]);
+    assert!(
+        !mounted.status.success(),
+        "mounting the corrupted image succeeded"
+    );
+    assert!(!is_mounted(&mount_point));
+
+    // The origin has every write, read back from the device.
+    env.remount(&dev_loop, &origin, &[]);
+    verify(&origin.join("base"), &base, "origin");
+    verify(&origin.join("bulk"), &bulk, "origin");
+    env.ok(&["snapshot_destroy", "--id", &id]);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Change tracking: the readable map, and markdirtyblock --file.
+
+/// Tracking blocks (of `block` bytes) that sector ranges touch.
+fn blocks_of(ranges: &[(u64, u64)], block: u64) -> BTreeSet<u64> {
+    ranges
+        .iter()
+        .flat_map(|&(start, count)| (start * 512 / block)..=((start + count) * 512 - 1) / block)
+        .collect()
+}
+
+/// A file's extents as sector ranges, from `filefrag -v`.
+fn filefrag_ranges(file: &Path) -> Vec<(u64, u64)> {
+    let out = run_ok("filefrag", &["-v", s(file)]);
+    let block: u64 = out
+        .split("blocks of ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no block size in {out}"));
+    out.lines()
+        .filter_map(|line| {
+            // "   0:        0..     174:      34816..     34990:    175:   last,eof"
+            let fields: Vec<&str> = line.split(':').map(str::trim).collect();
+            fields.first()?.parse::<u64>().ok()?;
+            let (first, last) = fields.get(2)?.split_once("..")?;
+            let first: u64 = first.trim().parse().ok()?;
+            let last: u64 = last.trim().parse().ok()?;
+            Some((first * block / 512, (last + 1 - first) * block / 512))
+        })
+        .collect()
+}
+
+#[test]
+fn cbt_map_and_markdirtyblock_file() {
+    const TEST: &str = "cbt_map_and_markdirtyblock_file";
+    if !ready(TEST, &["filefrag"]) {
+        return;
+    }
+    let env = Env::start(TEST, None);
+    let (dev, dev_loop) = env.attach_loop(&env.file("origin.img", 64 * MIB));
+    env.mkfs(Fs::Ext4, &dev_loop);
+    let origin = env.mount(&dev_loop, "origin", &[]);
+    write_files(&origin.join("a"), "a", 10, MIB, 41);
+    sync_fs(&origin);
+    let storage = env.dir("storage");
+    let cbtinfo = || parse_json(&env.ok(&["cbtinfo", "--device", &dev, "--json"]));
+    let map = |name: &str| {
+        let path = env.work.join(name);
+        env.ok(&["readcbtmap", "--device", &dev, "--file", s(&path)]);
+        std::fs::read(path).unwrap()
+    };
+    let info = cbtinfo();
+    let block = info["block_size"].as_u64().unwrap();
+    assert_eq!(block, 64 << 10, "{info}");
+    assert_eq!(info["block_count"], 64 * MIB / block, "{info}");
+
+    // The readable map stays as it was at the take while the snapshot is
+    // held, whatever is written meanwhile.
+    let first = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
+    env.take(&first);
+    let c1 = cbtinfo()["changes_number"].as_u64().unwrap();
+    let held = map("held-1.map");
+    assert!(
+        held.iter().any(|&b| b > 0),
+        "the writes before the take show"
+    );
+    write_files(&origin.join("b"), "b", 10, MIB, 42);
+    let target = origin.join("b").join("target");
+    let mut data = vec![0u8; 700 << 10];
+    fastrand::Rng::with_seed(43).fill(&mut data);
+    std::fs::write(&target, &data).unwrap();
+    sync_fs(&origin);
+    assert_eq!(
+        map("held-2.map"),
+        held,
+        "the readable map changed while held"
+    );
+    env.ok(&["snapshot_destroy", "--id", &first]);
+
+    // From here nothing may write to the origin but markdirtyblock: the
+    // filesystem is remounted read-only (which flushes its journal and
+    // writes its superblock now, before the next take; ext4 never writes to
+    // a read-only mount, and freezing one is a no-op), and it was made
+    // without lazy initialization, so no kernel thread writes either.
+    run_ok("mount", &["-o", "remount,ro", s(&origin)]);
+    let second = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
+    env.take(&second);
+    let c2 = cbtinfo()["changes_number"].as_u64().unwrap();
+    assert!(c2 > c1, "changes_number {c1} -> {c2}");
+    let after_writes = map("after-writes.map");
+    assert!(
+        after_writes.iter().any(|&b| b as u64 > c1),
+        "the writes made while the first snapshot was held show after the next take"
+    );
+
+    let marked = parse_json(&env.ok(&[
+        "markdirtyblock",
+        // The loop device names the tracked device too.
+        "--device",
+        &dev_loop,
+        "--file",
+        s(&target),
+        "--json",
+    ]));
+    let ranges: Vec<(u64, u64)> = marked["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["start"].as_u64().unwrap(), r["count"].as_u64().unwrap()))
+        .collect();
+    let expected = blocks_of(&filefrag_ranges(&target), block);
+    assert!(!expected.is_empty());
+    assert_eq!(
+        blocks_of(&ranges, block),
+        expected,
+        "FIEMAP ranges {ranges:?} against filefrag"
+    );
+    eprintln!(
+        "{} extent(s) {ranges:?} in tracking blocks {expected:?}",
+        ranges.len()
+    );
+    env.ok(&["snapshot_destroy", "--id", &second]);
+    let third = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
+    env.take(&third);
+    let next = map("marked.map");
+    let changed: BTreeSet<u64> = next
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b as u64 > c2)
+        .map(|(i, _)| i as u64)
+        .collect();
+    assert_eq!(
+        changed, expected,
+        "blocks changed since take {c2}: exactly the file's blocks"
+    );
+    env.ok(&["snapshot_destroy", "--id", &third]);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Concurrent I/O on the origin and the image; destroy under load.
+
+/// 64 MiB of content for pattern `tag`.
+fn pattern(tag: u64) -> Vec<u8> {
+    let mut data = vec![0u8; 64 * MIB as usize];
+    fastrand::Rng::with_seed(tag).fill(&mut data);
+    data
+}
+
+/// Pieces the concurrent writers write: half a chunk (256 KiB here), so
+/// copies of partly written chunks are exercised.
+const PIECE: u64 = 128 << 10;
+
+/// `dd` of block `index` (of `bs` bytes) of the pattern file onto the
+/// device at the same place, direct I/O.
+fn dd_block(pattern: &Path, device: &str, bs: u64, index: u64) -> Output {
+    run(
+        "dd",
+        &[
+            &format!("if={}", s(pattern)),
+            &format!("of={device}"),
+            &format!("bs={bs}"),
+            "count=1",
+            &format!("skip={index}"),
+            &format!("seek={index}"),
+            "oflag=direct",
+            "status=none",
+        ],
+    )
+}
+
+fn read_device(device: &str, into: &Path) -> Vec<u8> {
+    run_ok(
+        "dd",
+        &[
+            &format!("if={device}"),
+            &format!("of={}", s(into)),
+            "bs=1M",
+            "iflag=direct",
+            "status=none",
+        ],
+    );
+    std::fs::read(into).unwrap()
+}
+
+/// Compares a device's content piece by piece against the expected
+/// (pattern name, pattern) of each piece; names what was found where it
+/// differs.
+fn compare(what: &str, got: &[u8], expected: &[(&str, &[u8])], known: &[(&str, &[u8])]) {
+    let piece = PIECE as usize;
+    assert_eq!(got.len(), expected.len() * piece, "{what}: size");
+    let mut wrong = Vec::new();
+    for (i, (name, pattern)) in expected.iter().enumerate() {
+        let r = i * piece..(i + 1) * piece;
+        if got[r.clone()] != pattern[r.clone()] {
+            let found = known
+                .iter()
+                .find(|(_, p)| p[r.clone()] == got[r.clone()])
+                .map_or("unknown data", |(n, _)| n);
+            wrong.push(format!(
+                "{} KiB: expected {name}, found {found}",
+                r.start >> 10
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{what}: {} of {} pieces wrong: {:#?}",
+        wrong.len(),
+        expected.len(),
+        &wrong[..wrong.len().min(20)]
+    );
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    /// I/O on the origin: must never fail.
+    Origin,
+    /// I/O on the image: may fail once the destroy began, not before.
+    Image,
+}
+
+/// Threads running one command after another until stopped; stopped and
+/// waited for (bounded) when dropped, so none outlives the test's devices.
+#[derive(Default)]
+struct Workers {
+    stop: Arc<AtomicBool>,
+    destroying: Arc<AtomicBool>,
+    image_errors: Arc<AtomicU64>,
+    handles: Vec<std::thread::JoinHandle<Result<u64, String>>>,
+}
+
+impl Workers {
+    fn spawn(&mut self, role: Role, job: impl Fn(u64) -> Output + Send + 'static) {
+        let (stop, destroying, image_errors) = (
+            self.stop.clone(),
+            self.destroying.clone(),
+            self.image_errors.clone(),
+        );
+        self.handles.push(std::thread::spawn(move || {
+            let mut done = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let out = job(done);
+                if !out.status.success() {
+                    let error = String::from_utf8_lossy(&out.stderr).into_owned();
+                    if role == Role::Origin {
+                        return Err(format!("origin I/O failed: {error}"));
+                    }
+                    if !destroying.load(Ordering::SeqCst) {
+                        return Err(format!("image I/O failed before the destroy: {error}"));
+                    }
+                    image_errors.fetch_add(1, Ordering::SeqCst);
+                }
+                done += 1;
+            }
+            Ok(done)
+        }));
+    }
+
+    /// Stops every thread; returns how many commands each ran.
+    fn finish(&mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        assert!(
+            wait_until(Duration::from_secs(30), || self
+                .handles
+                .iter()
+                .all(|h| h.is_finished())),
+            "I/O does not finish: something hangs"
+        );
+        self.handles
+            .drain(..)
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if !wait_until(Duration::from_secs(70), || {
+            self.handles.iter().all(|h| h.is_finished())
+        }) {
+            loud("I/O threads still run");
+        }
+    }
+}
+
+#[test]
+fn concurrent_origin_and_image_io_and_destroy() {
+    const TEST: &str = "concurrent_origin_and_image_io_and_destroy";
+    if !ready(TEST, &["blkdiscard"]) {
+        return;
+    }
+    let env = Env::start(TEST, None);
+    let (a, b, c, d) = (pattern(0xA), pattern(0xB), pattern(0xC), pattern(0xD));
+    let zeros = vec![0u8; 64 * MIB as usize];
+    let known: [(&str, &[u8]); 5] = [
+        ("A", &a),
+        ("B", &b),
+        ("C", &c),
+        ("D", &d),
+        ("zeros", &zeros),
+    ];
+    let origin_file = env.work.join("origin.img");
+    std::fs::write(&origin_file, &a).unwrap();
+    let files: Vec<PathBuf> = [("B", &b), ("C", &c), ("D", &d)]
+        .iter()
+        .map(|(name, data)| {
+            let path = env.work.join(format!("pattern-{name}"));
+            std::fs::write(&path, data).unwrap();
+            path
+        })
+        .collect();
+    let (pat_b, pat_c, pat_d) = (files[0].clone(), files[1].clone(), files[2].clone());
+    let (dev, origin) = env.attach_loop(&origin_file);
+    let storage = env.dir("storage");
+    let id = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
+    env.take(&id);
+    let image = env.image_of(&dev);
+
+    // At the same time, in shuffled 128 KiB pieces: the origin gets B over
+    // 0..48 MiB; the image gets C over two pieces in three of 16..64 MiB.
+    // Over 16..48 MiB both write, and the image leaves some chunks half
+    // written: those halves must still be A, whatever the origin got.
+    const PIECES: u64 = 64 * MIB / PIECE;
+    let origin_pieces = |p: u64| p < 48 * MIB / PIECE;
+    let image_pieces = |p: u64| p >= 16 * MIB / PIECE && p % 3 != 0;
+    let writer = |pattern: PathBuf, device: String, mut pieces: Vec<u64>, seed| {
+        std::thread::spawn(move || {
+            fastrand::Rng::with_seed(seed).shuffle(&mut pieces);
+            for p in pieces {
+                let out = dd_block(&pattern, &device, PIECE, p);
+                if !out.status.success() {
+                    return Err(format!(
+                        "dd piece {p} to {device}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+            }
+            Ok(())
+        })
+    };
+    let origin_writer = writer(
+        pat_b.clone(),
+        origin.clone(),
+        (0..PIECES).filter(|&p| origin_pieces(p)).collect(),
+        51,
+    );
+    let image_writer = writer(
+        pat_c.clone(),
+        image.clone(),
+        (0..PIECES).filter(|&p| image_pieces(p)).collect(),
+        52,
+    );
+    origin_writer.join().unwrap().unwrap();
+    image_writer.join().unwrap().unwrap();
+    // Discard and zero-out reach the origin through FUSE fallocate; the
+    // image keeps its data there.
+    run_ok("blkdiscard", &["-o", "48M", "-l", "4M", &origin]);
+    run_ok("blkdiscard", &["-z", "-o", "52M", "-l", "4M", &origin]);
+
+    let origin_expected: Vec<(&str, &[u8])> = (0..PIECES)
+        .map(|p| {
+            if origin_pieces(p) {
+                ("B", &b[..])
+            } else if p < 56 * MIB / PIECE {
+                ("zeros", &zeros[..])
+            } else {
+                ("A", &a[..])
+            }
+        })
+        .collect();
+    let image_expected: Vec<(&str, &[u8])> = (0..PIECES)
+        .map(|p| {
+            if image_pieces(p) {
+                ("C", &c[..])
+            } else {
+                ("A", &a[..])
+            }
+        })
+        .collect();
+    let read_into = env.work.join("read.bin");
+    compare(
+        "origin",
+        &read_device(&origin, &read_into),
+        &origin_expected,
+        &known,
+    );
+    compare(
+        "image",
+        &read_device(&image, &read_into),
+        &image_expected,
+        &known,
+    );
+    env.ok(&["snapshot_destroy", "--id", &id]);
+
+    // A new snapshot; readers and a writer on its image, a writer on the
+    // origin (B again over 0..48: copies race the destroy, the content stays
+    // the same); destroy in the middle of it all.
+    let id = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
+    env.take(&id);
+    let image = env.image_of(&dev);
+    // Held open until the I/O stops, so the loop device stays ours (detached
+    // lazily) and no later dd can reach a loop device reused by others.
+    let hold = std::fs::File::open(&image).unwrap();
+    let mut workers = Workers::default();
+    for r in 0..2u64 {
+        let image = image.clone();
+        workers.spawn(Role::Image, move |i| {
+            let skip = (i * 7 + r * 29) % 56;
+            run(
+                "dd",
+                &[
+                    &format!("if={image}"),
+                    "of=/dev/null",
+                    "bs=1M",
+                    "count=8",
+                    &format!("skip={skip}"),
+                    "iflag=direct",
+                    "status=none",
+                ],
+            )
+        });
+    }
+    {
+        let (image, pat_d) = (image.clone(), pat_d.clone());
+        workers.spawn(Role::Image, move |i| {
+            dd_block(&pat_d, &image, MIB, (i * 13) % 64)
+        });
+    }
+    {
+        let (origin, pat_b) = (origin.clone(), pat_b.clone());
+        workers.spawn(Role::Origin, move |i| {
+            dd_block(&pat_b, &origin, MIB, (i * 11) % 48)
+        });
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    workers.destroying.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    env.ok(&["snapshot_destroy", "--id", &id]);
+    let destroy_took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let counts = workers.finish();
+    drop(hold);
+    assert!(
+        destroy_took < Duration::from_secs(20),
+        "destroy took {destroy_took:?}"
+    );
+    assert!(
+        counts.iter().all(|&n| n > 0),
+        "every worker ran: {counts:?}"
+    );
+    eprintln!(
+        "destroy under load: {destroy_took:?}, operations {counts:?}, image errors after the destroy began {}",
+        workers.image_errors.load(Ordering::SeqCst)
+    );
+    assert!(running(env.pid), "blksnapd died:\n{}", env.log_tail());
+    env.ok(&["version"]);
+    assert_eq!(env.ok(&["snapshot_collect"]), "");
+    let snapshot_files = env.fuse_dir.join("snapshot");
+    assert!(
+        wait_until(Duration::from_secs(5), || loops_under(&snapshot_files)
+            .is_empty()),
+        "image loop device left after destroy: {:?}",
+        loops_under(&snapshot_files)
+    );
+    compare(
+        "origin after destroy",
+        &read_device(&origin, &read_into),
+        &origin_expected,
+        &known,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 6. The daemon does not stop under a mounted filesystem.
+
+#[test]
+fn clean_stop_waits_for_unmount() {
+    const TEST: &str = "clean_stop_waits_for_unmount";
+    if !ready(TEST, &[]) {
+        return;
+    }
+    let mut env = Env::start(TEST, None);
+    let (dev, dev_loop) = env.attach_loop(&env.file("origin.img", 64 * MIB));
+    env.mkfs(Fs::Ext4, &dev_loop);
+    let origin = env.mount(&dev_loop, "origin", &[]);
+    let files = write_files(&origin.join("data"), "f", 3, MIB, 61);
+    sync_fs(&origin);
+
+    common::signal(env.pid, "TERM");
+    assert!(
+        wait_until(Duration::from_secs(5), || env
+            .log()
+            .contains("not stopping")),
+        "no refusal in the log:\n{}",
+        env.log_tail()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        running(env.pid),
+        "blksnapd stopped under a mounted filesystem"
+    );
+    assert_eq!(env.ok(&["version"]).trim(), env!("CARGO_PKG_VERSION"));
+    let refusal = env
+        .log()
+        .lines()
+        .find(|l| l.contains("not stopping"))
+        .unwrap()
+        .to_string();
+    assert!(
+        refusal.contains(&dev) && refusal.contains(&dev_loop),
+        "{refusal}"
+    );
+    env.fails(&["shutdown"], &["EBUSY", &dev_loop]);
+    env.fails(&["detach", "--device", &dev], &["EBUSY", &dev_loop]);
+    assert!(running(env.pid));
+    verify(&origin.join("data"), &files, "origin");
+
+    env.umount(&origin);
+    let status = env.sigterm_stop();
+    assert!(status.success(), "{status}");
+    assert!(env.log().contains("blksnapd stopped"), "{}", env.log_tail());
+    assert!(!is_mounted(&env.fuse_dir), "FUSE mount left behind");
+    assert_eq!(
+        loops_under(&env.fuse_dir),
+        Vec::<String>::new(),
+        "loop devices left behind"
+    );
+}
