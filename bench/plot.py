@@ -56,8 +56,8 @@ def main():
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_xlabel("throughput ratio (log scale; 1 = equal, dashed = 0.9)")
     m = results["machine"]
-    ax.set_title(f"blksnapd throughput ratios — {m['date']}, {m['cpu']}", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"blksnapd throughput ratios — {m['date']}, {m['cpu']}", fontsize=10, pad=22)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.02), ncol=3, fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(sys.argv[2], dpi=110)
