@@ -223,12 +223,6 @@ impl Service {
             Request::Detach(a) => {
                 let device = e.device(&a.device).map_err(engine_error)?;
                 let name = device.name().to_string();
-                if let Some(id) = e.snapshot_of(&name).map_err(engine_error)? {
-                    return Err(ErrorReply::new(
-                        16,
-                        format!("device {name} is busy: it is in snapshot {id}; destroy the snapshot first"),
-                    ));
-                }
                 if let Some(local) = &self.local {
                     if local.loop_in_use(&name) {
                         let path = self.loop_path(&name).unwrap_or_default();
@@ -238,8 +232,10 @@ impl Service {
                         ));
                     }
                 }
-                self.remove_loop(&name);
+                // The engine refuses a device in a snapshot; only a detached
+                // device loses its (unused) loop device.
                 e.detach(&name).map_err(engine_error)?;
+                self.remove_loop(&name);
                 json(proto::Empty {})
             }
             Request::Shutdown(a) => {
@@ -433,17 +429,17 @@ impl Service {
     /// gives each image a loop device where its device has one.
     fn snapshot_take(&self, id: &Uuid) -> Result<proto::TakeResult, ErrorReply> {
         let e = &self.engine;
-        let devices = e.snapshot_info(id).map_err(engine_error)?.devices;
+        let info = e.snapshot_info(id).map_err(engine_error)?;
+        let devices = &info.devices;
         let mut mounts = Vec::new();
         if let (Some(local), true) = (&self.local, self.freeze_on_take) {
-            for d in &devices {
+            for d in devices {
                 if let Some(rdev) = local.loop_rdev(d) {
                     mounts.extend(crate::freeze::mounts_on(rdev));
                 }
             }
         }
         let (frozen, mut warnings) = crate::freeze::Frozen::freeze(&mounts);
-        let info = e.snapshot_info(id).map_err(engine_error)?;
         if info.storage.total == 0 && !info.storage_grows {
             warnings.push(format!(
                 "snapshot {id} has no difference storage yet: the first write to one of its devices \
