@@ -203,7 +203,7 @@ impl ControlServer {
                     &error_reply(
                         None,
                         ErrorReply::new(
-                            11,
+                            libc::EAGAIN,
                             format!("too many control connections (maximum {MAX_CONNECTIONS})"),
                         ),
                     ),
@@ -259,7 +259,7 @@ fn serve_connection(service: &Service, stream: UnixStream) -> io::Result<()> {
                 let message = format!("request too large: {e}");
                 proto::write_message(
                     &mut writer,
-                    &error_reply(None, ErrorReply::new(22, message)),
+                    &error_reply(None, ErrorReply::new(libc::EINVAL, message)),
                 )?;
                 continue;
             }
@@ -287,7 +287,10 @@ fn serve_connection(service: &Service, stream: UnixStream) -> io::Result<()> {
                 let id = serde_json::from_slice::<serde_json::Value>(&line)
                     .ok()
                     .and_then(|v| v.get("id")?.as_u64());
-                error_reply(id, ErrorReply::new(22, format!("malformed request: {e}")))
+                error_reply(
+                    id,
+                    ErrorReply::new(libc::EINVAL, format!("malformed request: {e}")),
+                )
             }
         };
         proto::write_message(&mut writer, &reply)?;

@@ -78,7 +78,7 @@ fn run(options: Options) -> Result<(), String> {
             options.state_dir.display()
         )
     })?;
-    let engine = Arc::new(Engine::new(config.engine_config()).map_err(|e| e.to_string())?);
+    let engine = Arc::new(Engine::new(config.engine.clone()).map_err(|e| e.to_string())?);
     // Signals are caught from before the sockets exist: a stop asked for
     // during start-up is still a clean stop.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
@@ -130,7 +130,8 @@ fn run(options: Options) -> Result<(), String> {
     let service = Arc::new(service);
     let server = ControlServer::bind(lock, config.control_group.as_deref(), service.clone())?;
     let stopper = server.shutdown_handle();
-    service.set_stopper(stopper.clone());
+    let stop = stopper.clone();
+    service.set_stopper(move || stop.shutdown());
     let watcher = service.clone();
     std::thread::spawn(move || {
         for signal in signals.forever() {

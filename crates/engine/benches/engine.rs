@@ -173,6 +173,8 @@ fn write_path(c: &mut Criterion) {
 struct SnapshotRig {
     engine: Engine,
     tracked: Arc<TrackedDevice>,
+    /// The origin behind `tracked`, for baseline reads.
+    origin: Arc<dyn BlockDevice>,
     storage: StorageSpec,
     snapshot: Option<Uuid>,
     chunk_size: u64,
@@ -186,11 +188,10 @@ impl SnapshotRig {
     /// chunk (reused across snapshots, so its pages stay faulted in).
     fn memory(seed: u8) -> Self {
         let engine = Engine::new(Config::default()).expect("engine");
-        let tracked = engine
-            .attach("origin", Arc::new(mem_device(REGION, seed)))
-            .expect("attach");
+        let origin: Arc<dyn BlockDevice> = Arc::new(mem_device(REGION, seed));
+        let tracked = engine.attach("origin", origin.clone()).expect("attach");
         let storage = StorageSpec::Device(Arc::new(mem_device(REGION, 0)));
-        Self::new(engine, tracked, storage, (None, None))
+        Self::new(engine, tracked, origin, storage, (None, None))
     }
 
     /// On files: a temporary origin file and an unnamed temporary storage
@@ -198,21 +199,24 @@ impl SnapshotRig {
     fn files(seed: u8) -> Self {
         let (file, origin) = temp_file_device(seed);
         let engine = Engine::new(Config::default()).expect("engine");
-        let tracked = engine.attach("origin", Arc::new(origin)).expect("attach");
+        let origin: Arc<dyn BlockDevice> = Arc::new(origin);
+        let tracked = engine.attach("origin", origin.clone()).expect("attach");
         let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
         let storage = StorageSpec::Path(dir.path().to_path_buf());
-        Self::new(engine, tracked, storage, (Some(file), Some(dir)))
+        Self::new(engine, tracked, origin, storage, (Some(file), Some(dir)))
     }
 
     fn new(
         engine: Engine,
         tracked: Arc<TrackedDevice>,
+        origin: Arc<dyn BlockDevice>,
         storage: StorageSpec,
         files: (Option<NamedTempFile>, Option<TempDir>),
     ) -> Self {
         let mut rig = Self {
             engine,
             tracked,
+            origin,
             storage,
             snapshot: None,
             chunk_size: 0,
@@ -344,7 +348,7 @@ fn image_read(c: &mut Criterion) {
                 .expect("copy chunk");
         }
         let image = rig.image();
-        let origin = rig.tracked.origin().clone();
+        let origin = rig.origin.clone();
 
         // The image still reads the take-time content on both halves.
         let expected = pattern(MIB, TAKE_SEED);

@@ -49,7 +49,7 @@ pub struct CbtInfo {
 }
 
 impl ChangeTracker {
-    pub fn new(capacity: u64, config: &Config) -> Self {
+    pub(crate) fn new(capacity: u64, config: &Config) -> Self {
         let block_shift = config.tracking_block_shift(capacity);
         let count = capacity.div_ceil(1 << block_shift) as usize;
         Self {
@@ -75,7 +75,7 @@ impl ChangeTracker {
 
     /// Marks every block that `[offset, offset+len)` touches as changed in the
     /// current change number. A zero-length request changes nothing.
-    pub fn mark(&self, offset: u64, len: u64) {
+    pub(crate) fn mark(&self, offset: u64, len: u64) {
         if len == 0 || offset >= self.capacity {
             return;
         }
@@ -95,7 +95,7 @@ impl ChangeTracker {
     /// The snapshot-take switch: the readable map becomes the live map,
     /// previous = current, current += 1; at 256 everything restarts as at
     /// attach with a new generation.
-    pub fn switch(&self) {
+    pub(crate) fn switch(&self) {
         let mut frozen = self.frozen.lock().unwrap();
         let current = self.current.load(Ordering::Relaxed);
         if current == u8::MAX {

@@ -1,5 +1,10 @@
 //! Tunables, with the defaults of DESIGN.md §2. One struct for the engine
 //! ([`Config`]) and the per-snapshot overrides ([`SnapshotOptions`]).
+//!
+//! With the `serde` feature, [`Config`] reads from a configuration file under
+//! the key names of docs/blksnapd.md (the daemon embeds it in its own file
+//! format, so a new tunable is added here only): every key optional, the
+//! copy timeout as `copy_timeout_ms` (0: none), the policy in kebab case.
 
 use std::time::Duration;
 
@@ -8,6 +13,8 @@ use crate::error::{Error, Result};
 /// What happens when the copy of a chunk before an origin write fails
 /// (difference storage full, I/O error, copy timeout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum CopyErrorPolicy {
     /// blksnap's rule: the origin write proceeds, the image is marked corrupted.
     #[default]
@@ -18,6 +25,8 @@ pub enum CopyErrorPolicy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
 pub struct Config {
     /// Smallest tracking block: 2^16 = 64 KiB.
     pub tracking_block_minimum_shift: u32,
@@ -35,7 +44,18 @@ pub struct Config {
     pub diff_storage_minimum: u64,
     pub on_copy_error: CopyErrorPolicy,
     /// Longest a copy-before-write may take; `None` waits as long as it takes.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "copy_timeout_ms", deserialize_with = "millis_or_none")
+    )]
     pub copy_timeout: Option<Duration>,
+}
+
+/// A duration in milliseconds, 0 meaning none.
+#[cfg(feature = "serde")]
+fn millis_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let ms = <u64 as serde::Deserialize>::deserialize(d)?;
+    Ok((ms > 0).then(|| Duration::from_millis(ms)))
 }
 
 impl Default for Config {

@@ -77,7 +77,7 @@ pub struct StorageStats {
 }
 
 #[derive(Debug)]
-struct Extent {
+struct StorageExtent {
     device: Arc<dyn BlockDevice>,
     offset: u64,
     len: u64,
@@ -104,7 +104,7 @@ struct GrowableFile {
 #[derive(Debug)]
 pub(crate) struct DiffStorage {
     label: String,
-    extents: RwLock<Vec<Extent>>,
+    extents: RwLock<Vec<StorageExtent>>,
     alloc: Mutex<Allocator>,
     growable: Option<GrowableFile>,
     limit: Option<u64>,
@@ -167,7 +167,7 @@ impl DiffStorage {
             StorageSpec::Empty => {}
             StorageSpec::Device(device) => {
                 let len = device.size() / SECTOR_SIZE * SECTOR_SIZE;
-                storage.push_extent(device.clone(), 0, len)?;
+                storage.add_extent(device.clone(), 0, len)?;
             }
             StorageSpec::Path(path) => {
                 check_not_served(path, served)?;
@@ -180,7 +180,7 @@ impl DiffStorage {
                     let device = FileDevice::open(path)?;
                     if device.is_block_device() {
                         let len = device.size() / SECTOR_SIZE * SECTOR_SIZE;
-                        storage.push_extent(Arc::new(device), 0, len)?;
+                        storage.add_extent(Arc::new(device), 0, len)?;
                     } else {
                         let growable = GrowableFile::new(device);
                         let len = growable.original_len / SECTOR_SIZE * SECTOR_SIZE;
@@ -188,7 +188,7 @@ impl DiffStorage {
                         let dev = growable.device.clone();
                         storage.growable = Some(growable);
                         if len > 0 {
-                            storage.push_extent(dev, 0, len)?;
+                            storage.add_extent(dev, 0, len)?;
                         }
                     }
                 }
@@ -197,7 +197,7 @@ impl DiffStorage {
         Ok(storage)
     }
 
-    fn push_extent(&self, device: Arc<dyn BlockDevice>, offset: u64, len: u64) -> Result<()> {
+    fn add_extent(&self, device: Arc<dyn BlockDevice>, offset: u64, len: u64) -> Result<()> {
         // Lock order everywhere: allocator, then extents.
         let mut alloc = self.alloc.lock().unwrap();
         let mut extents = self.extents.write().unwrap();
@@ -207,7 +207,7 @@ impl DiffStorage {
                 self.label
             )));
         }
-        extents.push(Extent {
+        extents.push(StorageExtent {
             device,
             offset,
             len,
@@ -241,7 +241,7 @@ impl DiffStorage {
         }
         self.check_no_overlap(&device, ranges)?;
         for r in ranges {
-            self.push_extent(device.clone(), r.byte_offset(), r.byte_len())?;
+            self.add_extent(device.clone(), r.byte_offset(), r.byte_len())?;
         }
         Ok(())
     }
@@ -369,7 +369,7 @@ impl DiffStorage {
         drop(len);
         tracing::debug!(storage = %self.label, offset, by, "difference storage grew");
         let mut extents = self.extents.write().unwrap();
-        extents.push(Extent {
+        extents.push(StorageExtent {
             device: growable.device.clone(),
             offset,
             len: by,

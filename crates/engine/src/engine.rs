@@ -26,7 +26,7 @@ use crate::events::{Event, EventQueue};
 use crate::image::Image;
 use crate::snapshot::{CowSettings, DeviceSnapshot};
 use crate::tracked::TrackedDevice;
-use crate::volume::IMAGE_PREFIX;
+use crate::volume::{check_device_name, image_device, image_name, Volume};
 use crate::{SectorRange, SECTOR_SIZE};
 
 #[derive(Debug)]
@@ -77,7 +77,7 @@ struct Snapshot {
     events: Arc<EventQueue>,
     options: SnapshotOptions,
     /// One per device, in the same order, once taken.
-    images: Vec<Arc<DeviceSnapshot>>,
+    device_snapshots: Vec<Arc<DeviceSnapshot>>,
 }
 
 /// What `snapshot_info` reports about one image.
@@ -209,18 +209,7 @@ impl Engine {
         path: Option<&Path>,
         origin: Arc<dyn BlockDevice>,
     ) -> Result<Arc<TrackedDevice>> {
-        if name.is_empty() || name.contains('/') || name.len() > 255 {
-            return Err(Error::InvalidArgument(format!(
-                "device name {name:?} must be 1 to 255 characters without '/'"
-            )));
-        }
-        // Volume names: `snapshot/` holds the images; `.` and `..` are
-        // directory entries wherever volumes show as files.
-        if [".", "..", IMAGE_PREFIX.trim_end_matches('/')].contains(&name) {
-            return Err(Error::InvalidArgument(format!(
-                "device name {name:?} is reserved; give another with --name"
-            )));
-        }
+        check_device_name(name)?;
         if origin.size() == 0 {
             return Err(Error::InvalidArgument(format!(
                 "device {name} is empty (0 bytes)"
@@ -361,7 +350,7 @@ impl Engine {
                 storage: Arc::new(storage),
                 events,
                 options,
-                images: Vec::new(),
+                device_snapshots: Vec::new(),
             },
         );
         tracing::info!(snapshot = %id, "snapshot created");
@@ -384,7 +373,7 @@ impl Engine {
             });
         }
         let snapshot = registry.snapshots.get_mut(id).expect("checked above");
-        if !snapshot.images.is_empty() {
+        if !snapshot.device_snapshots.is_empty() {
             return Err(Error::WrongState(format!(
                 "snapshot {id} is already taken; devices cannot be added"
             )));
@@ -432,7 +421,7 @@ impl Engine {
     pub fn snapshot_take(&self, id: &Uuid) -> Result<()> {
         let mut registry = self.registry();
         let snapshot = registry.snapshot(id)?;
-        if !snapshot.images.is_empty() {
+        if !snapshot.device_snapshots.is_empty() {
             return Err(Error::WrongState(format!("snapshot {id} is already taken")));
         }
         if snapshot.devices.is_empty() {
@@ -440,7 +429,7 @@ impl Engine {
                 "snapshot {id} has no devices; add one first"
             )));
         }
-        let images: Vec<Arc<DeviceSnapshot>> = snapshot
+        let device_snapshots: Vec<Arc<DeviceSnapshot>> = snapshot
             .devices
             .iter()
             .map(|d| {
@@ -462,16 +451,20 @@ impl Engine {
             })
             .collect();
         let mut held: Vec<_> = snapshot.devices.iter().map(|d| d.hold_writes()).collect();
-        for ((gate, device), image) in held.iter_mut().zip(&snapshot.devices).zip(&images) {
+        for ((gate, device), taken) in held
+            .iter_mut()
+            .zip(&snapshot.devices)
+            .zip(&device_snapshots)
+        {
             device.change_tracker().switch();
-            **gate = Some(image.clone());
+            **gate = Some(taken.clone());
         }
         drop(held);
         registry
             .snapshots
             .get_mut(id)
             .expect("checked above")
-            .images = images;
+            .device_snapshots = device_snapshots;
         tracing::info!(snapshot = %id, "snapshot taken");
         Ok(())
     }
@@ -488,7 +481,7 @@ impl Engine {
         for mut gate in held {
             *gate = None;
         }
-        for image in &snapshot.images {
+        for image in &snapshot.device_snapshots {
             image.mark_destroyed();
         }
         snapshot.events.close();
@@ -511,13 +504,13 @@ impl Engine {
                 .iter()
                 .map(|d| d.name().to_string())
                 .collect(),
-            taken: !snapshot.images.is_empty(),
+            taken: !snapshot.device_snapshots.is_empty(),
             storage: snapshot.storage.stats(),
             storage_grows: snapshot.storage.grows(),
             images: snapshot
                 .devices
                 .iter()
-                .zip(&snapshot.images)
+                .zip(&snapshot.device_snapshots)
                 .map(|(d, i)| ImageInfo {
                     device: d.name().to_string(),
                     size: i.size(),
@@ -551,15 +544,37 @@ impl Engine {
             .iter()
             .position(|d| Arc::ptr_eq(d, device))
             .expect("snapshot_of found it");
-        let cow = snapshot.images.get(index).ok_or_else(|| {
+        let device_snapshot = snapshot.device_snapshots.get(index).ok_or_else(|| {
             Error::WrongState(format!(
                 "snapshot {id} is not taken yet; it has no image of {key}"
             ))
         })?;
         Ok(Image {
             device: device.clone(),
-            cow: cow.clone(),
+            device_snapshot: device_snapshot.clone(),
         })
+    }
+
+    /// The volume called `name`, if it exists now.
+    pub fn volume(&self, name: &str) -> Option<Volume> {
+        if let Some(device) = image_device(name) {
+            let image = self.image(device).ok()?;
+            return (image.device_name() == device).then_some(Volume::Image(image));
+        }
+        let device = self.device(name).ok()?;
+        (device.name() == name).then_some(Volume::Device(device))
+    }
+
+    /// Every volume's name: each device, then its image when taken.
+    pub fn volume_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for device in self.devices() {
+            names.push(device.name().to_string());
+            if self.image(device.name()).is_ok() {
+                names.push(image_name(device.name()));
+            }
+        }
+        names
     }
 
     /// The next event of a snapshot, waiting up to `timeout`; `None` when none
@@ -582,7 +597,7 @@ impl Engine {
         let chunks: usize = registry
             .snapshots
             .values()
-            .flat_map(|s| s.images.iter())
+            .flat_map(|s| s.device_snapshots.iter())
             .map(|i| i.footprint())
             .sum();
         cbt + chunks

@@ -15,7 +15,7 @@ use crate::tracked::TrackedDevice;
 #[derive(Debug, Clone)]
 pub struct Image {
     pub(crate) device: Arc<TrackedDevice>,
-    pub(crate) cow: Arc<DeviceSnapshot>,
+    pub(crate) device_snapshot: Arc<DeviceSnapshot>,
 }
 
 impl Image {
@@ -25,16 +25,16 @@ impl Image {
     }
 
     pub fn size(&self) -> u64 {
-        self.cow.size()
+        self.device_snapshot.size()
     }
 
     pub fn chunk_size(&self) -> u64 {
-        self.cow.chunk_size()
+        self.device_snapshot.chunk_size()
     }
 
     /// 0 while the image is valid, else the errno that invalidated it.
     pub fn error_code(&self) -> i32 {
-        self.cow.error_code()
+        self.device_snapshot.error_code()
     }
 
     /// The change tracker of the device: its readable map is frozen at this
@@ -49,23 +49,23 @@ impl Image {
         if len == 0 {
             return Ok(Vec::new());
         }
-        self.cow.image_extents(offset, len)
+        self.device_snapshot.image_extents(offset, len)
     }
 
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.device.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
-            return self.cow.check_usable();
+            return self.device_snapshot.check_usable();
         }
-        self.cow.read_image(buf, offset)
+        self.device_snapshot.read_image(buf, offset)
     }
 
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.device.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
-            return self.cow.check_usable();
+            return self.device_snapshot.check_usable();
         }
-        self.cow.write_image(buf, offset)?;
+        self.device_snapshot.write_image(buf, offset)?;
         self.device.mark_changed(offset, buf.len() as u64);
         Ok(())
     }
@@ -88,6 +88,6 @@ impl Image {
     /// Image writes are not durable by design (the snapshot does not survive
     /// a crash); flush only reports whether the image is still usable.
     pub fn flush(&self) -> Result<()> {
-        self.cow.check_usable()
+        self.device_snapshot.check_usable()
     }
 }

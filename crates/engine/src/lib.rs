@@ -22,7 +22,7 @@ mod events;
 mod image;
 mod snapshot;
 mod tracked;
-mod volume;
+pub mod volume;
 
 pub use cbt::{CbtInfo, ChangeTracker};
 pub use config::{Config, CopyErrorPolicy, SnapshotOptions};
@@ -33,7 +33,7 @@ pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
 pub use tracked::TrackedDevice;
-pub use volume::{Volume, IMAGE_PREFIX};
+pub use volume::Volume;
 
 /// Bytes in a sector: the unit of sector ranges in the control commands.
 pub const SECTOR_SIZE: u64 = 512;

@@ -66,7 +66,14 @@ impl TrackedDevice {
         self.origin.min_io_size()
     }
 
-    pub fn origin(&self) -> &Arc<dyn BlockDevice> {
+    /// The logical block size users should see (512 for files).
+    pub fn logical_block_size(&self) -> u32 {
+        self.origin.logical_block_size()
+    }
+
+    /// The origin behind the filter: for the engine only, since a write
+    /// through it would bypass copy-on-write and change tracking.
+    pub(crate) fn origin(&self) -> &Arc<dyn BlockDevice> {
         &self.origin
     }
 

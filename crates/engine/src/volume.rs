@@ -1,18 +1,50 @@
 //! A volume is what frontends serve: a tracked device or a snapshot image,
 //! addressed by one name space — the device's name, or `snapshot/<device>`
 //! for the image of a device whose snapshot is taken. Frontends (NBD, FUSE)
-//! resolve names here so they all expose the same set under the same names.
+//! and the daemon build and split volume names only here
+//! ([`image_name`], [`image_device`]) so they all expose the same set under
+//! the same names, and the names a device may not take
+//! ([`check_device_name`]) are decided here too. The engine looks volumes up
+//! by name ([`crate::Engine::volume`]).
 
 use std::sync::Arc;
 
 use crate::device::Extent;
-use crate::engine::Engine;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::tracked::TrackedDevice;
 
 /// The name prefix of snapshot images.
-pub const IMAGE_PREFIX: &str = "snapshot/";
+const IMAGE_PREFIX: &str = "snapshot/";
+
+/// The volume name of a device's snapshot image: `snapshot/<device>`.
+pub fn image_name(device: &str) -> String {
+    format!("{IMAGE_PREFIX}{device}")
+}
+
+/// The device whose image `volume` names, or `None` when `volume` names a
+/// device.
+pub fn image_device(volume: &str) -> Option<&str> {
+    volume.strip_prefix(IMAGE_PREFIX)
+}
+
+/// A device name must be usable as a volume name: 1 to 255 characters, no
+/// '/', and none of the names the volume name space reserves (`snapshot`
+/// holds the images; `.` and `..` are directory entries wherever volumes
+/// show as files).
+pub(crate) fn check_device_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('/') || name.len() > 255 {
+        return Err(Error::InvalidArgument(format!(
+            "device name {name:?} must be 1 to 255 characters without '/'"
+        )));
+    }
+    if [".", "..", IMAGE_PREFIX.trim_end_matches('/')].contains(&name) {
+        return Err(Error::InvalidArgument(format!(
+            "device name {name:?} is reserved; give another with --name"
+        )));
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone)]
 pub enum Volume {
@@ -25,7 +57,7 @@ impl Volume {
     pub fn name(&self) -> String {
         match self {
             Volume::Device(d) => d.name().to_string(),
-            Volume::Image(i) => format!("{IMAGE_PREFIX}{}", i.device_name()),
+            Volume::Image(i) => image_name(i.device_name()),
         }
     }
 
@@ -82,32 +114,8 @@ impl Volume {
     /// The logical block size users should see (512 for files).
     pub fn logical_block_size(&self) -> u32 {
         match self {
-            Volume::Device(d) => d.origin().logical_block_size(),
-            Volume::Image(i) => i.device.origin().logical_block_size(),
+            Volume::Device(d) => d.logical_block_size(),
+            Volume::Image(i) => i.device.logical_block_size(),
         }
-    }
-}
-
-impl Engine {
-    /// The volume called `name`, if it exists now.
-    pub fn volume(&self, name: &str) -> Option<Volume> {
-        if let Some(device) = name.strip_prefix(IMAGE_PREFIX) {
-            let image = self.image(device).ok()?;
-            return (image.device_name() == device).then_some(Volume::Image(image));
-        }
-        let device = self.device(name).ok()?;
-        (device.name() == name).then_some(Volume::Device(device))
-    }
-
-    /// Every volume's name: each device, then its image when taken.
-    pub fn volume_names(&self) -> Vec<String> {
-        let mut names = Vec::new();
-        for device in self.devices() {
-            names.push(device.name().to_string());
-            if self.image(device.name()).is_ok() {
-                names.push(format!("{IMAGE_PREFIX}{}", device.name()));
-            }
-        }
-        names
     }
 }

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use blksnap_engine::{Engine, Volume, IMAGE_PREFIX};
+use blksnap_engine::volume::{image_device, image_name};
+use blksnap_engine::{Engine, Volume};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
@@ -114,7 +115,7 @@ impl VolumeFs {
         let names = self.engine.volume_names();
         let mut out = Vec::new();
         for name in names {
-            match (dir, name.strip_prefix(IMAGE_PREFIX)) {
+            match (dir, image_device(&name)) {
                 (ROOT, None) => out.push((self.ino(&name), FileType::RegularFile, name.clone())),
                 (SNAPSHOT_DIR, Some(device)) => {
                     out.push((self.ino(&name), FileType::RegularFile, device.to_string()))
@@ -146,7 +147,7 @@ impl Filesystem for VolumeFs {
         }
         let full = match parent.0 {
             ROOT => name.to_string(),
-            SNAPSHOT_DIR => format!("{IMAGE_PREFIX}{name}"),
+            SNAPSHOT_DIR => image_name(name),
             _ => return reply.error(Errno::ENOENT),
         };
         match self.engine.volume(&full) {

@@ -16,7 +16,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use blksnap_engine::{Engine, IMAGE_PREFIX};
+use blksnap_engine::volume::image_name;
+use blksnap_engine::Engine;
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 
 pub use loopdev::LoopDevice;
@@ -145,7 +146,7 @@ impl LocalDevices {
 
     /// Loop devices of a device and of its image.
     pub fn volumes_of_device(device: &str) -> [String; 2] {
-        [device.to_string(), format!("{IMAGE_PREFIX}{device}")]
+        [device.to_string(), image_name(device)]
     }
 
     /// Detaches every loop device and unmounts the filesystem.

@@ -26,8 +26,6 @@ use std::thread::JoinHandle;
 
 use blksnap_engine::Engine;
 
-pub use blksnap_engine::IMAGE_PREFIX;
-
 /// A stream the server can serve on.
 pub trait Conn: Read + Write + Send + 'static {
     fn try_clone_conn(&self) -> io::Result<Self>

@@ -3,7 +3,8 @@
 //! Unix stream socket), the error reply with errno names, and the parsers
 //! shared by the CLI and the daemon (sizes with K/M/G suffixes, sector
 //! ranges). Used by the daemon and by the client crates; knows nothing of the
-//! engine.
+//! engine, except for the daemon's conversions behind the `engine` feature
+//! (`from_engine.rs`).
 
 use std::io::{self, BufRead, Write};
 
@@ -11,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 mod errno;
+#[cfg(feature = "engine")]
+mod from_engine;
 pub use errno::{errno_from_name, errno_name};
 
 /// The protocol version this crate speaks.
