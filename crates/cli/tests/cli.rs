@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::Daemon;
+use blksnap_test_support::changed_since;
+use common::{create_args, Daemon};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -143,13 +144,7 @@ fn whole_command_set() {
     );
     let map = std::fs::read(&map_file).unwrap();
     assert_eq!(map.len(), 128);
-    let marked: Vec<usize> = map
-        .iter()
-        .enumerate()
-        .filter(|(_, &v)| v > 0)
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(marked, [2, 16]);
+    assert_eq!(changed_since(&map, 0), [2, 16]);
     assert!(map.iter().all(|&v| v <= 1));
     let l = lines(&d.ok(&["cbtinfo", "--device", "a.img"]))
         .iter()
@@ -269,28 +264,9 @@ fn errors_name_the_problem_and_the_daemon_survives() {
     );
     assert_alive(&d);
 
-    let s1 = d.ok(&[
-        "snapshot_create",
-        "--device",
-        "a.img",
-        "--file",
-        ".",
-        "--limit",
-        "1G",
-    ]);
-    let s1 = s1.trim();
-    let err = d.fails(
-        &[
-            "snapshot_create",
-            "--device",
-            "a.img",
-            "--file",
-            ".",
-            "--limit",
-            "1G",
-        ],
-        &["a.img", "EBUSY"],
-    );
+    let s1 = d.create("a.img");
+    let s1 = s1.as_str();
+    let err = d.fails(&create_args("a.img"), &["a.img", "EBUSY"]);
     assert!(err.contains(s1), "{err}");
     let s2 = d.ok(&["snapshot_create", "--file", ".", "--limit", "1G"]);
     d.fails(

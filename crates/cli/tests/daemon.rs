@@ -5,30 +5,28 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
+use std::process::Output;
 use std::time::Duration;
 
 use blksnap_client::{Client, SnapshotCreateArgs};
-use common::{blksnapd, exists, Daemon};
+use common::{blksnapd_command, exists, Daemon};
+
+/// `blksnapd` refused to run: status 1, and a message with every needle.
+fn assert_refused(out: &Output, needles: &[&str]) {
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(needles.iter().all(|n| stderr.contains(n)), "{stderr}");
+}
 
 #[test]
 fn socket_is_private_and_single() {
     let mut d = Daemon::start();
     let mode = std::fs::metadata(&d.control).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let second = Command::new(blksnapd())
-        .arg("--control")
-        .arg(&d.control)
-        .arg("--state-dir")
-        .arg(d.path("state2"))
+    let second = blksnapd_command(&d.control, &d.path("state2"))
         .output()
         .unwrap();
-    assert_eq!(second.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        stderr.contains("already serving") && stderr.contains(&d.pid().to_string()),
-        "{stderr}"
-    );
+    assert_refused(&second, &["already serving", &d.pid().to_string()]);
     // the first daemon is unharmed
     assert_eq!(d.ok(&["version"]), "0.1.0\n");
     assert!(d.stop().success());
@@ -40,19 +38,10 @@ fn stops_cleanly_on_sigterm_and_sigint_with_devices_attached() {
     let mut d = Daemon::start();
     d.image("a.img", 1 << 20);
     d.ok(&["attach", "--device", "a.img"]);
-    let id = d.ok(&[
-        "snapshot_create",
-        "--device",
-        "a.img",
-        "--file",
-        ".",
-        "--limit",
-        "1G",
-    ]);
-    d.ok(&["snapshot_take", "--id", id.trim()]);
+    let id = d.snapshot("a.img");
     // a client waiting for events does not hold up the stop for long
     let mut waiter = Client::connect(&d.control).unwrap();
-    let id: uuid::Uuid = id.trim().parse().unwrap();
+    let id: uuid::Uuid = id.parse().unwrap();
     let t = std::thread::spawn(move || waiter.snapshot_wait_event(id, Duration::from_secs(2)));
     std::thread::sleep(Duration::from_millis(100));
     let started = std::time::Instant::now();
@@ -86,21 +75,12 @@ fn config_file_is_checked() {
         "chunk_minimum_shift = 18\ndiff_storage_minim = \"1G\"\n",
     )
     .unwrap();
-    let out = Command::new(blksnapd())
-        .arg("--control")
-        .arg(dir.path().join("c.sock"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
+    let out = blksnapd_command(&dir.path().join("c.sock"), &dir.path().join("state"))
         .arg("--config")
         .arg(&config)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("diff_storage_minim") && stderr.contains("blksnapd.toml"),
-        "{stderr}"
-    );
+    assert_refused(&out, &["diff_storage_minim", "blksnapd.toml"]);
     std::fs::write(
         &config,
         "tracking_block_minimum_shift = 12\ndiff_storage_minimum = \"64M\"\n",
@@ -175,18 +155,9 @@ fn nbd_over_tcp_is_loopback_only_unless_allowed() {
     drop(d);
 
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(blksnapd())
-        .arg("--control")
-        .arg(dir.path().join("c.sock"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
+    let out = blksnapd_command(&dir.path().join("c.sock"), &dir.path().join("state"))
         .args(["--nbd-tcp", "0.0.0.0:0"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("not a loopback address") && stderr.contains("nbd_tcp_allow_remote"),
-        "{stderr}"
-    );
+    assert_refused(&out, &["not a loopback address", "nbd_tcp_allow_remote"]);
 }

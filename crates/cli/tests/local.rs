@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use blksnap_test_support::{changed_since, is_root, sparse_file, Pattern};
 use common::Daemon;
 use serde_json::Value;
 
@@ -109,16 +110,6 @@ fn s(path: &Path) -> &str {
 /// Straight to the test's stderr, past the test harness's capture.
 fn loud(message: &str) {
     let _ = std::io::stderr().write_all(format!("\n{message}\n").as_bytes());
-}
-
-fn is_root() -> bool {
-    // "Uid:\treal\teffective\t..."
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
-        .unwrap_or(false)
 }
 
 /// Whether the test can run here; prints a loud SKIPPED line when it cannot
@@ -298,14 +289,21 @@ fn md5s(dir: &Path, names: &[String]) -> Sums {
         .collect()
 }
 
-/// `count` files of random content and size (1 byte to `max`) in `dir`,
-/// named `<prefix>-<i>`; returns their md5 sums.
-fn write_files(dir: &Path, prefix: &str, count: usize, max: u64, seed: u64) -> Sums {
+/// `count` files of random content in `dir`, named `<prefix>-<i>`, each as
+/// large as `size` says (drawing from the generator before the content);
+/// returns their md5 sums. A failed write fails the test.
+fn write_random_files(
+    dir: &Path,
+    prefix: &str,
+    count: usize,
+    seed: u64,
+    mut size: impl FnMut(&mut fastrand::Rng) -> usize,
+) -> Sums {
     std::fs::create_dir_all(dir).unwrap();
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut names = Vec::new();
     for i in 0..count {
-        let mut data = vec![0u8; rng.usize(1..=max as usize)];
+        let mut data = vec![0u8; size(&mut rng)];
         rng.fill(&mut data);
         let name = format!("{prefix}-{i}");
         std::fs::write(dir.join(&name), &data)
@@ -315,21 +313,15 @@ fn write_files(dir: &Path, prefix: &str, count: usize, max: u64, seed: u64) -> S
     md5s(dir, &names)
 }
 
+/// `count` files of random content and size (1 byte to `max`) in `dir`,
+/// named `<prefix>-<i>`; returns their md5 sums.
+fn write_files(dir: &Path, prefix: &str, count: usize, max: u64, seed: u64) -> Sums {
+    write_random_files(dir, prefix, count, seed, |rng| rng.usize(1..=max as usize))
+}
+
 /// `count` files of exactly 1 MiB of random content; returns their sums.
-/// A failed write fails the test.
 fn write_mib_files(dir: &Path, prefix: &str, count: usize, seed: u64) -> Sums {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut data = vec![0u8; MIB as usize];
-    let mut names = Vec::new();
-    for i in 0..count {
-        rng.fill(&mut data);
-        let name = format!("{prefix}-{i}");
-        std::fs::write(dir.join(&name), &data)
-            .unwrap_or_else(|e| panic!("writing {}/{name}: {e}", dir.display()));
-        names.push(name);
-    }
-    md5s(dir, &names)
+    write_random_files(dir, prefix, count, seed, |_| MIB as usize)
 }
 
 /// `dir` holds exactly the expected files, with the expected content.
@@ -444,6 +436,26 @@ impl Env {
         }
     }
 
+    /// The test's environment; `None` when the test cannot run here (after
+    /// [`ready`] said so).
+    fn start_if_ready(
+        test: &'static str,
+        extra_tools: &[&str],
+        config: Option<&str>,
+    ) -> Option<Self> {
+        ready(test, extra_tools).then(|| Self::start(test, config))
+    }
+
+    /// The usual origin: a 64 MiB file attached with a loop device, ext4 on
+    /// it, mounted on `<work>/origin`. Returns (device name, loop device,
+    /// mount point).
+    fn ext4_origin(&self) -> (String, String, PathBuf) {
+        let (dev, dev_loop) = self.attach_loop(&self.file("origin.img", 64 * MIB));
+        self.mkfs(Fs::Ext4, &dev_loop);
+        let origin = self.mount(&dev_loop, "origin", &[]);
+        (dev, dev_loop, origin)
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -540,9 +552,7 @@ impl Env {
 
     /// A sparse file of `size` bytes in the work directory.
     fn file(&self, name: &str, size: u64) -> PathBuf {
-        let path = self.work.join(name);
-        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
-        path
+        sparse_file(&self.work, name, size)
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -659,6 +669,23 @@ impl Env {
         id
     }
 
+    /// Creates and takes a snapshot of `device` with its difference
+    /// storage in `storage` (up to 1 GiB); returns its id.
+    fn snapshot(&self, device: &str, storage: &Path) -> String {
+        let id = self.create(&["--device", device, "--file", s(storage), "--limit", "1G"]);
+        self.take(&id);
+        id
+    }
+
+    /// `snapshot_appendstorage` of sector ranges (`start:count`) of `file`.
+    fn append_storage(&self, id: &str, file: &Path, ranges: &[&str]) {
+        let mut args = vec!["snapshot_appendstorage", "--id", id, "--device", s(file)];
+        for range in ranges {
+            args.extend(["--range", range]);
+        }
+        self.ok(&args);
+    }
+
     /// `snapshot_take --json`: the result.
     fn take(&self, id: &str) -> Value {
         parse_json(&self.ok(&["snapshot_take", "--id", id, "--json"]))
@@ -686,6 +713,19 @@ impl Env {
 
     fn storage_total(&self, device: &str) -> u64 {
         self.info(device)["storage"]["total"].as_u64().unwrap()
+    }
+
+    /// After a destroy: waits (5 s at most) until no loop device is left
+    /// over an image's FUSE file; returns the directory of those files.
+    fn wait_image_loops_gone(&self) -> PathBuf {
+        let snapshot_files = self.fuse_dir.join("snapshot");
+        assert!(
+            wait_until(Duration::from_secs(5), || loops_under(&snapshot_files)
+                .is_empty()),
+            "image loop devices left after destroy: {:?}",
+            loops_under(&snapshot_files)
+        );
+        snapshot_files
     }
 
     /// Stops the daemon with SIGTERM (it must exit within 20 s).
@@ -834,10 +874,9 @@ impl Drop for Env {
 #[test]
 fn filesystems_on_origins_and_images() {
     const TEST: &str = "filesystems_on_origins_and_images";
-    if !ready(TEST, &[]) {
+    let Some(env) = Env::start_if_ready(TEST, &[], None) else {
         return;
-    }
-    let env = Env::start(TEST, None);
+    };
     let (a, a_loop) = env.attach_loop(&env.file("a.img", 64 * MIB));
     let (b, b_loop) = env.attach_loop(&env.file("b.img", 128 * MIB));
     env.mkfs(Fs::Ext4, &a_loop);
@@ -930,13 +969,7 @@ fn filesystems_on_origins_and_images() {
     env.umount(&mounted_b);
 
     env.ok(&["snapshot_destroy", "--id", &id]);
-    let snapshot_files = env.fuse_dir.join("snapshot");
-    assert!(
-        wait_until(Duration::from_secs(5), || loops_under(&snapshot_files)
-            .is_empty()),
-        "image loop devices left after destroy: {:?}",
-        loops_under(&snapshot_files)
-    );
+    let snapshot_files = env.wait_image_loops_gone();
     assert!(
         listing(&snapshot_files).is_empty(),
         "image files after destroy"
@@ -1046,14 +1079,11 @@ impl<'a> Round<'a> {
 #[test]
 fn difference_storage_variants() {
     const TEST: &str = "difference_storage_variants";
-    if !ready(TEST, &[]) {
-        return;
-    }
     const STEP: u64 = 8 * MIB;
-    let env = Env::start(TEST, Some(SMALL_STEPS));
-    let (dev, dev_loop) = env.attach_loop(&env.file("origin.img", 64 * MIB));
-    env.mkfs(Fs::Ext4, &dev_loop);
-    let origin = env.mount(&dev_loop, "origin", &[]);
+    let Some(env) = Env::start_if_ready(TEST, &[], Some(SMALL_STEPS)) else {
+        return;
+    };
+    let (dev, _, origin) = env.ext4_origin();
 
     // A regular file of 4 KiB, grown in 8 MiB steps.
     {
@@ -1159,17 +1189,7 @@ fn difference_storage_variants() {
         assert_eq!(env.storage_total(&dev), 0);
         run_ok("mount", &["-o", "remount,ro", s(&origin)]);
         env.take(&id);
-        env.ok(&[
-            "snapshot_appendstorage",
-            "--id",
-            &id,
-            "--device",
-            s(&ranges),
-            "--range",
-            "2048:32768",
-            "--range",
-            "40960:32768",
-        ]);
+        env.append_storage(&id, &ranges, &["2048:32768", "40960:32768"]);
         let info = env.info(&dev);
         assert_eq!(info["storage"]["total"], 32 * MIB, "{info}");
         assert_eq!(info["storage"]["extents"], 2, "{info}");
@@ -1190,27 +1210,16 @@ fn difference_storage_variants() {
             origin writes until storage is appended, or refuse such a take"]
 fn storage_appended_after_take_with_origin_mounted() {
     const TEST: &str = "storage_appended_after_take_with_origin_mounted";
-    if !ready(TEST, &[]) {
+    let Some(env) = Env::start_if_ready(TEST, &[], None) else {
         return;
-    }
-    let env = Env::start(TEST, None);
-    let (dev, dev_loop) = env.attach_loop(&env.file("origin.img", 64 * MIB));
-    env.mkfs(Fs::Ext4, &dev_loop);
-    let origin = env.mount(&dev_loop, "origin", &[]);
+    };
+    let (dev, _, origin) = env.ext4_origin();
     let round = Round::begin(&env, &dev, &origin, "ranges", 26);
     let ranges = env.file("diff-ranges.img", 64 * MIB);
     let id = round.create(&[]);
     let taken = env.take(&id);
     assert_eq!(taken["frozen"], serde_json::json!([s(&origin)]), "{taken}");
-    env.ok(&[
-        "snapshot_appendstorage",
-        "--id",
-        &id,
-        "--device",
-        s(&ranges),
-        "--range",
-        "0:65536",
-    ]);
+    env.append_storage(&id, &ranges, &["0:65536"]);
     assert_eq!(
         env.ok(&["snapshot_info", "--device", &dev, "--field", "error_code"])
             .trim(),
@@ -1229,13 +1238,10 @@ fn storage_appended_after_take_with_origin_mounted() {
 #[test]
 fn storage_overflow_corrupts_only_the_image() {
     const TEST: &str = "storage_overflow_corrupts_only_the_image";
-    if !ready(TEST, &[]) {
+    let Some(env) = Env::start_if_ready(TEST, &[], Some(SMALL_STEPS)) else {
         return;
-    }
-    let env = Env::start(TEST, Some(SMALL_STEPS));
-    let (dev, dev_loop) = env.attach_loop(&env.file("origin.img", 64 * MIB));
-    env.mkfs(Fs::Ext4, &dev_loop);
-    let origin = env.mount(&dev_loop, "origin", &[]);
+    };
+    let (dev, dev_loop, origin) = env.ext4_origin();
     let base = write_files(&origin.join("base"), "base", 5, MIB, 31);
     sync_fs(&origin);
 
@@ -1332,13 +1338,10 @@ fn filefrag_ranges(file: &Path) -> Vec<(u64, u64)> {
 #[test]
 fn cbt_map_and_markdirtyblock_file() {
     const TEST: &str = "cbt_map_and_markdirtyblock_file";
-    if !ready(TEST, &["filefrag"]) {
+    let Some(env) = Env::start_if_ready(TEST, &["filefrag"], None) else {
         return;
-    }
-    let env = Env::start(TEST, None);
-    let (dev, dev_loop) = env.attach_loop(&env.file("origin.img", 64 * MIB));
-    env.mkfs(Fs::Ext4, &dev_loop);
-    let origin = env.mount(&dev_loop, "origin", &[]);
+    };
+    let (dev, dev_loop, origin) = env.ext4_origin();
     write_files(&origin.join("a"), "a", 10, MIB, 41);
     sync_fs(&origin);
     let storage = env.dir("storage");
@@ -1355,8 +1358,7 @@ fn cbt_map_and_markdirtyblock_file() {
 
     // The readable map stays as it was at the take while the snapshot is
     // held, whatever is written meanwhile.
-    let first = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
-    env.take(&first);
+    let first = env.snapshot(&dev, &storage);
     let c1 = cbtinfo()["changes_number"].as_u64().unwrap();
     let held = map("held-1.map");
     assert!(
@@ -1365,9 +1367,7 @@ fn cbt_map_and_markdirtyblock_file() {
     );
     write_files(&origin.join("b"), "b", 10, MIB, 42);
     let target = origin.join("b").join("target");
-    let mut data = vec![0u8; 700 << 10];
-    fastrand::Rng::with_seed(43).fill(&mut data);
-    std::fs::write(&target, &data).unwrap();
+    std::fs::write(&target, Pattern::RandomFill.bytes(43, 700 << 10)).unwrap();
     sync_fs(&origin);
     assert_eq!(
         map("held-2.map"),
@@ -1382,8 +1382,7 @@ fn cbt_map_and_markdirtyblock_file() {
     // a read-only mount, and freezing one is a no-op), and it was made
     // without lazy initialization, so no kernel thread writes either.
     run_ok("mount", &["-o", "remount,ro", s(&origin)]);
-    let second = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
-    env.take(&second);
+    let second = env.snapshot(&dev, &storage);
     let c2 = cbtinfo()["changes_number"].as_u64().unwrap();
     assert!(c2 > c1, "changes_number {c1} -> {c2}");
     let after_writes = map("after-writes.map");
@@ -1419,14 +1418,11 @@ fn cbt_map_and_markdirtyblock_file() {
         ranges.len()
     );
     env.ok(&["snapshot_destroy", "--id", &second]);
-    let third = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
-    env.take(&third);
+    let third = env.snapshot(&dev, &storage);
     let next = map("marked.map");
-    let changed: BTreeSet<u64> = next
-        .iter()
-        .enumerate()
-        .filter(|&(_, &b)| b as u64 > c2)
-        .map(|(i, _)| i as u64)
+    let changed: BTreeSet<u64> = changed_since(&next, c2)
+        .into_iter()
+        .map(|i| i as u64)
         .collect();
     assert_eq!(
         changed, expected,
@@ -1437,13 +1433,6 @@ fn cbt_map_and_markdirtyblock_file() {
 
 // ---------------------------------------------------------------------------
 // 5. Concurrent I/O on the origin and the image; destroy under load.
-
-/// 64 MiB of content for pattern `tag`.
-fn pattern(tag: u64) -> Vec<u8> {
-    let mut data = vec![0u8; 64 * MIB as usize];
-    fastrand::Rng::with_seed(tag).fill(&mut data);
-    data
-}
 
 /// Pieces the concurrent writers write: half a chunk (256 KiB here), so
 /// copies of partly written chunks are exercised.
@@ -1586,11 +1575,11 @@ impl Drop for Workers {
 #[test]
 fn concurrent_origin_and_image_io_and_destroy() {
     const TEST: &str = "concurrent_origin_and_image_io_and_destroy";
-    if !ready(TEST, &["blkdiscard"]) {
+    let Some(env) = Env::start_if_ready(TEST, &["blkdiscard"], None) else {
         return;
-    }
-    let env = Env::start(TEST, None);
-    let (a, b, c, d) = (pattern(0xA), pattern(0xB), pattern(0xC), pattern(0xD));
+    };
+    // 64 MiB of content for each pattern.
+    let [a, b, c, d] = [0xA, 0xB, 0xC, 0xD].map(|tag| Pattern::RandomFill.bytes(tag, 64 * MIB));
     let zeros = vec![0u8; 64 * MIB as usize];
     let known: [(&str, &[u8]); 5] = [
         ("A", &a),
@@ -1612,8 +1601,7 @@ fn concurrent_origin_and_image_io_and_destroy() {
     let (pat_b, pat_c, pat_d) = (files[0].clone(), files[1].clone(), files[2].clone());
     let (dev, origin) = env.attach_loop(&origin_file);
     let storage = env.dir("storage");
-    let id = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
-    env.take(&id);
+    let id = env.snapshot(&dev, &storage);
     let image = env.image_of(&dev);
 
     // At the same time, in shuffled 128 KiB pieces: the origin gets B over
@@ -1695,8 +1683,7 @@ fn concurrent_origin_and_image_io_and_destroy() {
     // A new snapshot; readers and a writer on its image, a writer on the
     // origin (B again over 0..48: copies race the destroy, the content stays
     // the same); destroy in the middle of it all.
-    let id = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
-    env.take(&id);
+    let id = env.snapshot(&dev, &storage);
     let image = env.image_of(&dev);
     // Held open until the I/O stops, so the loop device stays ours (detached
     // lazily) and no later dd can reach a loop device reused by others.
@@ -1755,13 +1742,7 @@ fn concurrent_origin_and_image_io_and_destroy() {
     assert!(running(env.pid), "blksnapd died:\n{}", env.log_tail());
     env.ok(&["version"]);
     assert_eq!(env.ok(&["snapshot_collect"]), "");
-    let snapshot_files = env.fuse_dir.join("snapshot");
-    assert!(
-        wait_until(Duration::from_secs(5), || loops_under(&snapshot_files)
-            .is_empty()),
-        "image loop device left after destroy: {:?}",
-        loops_under(&snapshot_files)
-    );
+    env.wait_image_loops_gone();
     compare(
         "origin after destroy",
         &read_device(&origin, &read_into),
@@ -1776,13 +1757,10 @@ fn concurrent_origin_and_image_io_and_destroy() {
 #[test]
 fn clean_stop_waits_for_unmount() {
     const TEST: &str = "clean_stop_waits_for_unmount";
-    if !ready(TEST, &[]) {
+    let Some(mut env) = Env::start_if_ready(TEST, &[], None) else {
         return;
-    }
-    let mut env = Env::start(TEST, None);
-    let (dev, dev_loop) = env.attach_loop(&env.file("origin.img", 64 * MIB));
-    env.mkfs(Fs::Ext4, &dev_loop);
-    let origin = env.mount(&dev_loop, "origin", &[]);
+    };
+    let (dev, dev_loop, origin) = env.ext4_origin();
     let files = write_files(&origin.join("data"), "f", 3, MIB, 61);
     sync_fs(&origin);
 

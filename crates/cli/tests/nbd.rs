@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 use std::thread;
 use std::time::Duration;
 
+use blksnap_test_support::Pattern;
 use common::Daemon;
 
 const MIB: u64 = 1 << 20;
@@ -40,25 +41,25 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-fn random_file(path: &std::path::Path, size: u64, seed: u64) {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let data: Vec<u8> = (0..size).map(|_| rng.u8(..)).collect();
-    std::fs::write(path, data).unwrap();
+/// A device `name` of `size` random bytes (pattern `seed`) in the daemon's
+/// directory, attached; returns its content.
+fn random_device(d: &Daemon, name: &str, size: u64, seed: u64) -> Vec<u8> {
+    let data = Pattern::Random.bytes(seed, size);
+    std::fs::write(d.path(name), &data).unwrap();
+    d.ok(&["attach", "--device", name]);
+    data
 }
 
-fn snapshot(d: &Daemon, device: &str) -> String {
-    let id = d.ok(&[
-        "snapshot_create",
-        "--device",
-        device,
-        "--file",
-        ".",
-        "--limit",
-        "1G",
-    ]);
-    let id = id.trim().to_string();
-    d.ok(&["snapshot_take", "--id", &id]);
-    id
+/// `qemu-img compare` of two raw images (files or NBD URIs); `-q` when
+/// `quiet`.
+fn qemu_img_compare(quiet: bool, left: &str, right: &str) -> Command {
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("compare");
+    if quiet {
+        cmd.arg("-q");
+    }
+    cmd.args(["-f", "raw", "-F", "raw", left, right]);
+    cmd
 }
 
 /// `nbdinfo --map` lines as (offset, length, type).
@@ -86,10 +87,9 @@ fn qemu_img_convert_and_compare_an_image_with_the_pre_write_copy() {
         return;
     }
     let d = Daemon::start();
-    random_file(&d.path("a.img"), 16 * MIB, 1);
-    std::fs::copy(d.path("a.img"), d.path("before.img")).unwrap();
-    d.ok(&["attach", "--device", "a.img"]);
-    snapshot(&d, "a.img");
+    let content = random_device(&d, "a.img", 16 * MIB, 1);
+    std::fs::write(d.path("before.img"), content).unwrap();
+    d.snapshot("a.img");
     let origin = d.uri("a.img");
     // Writes through the origin export, each read back.
     for (i, at) in [0, 300 * KIB, 5 * MIB + 512, 16 * MIB - 64 * KIB]
@@ -123,38 +123,16 @@ fn qemu_img_convert_and_compare_an_image_with_the_pre_write_copy() {
         &image,
         d.path("out.img").to_str().unwrap(),
     ]));
-    run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        d.path("before.img").to_str().unwrap(),
+    let before = d.path("before.img");
+    let before = before.to_str().unwrap();
+    run(&mut qemu_img_compare(
+        false,
+        before,
         d.path("out.img").to_str().unwrap(),
-    ]));
-    run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        d.path("before.img").to_str().unwrap(),
-        &image,
-    ]));
+    ));
+    run(&mut qemu_img_compare(false, before, &image));
     // ...and the origin really did change.
-    let differ = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-q",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            d.path("before.img").to_str().unwrap(),
-            &origin,
-        ])
-        .status()
-        .unwrap();
+    let differ = qemu_img_compare(true, before, &origin).status().unwrap();
     assert_eq!(differ.code(), Some(1));
 }
 
@@ -180,7 +158,7 @@ fn nbdinfo_lists_exports_and_maps_allocation_and_changed_blocks() {
         map(&d.uri("s.img"), "base:allocation"),
         [(0, 3 * MIB, 3), (3 * MIB, MIB, 0), (4 * MIB, 12 * MIB, 3)]
     );
-    let first = snapshot(&d, "s.img");
+    let first = d.snapshot("s.img");
     // Blocks changed after snapshot 1: tracking blocks are 64 KiB.
     let writes = [
         (8 * MIB, 4 * KIB),
@@ -197,7 +175,7 @@ fn nbdinfo_lists_exports_and_maps_allocation_and_changed_blocks() {
         ]));
     }
     d.ok(&["snapshot_destroy", "--id", &first]);
-    let second = snapshot(&d, "s.img");
+    let second = d.snapshot("s.img");
     let list = String::from_utf8(
         run(Command::new("nbdinfo").args([
             "--list",
@@ -275,10 +253,8 @@ fn nbdcopy_with_several_connections() {
         return;
     }
     let d = Daemon::start();
-    random_file(&d.path("c.img"), 32 * MIB, 2);
-    let before = std::fs::read(d.path("c.img")).unwrap();
-    d.ok(&["attach", "--device", "c.img"]);
-    snapshot(&d, "c.img");
+    let before = random_device(&d, "c.img", 32 * MIB, 2);
+    d.snapshot("c.img");
     // Copy while writes hit the origin.
     let writer = {
         let origin = d.uri("c.img");
@@ -341,7 +317,7 @@ fn fio_random_writes_verify_while_snapshots_are_taken_and_read() {
     // Takes, image reads and destroys while fio writes.
     let mut rounds = 0;
     while !fio.is_finished() && rounds < 20 {
-        let id = snapshot(&d, "f.img");
+        let id = d.snapshot("f.img");
         let copy = d.path("image.copy");
         run(Command::new("nbdcopy").args([&d.uri("snapshot/f.img"), copy.to_str().unwrap()]));
         assert_eq!(

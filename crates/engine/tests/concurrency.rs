@@ -7,13 +7,16 @@
 //!   device A then device B; in the images of one snapshot of both,
 //!   seq(A) is seq(B) or seq(B) + 1.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use blksnap_engine::{Config, Engine, Error, FileDevice, Image, SnapshotOptions, StorageSpec};
+use blksnap_test_support::{sparse_file, Pattern};
+use common::snapshot_of;
+
+mod common;
 
 const BLOCK: u64 = 4096;
 
@@ -42,21 +45,13 @@ fn engine() -> Engine {
     .unwrap()
 }
 
-fn image_file(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
-    let path = dir.join(name);
-    let file = std::fs::File::create(&path).unwrap();
-    file.set_len(size).unwrap();
-    path
-}
-
 /// The content of block `block` of device `dev` after write `seq` (seq 0:
 /// never written, zeroes): an 16-byte stamp, then a pattern of all three.
 fn block_content(dev: u64, block: u64, seq: u64) -> Vec<u8> {
     if seq == 0 {
         return vec![0; BLOCK as usize];
     }
-    let mut rng = fastrand::Rng::with_seed(dev << 48 ^ block << 24 ^ seq);
-    let mut data: Vec<u8> = (0..BLOCK).map(|_| rng.u8(..)).collect();
+    let mut data = Pattern::Random.bytes(dev << 48 ^ block << 24 ^ seq, BLOCK);
     data[..8].copy_from_slice(&seq.to_le_bytes());
     data[8..16].copy_from_slice(&block.to_le_bytes());
     data
@@ -120,7 +115,7 @@ fn stress() {
     let engine = Arc::new(engine());
     let names: Vec<String> = (0..DEVICES).map(|d| format!("disk{d}")).collect();
     for name in &names {
-        let path = image_file(dir.path(), name, SIZE);
+        let path = sparse_file(dir.path(), name, SIZE);
         engine
             .attach(name, Arc::new(FileDevice::open(&path).unwrap()))
             .unwrap();
@@ -283,7 +278,7 @@ fn cross_device() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(engine());
     for name in ["a", "b"] {
-        let path = image_file(dir.path(), name, 4 << 20);
+        let path = sparse_file(dir.path(), name, 4 << 20);
         engine
             .attach(name, Arc::new(FileDevice::open(&path).unwrap()))
             .unwrap();
@@ -317,15 +312,12 @@ fn cross_device() {
     let mut rng = fastrand::Rng::with_seed(3);
     for _ in 0..200 {
         thread::sleep(Duration::from_micros(rng.u64(100..3000)));
-        let id = engine
-            .snapshot_create(
-                StorageSpec::Path(dir.path().to_path_buf()),
-                SnapshotOptions::default(),
-            )
-            .unwrap();
-        engine.snapshot_add(&id, "a").unwrap();
-        engine.snapshot_add(&id, "b").unwrap();
-        engine.snapshot_take(&id).unwrap();
+        let id = snapshot_of(
+            &engine,
+            &["a", "b"],
+            StorageSpec::Path(dir.path().to_path_buf()),
+            SnapshotOptions::default(),
+        );
         let (a, b) = (
             read_seq(&engine.image("a").unwrap()),
             read_seq(&engine.image("b").unwrap()),

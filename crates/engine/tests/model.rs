@@ -13,8 +13,12 @@ use std::sync::Arc;
 use blksnap_engine::{
     BlockDevice, Config, Engine, Error, MemDevice, SectorRange, SnapshotOptions, StorageSpec,
 };
+use blksnap_test_support::Pattern;
+use common::{mem_storage, snapshot_of};
 use proptest::prelude::*;
 use uuid::Uuid;
+
+mod common;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -131,11 +135,6 @@ fn setup() -> impl Strategy<Value = Setup> {
         )
 }
 
-fn pattern(seed: u64, len: u64) -> Vec<u8> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    (0..len).map(|_| rng.u8(..)).collect()
-}
-
 /// The reference model of one device.
 struct ModelDevice {
     origin: Vec<u8>,
@@ -240,7 +239,7 @@ impl Harness {
             Op::Write { dev, pos, seed } => {
                 let dev = dev % n;
                 let (offset, len) = pos.resolve(self.setup.sizes[dev]);
-                let data = pattern(seed, len);
+                let data = Pattern::Random.bytes(seed, len);
                 let device = self.engine.device(&name(dev)).unwrap();
                 device
                     .write(&data, offset)
@@ -274,7 +273,7 @@ impl Harness {
                     return;
                 };
                 let (offset, len) = pos.resolve(self.setup.sizes[dev]);
-                let data = pattern(seed, len);
+                let data = Pattern::Random.bytes(seed, len);
                 let image = self.engine.image(&name(dev)).unwrap();
                 let m = &mut self.model[dev];
                 match image.write(&data, offset) {
@@ -337,7 +336,7 @@ impl Harness {
             .map(|&d| self.setup.sizes[d].next_multiple_of(self.expected_chunk_size(d)))
             .sum();
         let (spec, ranges) = match storage_kind {
-            0 => (StorageSpec::Device(Arc::new(MemDevice::new(need))), None),
+            0 => (mem_storage(need), None),
             1 => {
                 // Three ranges of an odd-sized device, appended after the
                 // take; each wastes at most a chunk at its tail.
@@ -348,19 +347,10 @@ impl Harness {
                     .collect();
                 (StorageSpec::Empty, Some((backing, ranges)))
             }
-            _ => (
-                StorageSpec::Device(Arc::new(MemDevice::new(need / 3 + 512))),
-                None,
-            ),
+            _ => (mem_storage(need / 3 + 512), None),
         };
-        let id = self
-            .engine
-            .snapshot_create(spec, SnapshotOptions::default())
-            .unwrap();
-        for &d in &chosen {
-            self.engine.snapshot_add(&id, &name(d)).unwrap();
-        }
-        self.engine.snapshot_take(&id).unwrap();
+        let names: Vec<String> = chosen.iter().map(|&d| name(d)).collect();
+        let id = snapshot_of(&self.engine, &names, spec, SnapshotOptions::default());
         if let Some((backing, ranges)) = ranges {
             self.engine
                 .snapshot_append_storage_device(&id, backing, &ranges)

@@ -13,15 +13,14 @@ use blksnap_engine::{
     BlockDevice, Config, CopyErrorPolicy, Engine, Error, Event, MemDevice, SectorRange,
     SnapshotOptions, StorageSpec,
 };
+use blksnap_test_support::{changed_since, Pattern};
+use common::{drain_events, mem_storage, on_copy_error, snapshot_of, snapshot_one, wait_events};
 use uuid::Uuid;
+
+mod common;
 
 const KIB: u64 = 1024;
 const CHUNK: u64 = 256 * KIB;
-
-fn fill(seed: u64, len: u64) -> Vec<u8> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    (0..len).map(|_| rng.u8(1..)).collect()
-}
 
 fn read_all(read: impl Fn(&mut [u8], u64) -> blksnap_engine::Result<()>, size: u64) -> Vec<u8> {
     let mut buf = vec![0; size as usize];
@@ -33,28 +32,10 @@ fn read_all(read: impl Fn(&mut [u8], u64) -> blksnap_engine::Result<()>, size: u
 /// known pattern that is returned.
 fn setup(engine: &Engine, name: &str, size: u64) -> Vec<u8> {
     let device = Arc::new(MemDevice::new(size));
-    let data = fill(size ^ name.len() as u64, size);
+    let data = Pattern::RandomNonZero.bytes(size ^ name.len() as u64, size);
     device.write_at(&data, 0).unwrap();
     engine.attach(name, device).unwrap();
     data
-}
-
-fn snapshot_of(
-    engine: &Engine,
-    names: &[&str],
-    storage: StorageSpec,
-    options: SnapshotOptions,
-) -> Uuid {
-    let id = engine.snapshot_create(storage, options).unwrap();
-    for name in names {
-        engine.snapshot_add(&id, name).unwrap();
-    }
-    engine.snapshot_take(&id).unwrap();
-    id
-}
-
-fn mem_storage(size: u64) -> StorageSpec {
-    StorageSpec::Device(Arc::new(MemDevice::new(size)))
 }
 
 #[test]
@@ -63,12 +44,7 @@ fn chunk_borders_keep_neighbours_intact() {
     // 8 full chunks and a short last one of 3 sectors.
     let size = 8 * CHUNK + 3 * 512;
     let before = setup(&engine, "d", size);
-    snapshot_of(
-        &engine,
-        &["d"],
-        mem_storage(16 * CHUNK),
-        SnapshotOptions::default(),
-    );
+    snapshot_one(&engine, "d", mem_storage(16 * CHUNK));
     let device = engine.device("d").unwrap();
     let image = engine.image("d").unwrap();
     assert_eq!(image.chunk_size(), CHUNK);
@@ -124,17 +100,12 @@ fn overflow_corrupts_the_image_and_keeps_every_origin_write() {
     let size = 32 * CHUNK;
     setup(&engine, "small", size);
     // Room for 4 chunks; 16 chunks will be written.
-    let id = snapshot_of(
-        &engine,
-        &["small"],
-        mem_storage(4 * CHUNK),
-        SnapshotOptions::default(),
-    );
+    let id = snapshot_one(&engine, "small", mem_storage(4 * CHUNK));
     let device = engine.device("small").unwrap();
     let image = engine.image("small").unwrap();
     let mut expected = read_all(|b, o| device.read(b, o), size);
     for chunk in 0..16 {
-        let data = fill(chunk, 4 * KIB);
+        let data = Pattern::RandomNonZero.bytes(chunk, 4 * KIB);
         let at = chunk * 2 * CHUNK + 1000;
         device
             .write(&data, at)
@@ -142,13 +113,7 @@ fn overflow_corrupts_the_image_and_keeps_every_origin_write() {
         expected[at as usize..at as usize + data.len()].copy_from_slice(&data);
     }
     assert!(read_all(|b, o| device.read(b, o), size) == expected);
-    let mut events = Vec::new();
-    while let Some(e) = engine
-        .snapshot_wait_event(&id, Duration::from_millis(10))
-        .unwrap()
-    {
-        events.push(e);
-    }
+    let events = wait_events(&engine, &id, Duration::from_millis(10));
     assert!(
         events.contains(&Event::Corrupted {
             device: "small".into(),
@@ -178,10 +143,7 @@ fn overflow_corrupts_the_image_and_keeps_every_origin_write() {
 fn break_policy_fails_the_origin_write_and_keeps_the_image() {
     let engine = Engine::new(Config::default()).unwrap();
     let before = setup(&engine, "d", 8 * CHUNK);
-    let options = SnapshotOptions {
-        on_copy_error: Some(CopyErrorPolicy::BreakOriginWrite),
-        ..SnapshotOptions::default()
-    };
+    let options = on_copy_error(CopyErrorPolicy::BreakOriginWrite);
     let id = snapshot_of(&engine, &["d"], StorageSpec::Empty, options);
     let device = engine.device("d").unwrap();
     let err = device.write(&[1; 512], 0).unwrap_err();
@@ -213,22 +175,14 @@ fn storage_io_error_corrupts_by_default() {
     let engine = Engine::new(Config::default()).unwrap();
     setup(&engine, "d", 4 * CHUNK);
     let storage = Arc::new(MemDevice::new(8 * CHUNK));
-    let id = snapshot_of(
-        &engine,
-        &["d"],
-        StorageSpec::Device(storage.clone()),
-        SnapshotOptions::default(),
-    );
+    let id = snapshot_one(&engine, "d", StorageSpec::Device(storage.clone()));
     let device = engine.device("d").unwrap();
     device.write(&[1; 512], 0).unwrap();
     storage.set_fail_writes(true);
     device.write(&[2; 512], CHUNK).unwrap();
     assert_eq!(engine.snapshot_info(&id).unwrap().images[0].error_code, 5);
     // A fixed storage far below half a growth step also warned no_space.
-    let mut events = Vec::new();
-    while let Some(e) = engine.snapshot_wait_event(&id, Duration::ZERO).unwrap() {
-        events.push(e);
-    }
+    let events = drain_events(&engine, &id);
     assert_eq!(
         events.last(),
         Some(&Event::Corrupted {
@@ -251,9 +205,8 @@ fn copy_timeout_follows_the_policy() {
         let before = setup(&engine, "d", 4 * CHUNK);
         let storage = Arc::new(MemDevice::new(8 * CHUNK));
         let options = SnapshotOptions {
-            on_copy_error: Some(policy),
             copy_timeout: Some(Duration::from_millis(30)),
-            ..SnapshotOptions::default()
+            ..on_copy_error(policy)
         };
         let id = snapshot_of(
             &engine,
@@ -302,12 +255,7 @@ fn readable_map_is_frozen_while_held_and_mark_dirty_shows_next_take() {
     device.write(&[1; 100], 3 * 64 * KIB).unwrap();
     device.write_zeroes(10 * 64 * KIB - 1, 2).unwrap();
     device.discard(20 * 64 * KIB, 0).unwrap();
-    let id = snapshot_of(
-        &engine,
-        &["d"],
-        mem_storage(128 * 64 * KIB),
-        SnapshotOptions::default(),
-    );
+    let id = snapshot_one(&engine, "d", mem_storage(128 * 64 * KIB));
     let held = engine.read_cbt_map("d").unwrap();
     let mut expected = vec![0u8; 64];
     expected[3] = 1;
@@ -339,24 +287,13 @@ fn readable_map_is_frozen_while_held_and_mark_dirty_shows_next_take() {
     assert_eq!(engine.read_cbt_map("d").unwrap(), held);
     engine.snapshot_destroy(&id).unwrap();
     assert_eq!(engine.read_cbt_map("d").unwrap(), held);
-    snapshot_of(
-        &engine,
-        &["d"],
-        mem_storage(128 * 64 * KIB),
-        SnapshotOptions::default(),
-    );
+    snapshot_one(&engine, "d", mem_storage(128 * 64 * KIB));
     for b in [30, 31, 40, 50, 59, 60] {
         expected[b] = 2;
     }
     assert_eq!(engine.read_cbt_map("d").unwrap(), expected);
     // Consumer rule: changed since backup 1 iff byte > 1.
-    let since1: Vec<usize> = expected
-        .iter()
-        .enumerate()
-        .filter(|(_, &v)| v > 1)
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(since1, [30, 31, 40, 50, 59, 60]);
+    assert_eq!(changed_since(&expected, 1), [30, 31, 40, 50, 59, 60]);
     // Out-of-range mark-dirty is refused whole.
     let err = engine
         .mark_dirty("d", &[SectorRange::new(0, 1), SectorRange::new(8192, 1)])
@@ -372,12 +309,7 @@ fn change_number_wrap_makes_a_new_generation() {
     let generation = engine.cbt_info("d").unwrap().generation_id;
     for n in 1..=254u32 {
         device.write(&[1; 512], (n as u64 % 4) * CHUNK).unwrap();
-        let id = snapshot_of(
-            &engine,
-            &["d"],
-            StorageSpec::Empty,
-            SnapshotOptions::default(),
-        );
+        let id = snapshot_one(&engine, "d", StorageSpec::Empty);
         engine.snapshot_destroy(&id).unwrap();
         let info = engine.cbt_info("d").unwrap();
         assert_eq!(
@@ -387,24 +319,14 @@ fn change_number_wrap_makes_a_new_generation() {
         assert_eq!(info.generation_id, generation);
     }
     device.write(&[1; 512], 0).unwrap();
-    let id = snapshot_of(
-        &engine,
-        &["d"],
-        StorageSpec::Empty,
-        SnapshotOptions::default(),
-    );
+    let id = snapshot_one(&engine, "d", StorageSpec::Empty);
     let info = engine.cbt_info("d").unwrap();
     assert_ne!(info.generation_id, generation);
     assert_eq!((info.changes_number, info.current_number), (0, 1));
     assert!(engine.read_cbt_map("d").unwrap().iter().all(|&b| b == 0));
     engine.snapshot_destroy(&id).unwrap();
     device.write(&[1; 512], CHUNK).unwrap();
-    snapshot_of(
-        &engine,
-        &["d"],
-        StorageSpec::Empty,
-        SnapshotOptions::default(),
-    );
+    snapshot_one(&engine, "d", StorageSpec::Empty);
     assert_eq!(
         engine.read_cbt_map("d").unwrap()[..8],
         [0, 0, 0, 0, 1, 0, 0, 0]
@@ -480,12 +402,7 @@ fn image_read_racing_with_a_copy_never_returns_new_data() {
     });
     origin.write_at(&[0x11; 4096], CHUNK).unwrap();
     engine.attach("d", origin.clone()).unwrap();
-    snapshot_of(
-        &engine,
-        &["d"],
-        mem_storage(8 * CHUNK),
-        SnapshotOptions::default(),
-    );
+    snapshot_one(&engine, "d", mem_storage(8 * CHUNK));
     let image = engine.image("d").unwrap();
     // The image read of chunk 1 parks inside the origin read, after it saw
     // the chunk untouched.
@@ -515,12 +432,7 @@ fn concurrent_writers_of_one_chunk_wait_for_one_copy() {
     let engine = Arc::new(Engine::new(Config::default()).unwrap());
     let before = setup(&engine, "d", 4 * CHUNK);
     let storage = Arc::new(MemDevice::new(16 * CHUNK));
-    let id = snapshot_of(
-        &engine,
-        &["d"],
-        StorageSpec::Device(storage.clone()),
-        SnapshotOptions::default(),
-    );
+    let id = snapshot_one(&engine, "d", StorageSpec::Device(storage.clone()));
     storage.set_delay(Duration::from_millis(20));
     let go = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..8u64)
@@ -672,12 +584,7 @@ fn zero_length_requests_change_nothing() {
     device.write(&[], 0).unwrap();
     device.discard(CHUNK, 0).unwrap();
     device.write_zeroes(2 * CHUNK, 0).unwrap();
-    let id = snapshot_of(
-        &engine,
-        &["d"],
-        mem_storage(CHUNK),
-        SnapshotOptions::default(),
-    );
+    let id = snapshot_one(&engine, "d", mem_storage(CHUNK));
     assert!(engine.read_cbt_map("d").unwrap().iter().all(|&b| b == 0));
     device.write(&[], 0).unwrap();
     assert_eq!(

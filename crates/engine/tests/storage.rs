@@ -37,6 +37,10 @@ use blksnap_engine::{
     BlockDevice, Config, CopyErrorPolicy, DeviceIdentity, Engine, Error, Event, FileDevice, Image,
     SectorRange, SnapshotOptions, StorageSpec, StorageStats, TrackedDevice, SECTOR_SIZE,
 };
+use blksnap_test_support::{is_root, sparse_file, Pattern};
+use common::{drain_events, on_copy_error, snapshot_of};
+
+mod common;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -67,16 +71,6 @@ fn config() -> Config {
 // ---------------------------------------------------------------------------
 // Root / loop device helpers
 // ---------------------------------------------------------------------------
-
-/// Whether the effective user is root (from /proc, without libc).
-fn is_root() -> bool {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        == Some("0")
-}
 
 /// Reports that `test` cannot run: a loud skip locally, a failure in CI.
 /// Returns false so callers can `return` on it.
@@ -147,15 +141,22 @@ impl LoopDevice {
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
-        match Command::new("losetup").arg("-d").arg(&self.path).output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "warning: losetup -d {} failed: {}",
-                self.path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => eprintln!("warning: cannot run losetup -d: {e}"),
-        }
+        clean_up(
+            &format!("losetup -d {}", self.path.display()),
+            Command::new("losetup").arg("-d").arg(&self.path),
+        );
+    }
+}
+
+/// Runs the clean-up command `what` of a Drop: a failure is only a warning.
+fn clean_up(what: &str, command: &mut Command) {
+    match command.output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => eprintln!(
+            "warning: {what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => eprintln!("warning: cannot run {what}: {e}"),
     }
 }
 
@@ -172,6 +173,14 @@ fn loop_device(test: &str, file: &Path) -> Option<LoopDevice> {
             None
         }
     }
+}
+
+/// An origin over a loop device: 4 MiB of random bytes (seed `seed`) in
+/// `dir/origin-backing.img`; (that file, the loop device), or `None` after
+/// skipping `test` (failing in CI) as [`loop_device`] does.
+fn origin_on_loop(test: &str, dir: &Path, seed: u64) -> Option<(PathBuf, LoopDevice)> {
+    let (backing, _) = random_file(dir, "origin-backing.img", 4 * MIB, seed);
+    loop_device(test, &backing).map(|lo| (backing, lo))
 }
 
 /// An ext4 filesystem made on `device` and mounted at `dir`, unmounted on drop.
@@ -203,15 +212,10 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        match Command::new("umount").arg(&self.dir).output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "warning: umount {} failed: {}",
-                self.dir.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => eprintln!("warning: cannot run umount: {e}"),
-        }
+        clean_up(
+            &format!("umount {}", self.dir.display()),
+            Command::new("umount").arg(&self.dir),
+        );
     }
 }
 
@@ -219,16 +223,10 @@ impl Drop for Mount {
 // Data helpers
 // ---------------------------------------------------------------------------
 
-fn random_bytes(len: u64, seed: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; len as usize];
-    fastrand::Rng::with_seed(seed).fill(&mut buf);
-    buf
-}
-
 /// Creates `dir/name` with `len` random bytes; returns its path and content.
 fn random_file(dir: &Path, name: &str, len: u64, seed: u64) -> (PathBuf, Vec<u8>) {
     let path = dir.join(name);
-    let data = random_bytes(len, seed);
+    let data = Pattern::RandomFill.bytes(seed, len);
     fs::write(&path, &data).expect("write random file");
     (path, data)
 }
@@ -281,18 +279,6 @@ fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
     }
 }
 
-/// Every event queued so far, without waiting.
-fn drain_events(engine: &Engine, id: &uuid::Uuid) -> Vec<Event> {
-    let mut events = Vec::new();
-    while let Some(event) = engine
-        .snapshot_wait_event(id, Duration::ZERO)
-        .expect("wait event")
-    {
-        events.push(event);
-    }
-    events
-}
-
 fn stats(engine: &Engine, id: &uuid::Uuid) -> StorageStats {
     engine.snapshot_info(id).expect("snapshot info").storage
 }
@@ -322,7 +308,7 @@ fn file_storage_grows_in_steps_up_to_the_limit() {
     let engine = Engine::new(config()).unwrap();
     let dev = engine.attach_path(&origin_path, Some("origin")).unwrap();
     // Written before the take: must be in the image.
-    let before = random_bytes(CHUNK, 2);
+    let before = Pattern::RandomFill.bytes(2, CHUNK);
     dev.write(&before, 3 * MIB + 512).unwrap();
     at_take[(3 * MIB + 512) as usize..(3 * MIB + 512 + CHUNK) as usize].copy_from_slice(&before);
 
@@ -360,7 +346,7 @@ fn file_storage_grows_in_steps_up_to_the_limit() {
     let chunks = ORIGIN / CHUNK;
     for c in 0..chunks {
         let offset = c * CHUNK + rng.u64(0..=CHUNK - 4 * KIB);
-        let data = random_bytes(4 * KIB, 100 + c);
+        let data = Pattern::RandomFill.bytes(100 + c, 4 * KIB);
         dev.write(&data, offset)
             .unwrap_or_else(|e| panic!("origin write to chunk {c} must proceed: {e}"));
         origin_now[offset as usize..(offset + 4 * KIB) as usize].copy_from_slice(&data);
@@ -566,7 +552,7 @@ fn directory_storage_is_an_unnamed_tmpfile() {
     let image = engine.image("origin").unwrap();
     let mut origin_now = at_take.clone();
     for (i, c) in [0u64, 3, 17, 63].into_iter().enumerate() {
-        let data = random_bytes(8 * KIB, 20 + i as u64);
+        let data = Pattern::RandomFill.bytes(20 + i as u64, 8 * KIB);
         let offset = c * CHUNK + 1000;
         dev.write(&data, offset).unwrap();
         origin_now[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
@@ -615,8 +601,7 @@ fn block_device_storage_is_fixed_size() {
     const STORAGE: u64 = 32 * MIB;
     const ORIGIN: u64 = 48 * MIB;
     let dir = tempfile::tempdir().unwrap();
-    let backing = dir.path().join("storage-backing.img");
-    File::create(&backing).unwrap().set_len(STORAGE).unwrap();
+    let backing = sparse_file(dir.path(), "storage-backing.img", STORAGE);
     let Some(lo) = loop_device(TEST, &backing) else {
         return;
     };
@@ -652,7 +637,7 @@ fn block_device_storage_is_fixed_size() {
     let mut events = Vec::new();
     let mut corrupted_at = None;
     for c in 0..ORIGIN / CHUNK {
-        dev.write(&random_bytes(512, 1000 + c), c * CHUNK + 4096)
+        dev.write(&Pattern::RandomFill.bytes(1000 + c, 512), c * CHUNK + 4096)
             .unwrap_or_else(|e| panic!("origin write to chunk {c}: {e}"));
         let st = stats(&engine, &id);
         assert_eq!((st.total, st.extents), (STORAGE, 1), "after chunk {c}");
@@ -738,18 +723,16 @@ fn loop_device_origin_is_exclusive() {
     }
     assert_eq!(engine.devices().len(), 1);
 
-    let id = engine
-        .snapshot_create(
-            StorageSpec::Path(dir.path().to_path_buf()),
-            SnapshotOptions::default(),
-        )
-        .unwrap();
-    engine.snapshot_add(&id, "disk").unwrap();
-    engine.snapshot_take(&id).unwrap();
+    let id = snapshot_of(
+        &engine,
+        &["disk"],
+        StorageSpec::Path(dir.path().to_path_buf()),
+        SnapshotOptions::default(),
+    );
     let image = engine.image(&lo.path().display().to_string()).unwrap();
     let mut origin_now = at_take.clone();
     for c in [0u64, 1, 100, 255] {
-        let data = random_bytes(CHUNK + 1024, 50 + c);
+        let data = Pattern::RandomFill.bytes(50 + c, CHUNK + 1024);
         let offset = (c * CHUNK + 3 * 512).min(ORIGIN - data.len() as u64);
         dev.write(&data, offset).unwrap();
         origin_now[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
@@ -791,10 +774,7 @@ fn ranges_appended_after_take() {
     let id = engine
         .snapshot_create(
             StorageSpec::Empty,
-            SnapshotOptions {
-                on_copy_error: Some(CopyErrorPolicy::BreakOriginWrite),
-                ..SnapshotOptions::default()
-            },
+            on_copy_error(CopyErrorPolicy::BreakOriginWrite),
         )
         .unwrap();
     assert_eq!(stats(&engine, &id).total, 0);
@@ -803,7 +783,7 @@ fn ranges_appended_after_take() {
     let image = engine.image("origin").unwrap();
 
     // No storage at all: the write fails and the origin is unchanged.
-    let data = random_bytes(4 * KIB, 61);
+    let data = Pattern::RandomFill.bytes(61, 4 * KIB);
     let offset = 5 * CHUNK + 1000;
     let err = dev.write(&data, offset).unwrap_err();
     assert_eq!(err.errno(), ENOSPC, "{err}");
@@ -872,8 +852,8 @@ fn ranges_appended_after_take() {
     let mut origin_now = at_take.clone();
     let writes = [
         (5u64, data),
-        (9, random_bytes(512, 62)),
-        (12, random_bytes(CHUNK, 63)),
+        (9, Pattern::RandomFill.bytes(62, 512)),
+        (12, Pattern::RandomFill.bytes(63, CHUNK)),
     ];
     for (c, data) in &writes {
         let offset = if data.len() as u64 == CHUNK {
@@ -949,6 +929,24 @@ fn assert_refused_as_served<T: std::fmt::Debug>(result: Result<T, Error>, what: 
     }
 }
 
+/// Appending sectors 0..8 of `path` to snapshot `id` is refused while
+/// `served` is served, and accepted once it is not.
+#[track_caller]
+fn append_refused_until_unserved(
+    engine: &Engine,
+    id: &uuid::Uuid,
+    path: &Path,
+    served: DeviceIdentity,
+    what: &str,
+) {
+    let ranges = [SectorRange::new(0, 8)];
+    assert_refused_as_served(engine.snapshot_append_storage(id, path, &ranges), what);
+    engine.remove_served_identity(served);
+    engine
+        .snapshot_append_storage(id, path, &ranges)
+        .unwrap_or_else(|e| panic!("{what}: allowed once not served: {e}"));
+}
+
 #[test]
 fn storage_on_served_device_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -990,14 +988,7 @@ fn storage_on_served_device_is_refused() {
         engine.snapshot_create(StorageSpec::Path(other_path.clone()), opts()),
         "create on an alias",
     );
-    assert_refused_as_served(
-        engine.snapshot_append_storage(&id, &other_path, &[SectorRange::new(0, 8)]),
-        "append on an alias",
-    );
-    engine.remove_served_identity(alias);
-    engine
-        .snapshot_append_storage(&id, &other_path, &[SectorRange::new(0, 8)])
-        .expect("allowed once the alias is gone");
+    append_refused_until_unserved(&engine, &id, &other_path, alias, "append on an alias");
     assert_eq!(stats(&engine, &id).extents, 1);
 
     // A served block device holding the filesystem the storage lives on.
@@ -1037,15 +1028,10 @@ fn storage_on_served_device_is_refused() {
 fn storage_on_served_device_is_refused_loop_and_mount() {
     const TEST: &str = "storage_on_served_device_is_refused_loop_and_mount";
     let dir = tempfile::tempdir().unwrap();
-    let (backing, _) = random_file(dir.path(), "origin-backing.img", 4 * MIB, 80);
-    let Some(origin_lo) = loop_device(TEST, &backing) else {
+    let Some((_, origin_lo)) = origin_on_loop(TEST, dir.path(), 80) else {
         return;
     };
-    let fs_backing = dir.path().join("fs-backing.img");
-    File::create(&fs_backing)
-        .unwrap()
-        .set_len(32 * MIB)
-        .unwrap();
+    let fs_backing = sparse_file(dir.path(), "fs-backing.img", 32 * MIB);
     let fs_lo = LoopDevice::attach(&fs_backing).expect("second loop device");
     let mount = Mount::new(fs_lo.path(), &dir.path().join("mnt")).expect("mkfs and mount");
     let on_fs = mount.dir.join("storage.bin");
@@ -1079,14 +1065,13 @@ fn storage_on_served_device_is_refused_loop_and_mount() {
     let id = engine
         .snapshot_create(StorageSpec::Empty, SnapshotOptions::default())
         .unwrap();
-    assert_refused_as_served(
-        engine.snapshot_append_storage(&id, &on_fs, &[SectorRange::new(0, 8)]),
+    append_refused_until_unserved(
+        &engine,
+        &id,
+        &on_fs,
+        served,
         "append on a served filesystem",
     );
-    engine.remove_served_identity(served);
-    engine
-        .snapshot_append_storage(&id, &on_fs, &[SectorRange::new(0, 8)])
-        .expect("allowed once not served");
     engine.snapshot_destroy(&id).unwrap();
     drop(engine);
     drop(mount);
@@ -1166,17 +1151,13 @@ fn file_device_open_errors() {
 // 7. Discard and write-zeroes zero exactly the range
 // ---------------------------------------------------------------------------
 
-/// Non-zero bytes, so zeroed ranges stand out.
-fn nonzero_pattern(len: u64) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8 + 1).collect()
-}
-
 /// For discard and write-zeroes, and several unaligned and aligned ranges:
 /// refill, zero, and check the device (and `backing`, read from disk after a
 /// flush) holds zeroes exactly there.
 fn check_zeroing(dev: &FileDevice, backing: &Path) {
     let size = dev.size();
-    let pattern = nonzero_pattern(size);
+    // Never zero, so zeroed ranges stand out.
+    let pattern = Pattern::Ramp.bytes(0, size);
     let ranges = [
         (1000, 5000),
         (0, 1),
@@ -1216,7 +1197,7 @@ fn file_device_zeroing_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("zero.img");
     let mut f = File::create(&path).unwrap();
-    f.write_all(&nonzero_pattern(MIB)).unwrap();
+    f.write_all(&Pattern::Ramp.bytes(0, MIB)).unwrap();
     drop(f);
     let dev = FileDevice::open(&path).unwrap();
     check_zeroing(&dev, &path);
@@ -1227,7 +1208,7 @@ fn file_device_zeroing_is_exact_on_loop_device() {
     const TEST: &str = "file_device_zeroing_is_exact_on_loop_device";
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("zero-backing.img");
-    fs::write(&backing, nonzero_pattern(MIB)).unwrap();
+    fs::write(&backing, Pattern::Ramp.bytes(0, MIB)).unwrap();
     let Some(lo) = loop_device(TEST, &backing) else {
         return;
     };
@@ -1243,10 +1224,10 @@ fn file_device_zeroing_is_exact_on_loop_device() {
     drop(dev);
     let engine = Engine::new(config()).unwrap();
     let tracked = engine.attach_path(lo.path(), None).unwrap();
-    tracked.write(&nonzero_pattern(MIB), 0).unwrap();
+    tracked.write(&Pattern::Ramp.bytes(0, MIB), 0).unwrap();
     tracked.write_zeroes(1000, 5000).unwrap();
     tracked.discard(300_000, 70_001).unwrap();
-    let mut expected = nonzero_pattern(MIB);
+    let mut expected = Pattern::Ramp.bytes(0, MIB);
     expected[1000..6000].fill(0);
     expected[300_000..370_001].fill(0);
     let mut got = vec![0u8; MIB as usize];
@@ -1271,26 +1252,17 @@ fn append_storage_while_copying_does_not_deadlock() {
     const ROUNDS: u64 = 40;
     let dir = tempfile::tempdir().unwrap();
     let (origin_path, at_take) = random_file(dir.path(), "origin.img", ORIGIN, 110);
-    let storage_path = dir.path().join("ranges.bin");
-    File::create(&storage_path)
-        .unwrap()
-        .set_len(ORIGIN)
-        .unwrap();
+    let storage_path = sparse_file(dir.path(), "ranges.bin", ORIGIN);
     let chunks = ORIGIN / CHUNK;
     for round in 0..ROUNDS {
         let engine = Arc::new(Engine::new(config()).unwrap());
         let dev = engine.attach_path(&origin_path, Some("origin")).unwrap();
-        let id = engine
-            .snapshot_create(
-                StorageSpec::Empty,
-                SnapshotOptions {
-                    on_copy_error: Some(CopyErrorPolicy::BreakOriginWrite),
-                    ..SnapshotOptions::default()
-                },
-            )
-            .unwrap();
-        engine.snapshot_add(&id, "origin").unwrap();
-        engine.snapshot_take(&id).unwrap();
+        let id = snapshot_of(
+            &engine,
+            &["origin"],
+            StorageSpec::Empty,
+            on_copy_error(CopyErrorPolicy::BreakOriginWrite),
+        );
         let (tx, rx) = std::sync::mpsc::channel();
         // One chunk-sized range at a time, while the writer copies chunks.
         let appender = {
@@ -1348,8 +1320,7 @@ fn append_storage_while_copying_does_not_deadlock() {
 fn storage_through_a_loop_device_is_refused() {
     const TEST: &str = "storage_through_a_loop_device_is_refused";
     let dir = tempfile::tempdir().unwrap();
-    let (backing, _) = random_file(dir.path(), "origin-backing.img", 4 * MIB, 120);
-    let Some(origin_lo) = loop_device(TEST, &backing) else {
+    let Some((backing, origin_lo)) = origin_on_loop(TEST, dir.path(), 120) else {
         return;
     };
     let (served_file, _) = random_file(dir.path(), "served.img", 4 * MIB, 121);

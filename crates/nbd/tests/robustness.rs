@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use blksnap_engine::{Config, Engine, MemDevice, SnapshotOptions, StorageSpec};
 use blksnap_nbd::protocol::*;
 use blksnap_nbd::NbdServer;
+use blksnap_test_support::Pattern;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 
@@ -76,19 +77,6 @@ fn be32(b: &[u8], at: usize) -> u32 {
 
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
-}
-
-/// Deterministic bytes, different for every seed, never long runs of zeroes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x as u8) | 1
-        })
-        .collect()
 }
 
 fn read_n(s: &mut impl Read, n: usize) -> Vec<u8> {
@@ -642,6 +630,21 @@ impl Fixture {
         Client::open(&self.socket, DISK, structured, &[])
     }
 
+    /// A client of `export` that has written `data` at `offset`.
+    fn client_with(&self, export: &str, structured: bool, offset: u64, data: &[u8]) -> Client {
+        let mut c = Client::open(&self.socket, export, structured, &[]);
+        c.write(offset, data);
+        c
+    }
+
+    /// A client of the disk that has written 4 KiB (pattern 1) at 0, and
+    /// what it wrote. In most tests the survivor: opened before the bad
+    /// connections, its data must outlive them.
+    fn client_with_data(&self, structured: bool) -> (Client, Vec<u8>) {
+        let data = Pattern::XorShift.bytes(1, 4096);
+        (self.client_with(DISK, structured, 0, &data), data)
+    }
+
     /// Waits until the server has exactly `n` connections (the bad ones
     /// closed on its side too).
     fn wait_connections(&self, n: usize) {
@@ -679,6 +682,13 @@ impl Fixture {
         fresh.disconnect();
         assert_no_server_panic();
     }
+
+    /// Every connection is gone (closed on the server's side too) and no
+    /// server thread panicked.
+    fn check_all_closed(&self) {
+        self.wait_connections(0);
+        assert_no_server_panic();
+    }
 }
 
 impl Drop for Fixture {
@@ -695,15 +705,14 @@ fn bad_requests_get_protocol_errors() {
     // Larger than the maximum payload, so an oversized read is in range.
     let size = 40 * MIB;
     let fx = Fixture::new(size);
-    let mut survivor = fx.client(false);
-    let mine = pattern(1, 8192);
-    survivor.write(0, &mine);
+    let mine = Pattern::XorShift.bytes(1, 8192);
+    let mut survivor = fx.client_with(DISK, false, 0, &mine);
     let mut acked = vec![(0, mine)];
     for structured in [false, true] {
         let mut c = fx.client(structured);
         assert_eq!(c.size, size);
         let at = MIB + if structured { 64 * KIB } else { 0 };
-        let data = pattern(2 + structured as u64, 4096);
+        let data = Pattern::XorShift.bytes(2 + structured as u64, 4096);
         c.write(at, &data);
         acked.push((at, data.clone()));
 
@@ -739,7 +748,13 @@ fn bad_requests_get_protocol_errors() {
         assert_eq!(c.errno(1 << 15, CMD_FLUSH, 0, 0, &[]), EINVAL);
         // A write with an unknown flag is refused and not applied.
         assert_eq!(
-            c.errno(1 << 12, CMD_WRITE, at, 4096, &pattern(99, 4096)),
+            c.errno(
+                1 << 12,
+                CMD_WRITE,
+                at,
+                4096,
+                &Pattern::XorShift.bytes(99, 4096)
+            ),
             EINVAL
         );
 
@@ -780,14 +795,12 @@ fn bad_requests_get_protocol_errors() {
 #[test]
 fn oversized_write_header_and_bad_magic_disconnect() {
     let fx = Fixture::new(4 * MIB);
-    let mut survivor = fx.client(true);
-    let mine = pattern(1, 4096);
-    survivor.write(0, &mine);
+    let (mut survivor, mine) = fx.client_with_data(true);
     let mut acked = vec![(0, mine)];
     for (i, structured) in [false, true].into_iter().enumerate() {
         let mut bad = fx.client(structured);
         let at = MIB + i as u64 * 64 * KIB;
-        let data = pattern(10 + i as u64, 64 * KIB as usize);
+        let data = Pattern::XorShift.bytes(10 + i as u64, 64 * KIB);
         bad.write(at, &data);
         acked.push((at, data));
         // A write announcing 32 MiB + 1: the server hangs up, no reply.
@@ -814,16 +827,15 @@ fn oversized_write_header_and_bad_magic_disconnect() {
 #[test]
 fn client_vanishing_mid_write_loses_nothing_acknowledged() {
     let fx = Fixture::new(4 * MIB);
-    let mut survivor = fx.client(false);
-    let mine = pattern(1, 4096);
-    survivor.write(3 * MIB, &mine);
+    let mine = Pattern::XorShift.bytes(1, 4096);
+    let mut survivor = fx.client_with(DISK, false, 3 * MIB, &mine);
     let at = MIB;
-    let before = pattern(2, 64 * KIB as usize);
+    let before = Pattern::XorShift.bytes(2, 64 * KIB);
     for structured in [false, true] {
         let mut c = fx.client(structured);
         c.write(at, &before);
         // A WRITE header and half its payload, then gone.
-        let half = pattern(3, 32 * KIB as usize);
+        let half = Pattern::XorShift.bytes(3, 32 * KIB);
         c.send(0, CMD_WRITE, 77, at, 64 * KIB as u32, &half);
         drop(c);
         fx.wait_connections(1);
@@ -849,12 +861,10 @@ type BadHandshake = Box<dyn Fn(&mut UnixStream)>;
 #[test]
 fn broken_handshakes_disconnect() {
     let fx = Fixture::new(4 * MIB);
-    let mut survivor = fx.client(true);
-    let mine = pattern(1, 4096);
-    survivor.write(0, &mine);
+    let (mut survivor, mine) = fx.client_with_data(true);
     let acked = vec![(0, mine)];
     let ok_flags = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes();
-    let garbage = pattern(7, 64);
+    let garbage = Pattern::XorShift.bytes(7, 64);
     let cases: Vec<(&str, BadHandshake)> = vec![
         (
             "unknown client flag",
@@ -999,21 +1009,18 @@ fn oversized_export_name_disconnects() {
     let name = vec![b'x'; 100 << 10];
     send_option(&mut s, OPT_EXPORT_NAME, &name);
     assert_closed(&mut s, "EXPORT_NAME over the option limit");
-    fx.wait_connections(0);
-    assert_no_server_panic();
+    fx.check_all_closed();
 }
 
 #[test]
 fn handshake_errors_let_the_handshake_continue() {
     let fx = Fixture::new(4 * MIB);
-    let mut survivor = fx.client(false);
-    let mine = pattern(1, 4096);
-    survivor.write(0, &mine);
+    let (mut survivor, mine) = fx.client_with_data(false);
 
     let mut s = greeted(&fx.socket);
     // Unknown options.
     expect_opt_reply(&mut s, 42, &[], REP_ERR_UNSUP);
-    expect_opt_reply(&mut s, 42, &pattern(3, 100), REP_ERR_UNSUP);
+    expect_opt_reply(&mut s, 42, &Pattern::XorShift.bytes(3, 100), REP_ERR_UNSUP);
     expect_opt_reply(&mut s, u32::MAX, &[1, 2, 3], REP_ERR_UNSUP);
     // Unknown exports.
     expect_opt_reply(&mut s, OPT_GO, &go_payload("nope", &[]), REP_ERR_UNKNOWN);
@@ -1061,7 +1068,7 @@ fn handshake_errors_let_the_handshake_continue() {
     expect_opt_reply(
         &mut s,
         42,
-        &pattern(4, (64 * KIB + 1) as usize),
+        &Pattern::XorShift.bytes(4, 64 * KIB + 1),
         REP_ERR_TOO_BIG,
     );
     // The handshake is still in step: INFO and LIST work.
@@ -1140,9 +1147,7 @@ fn handshake_errors_let_the_handshake_continue() {
 #[test]
 fn many_requests_in_flight_on_one_connection() {
     let fx = Fixture::new(4 * MIB);
-    let mut survivor = fx.client(true);
-    let mine = pattern(1, 4096);
-    survivor.write(0, &mine);
+    let (mut survivor, mine) = fx.client_with_data(true);
     let mut acked = vec![(0, mine)];
     const N: usize = 64;
     const BLOCK: usize = 4096;
@@ -1150,7 +1155,7 @@ fn many_requests_in_flight_on_one_connection() {
         let mut c = fx.client(structured);
         let reads_at = MIB + round as u64 * MIB / 2;
         let writes_at = reads_at + MIB / 4;
-        let before = pattern(20 + round as u64, N / 2 * BLOCK);
+        let before = Pattern::XorShift.bytes(20 + round as u64, (N / 2 * BLOCK) as u64);
         c.write(reads_at, &before);
         // Every request written before any reply is read.
         let mut batch = Vec::new();
@@ -1165,7 +1170,7 @@ fn many_requests_in_flight_on_one_connection() {
                 (
                     CMD_WRITE,
                     writes_at + k * BLOCK as u64,
-                    pattern(100 + i as u64, BLOCK),
+                    Pattern::XorShift.bytes(100 + i as u64, BLOCK as u64),
                 )
             };
             batch.extend_from_slice(
@@ -1212,7 +1217,7 @@ fn many_requests_in_flight_on_one_connection() {
         assert_eq!(r.error, 0);
         let written: Vec<u8> = (0..N)
             .filter(|i| i % 2 == 1)
-            .flat_map(|i| pattern(100 + i as u64, BLOCK))
+            .flat_map(|i| Pattern::XorShift.bytes(100 + i as u64, BLOCK as u64))
             .collect();
         assert_eq!(c.read(writes_at, written.len()), written);
         acked.push((writes_at, written));
@@ -1231,7 +1236,7 @@ fn soft_disconnect_answers_requests_in_flight_first() {
         let mut batch = Vec::new();
         let mut data = Vec::new();
         for i in 0..16u64 {
-            let block = pattern(200 + i, 4096);
+            let block = Pattern::XorShift.bytes(200 + i, 4096);
             let request = Request {
                 flags: CMD_FLAG_FUA * (i % 2) as u16,
                 command: CMD_WRITE,
@@ -1267,16 +1272,13 @@ fn soft_disconnect_answers_requests_in_flight_first() {
         );
     }
     fx.disk.set_delay(Duration::ZERO);
-    fx.wait_connections(0);
-    assert_no_server_panic();
+    fx.check_all_closed();
 }
 
 #[test]
 fn device_errors_become_error_replies() {
     let fx = Fixture::new(4 * MIB);
-    let mut survivor = fx.client(true);
-    let mine = pattern(1, 4096);
-    survivor.write(0, &mine);
+    let (mut survivor, mine) = fx.client_with_data(true);
     for structured in [false, true] {
         let mut c = fx.client(structured);
         fx.disk.set_fail_reads(true);
@@ -1284,7 +1286,10 @@ fn device_errors_become_error_replies() {
         assert_eq!(c.try_read(CMD_FLAG_DF, 0, 4096), Err(EIO));
         fx.disk.set_fail_reads(false);
         fx.disk.set_fail_writes(true);
-        assert_eq!(c.errno(0, CMD_WRITE, 0, 4096, &pattern(5, 4096)), EIO);
+        assert_eq!(
+            c.errno(0, CMD_WRITE, 0, 4096, &Pattern::XorShift.bytes(5, 4096)),
+            EIO
+        );
         assert_eq!(c.errno(CMD_FLAG_FUA, CMD_WRITE_ZEROES, 0, 4096, &[]), EIO);
         fx.disk.set_fail_writes(false);
         // The connection is still in step; nothing acknowledged was lost.
@@ -1302,8 +1307,8 @@ fn structured_reads_send_holes_and_respect_df() {
     let fx = Fixture::new(4 * MIB);
     let mut c = fx.client(true);
     assert_ne!(c.flags & TFLAG_SEND_DF, 0);
-    let head = pattern(1, 4096);
-    let middle = pattern(2, 10);
+    let head = Pattern::XorShift.bytes(1, 4096);
+    let middle = Pattern::XorShift.bytes(2, 10);
     c.write(0, &head);
     c.write(200 * KIB, &middle);
     let len = (320 * KIB + 100) as usize;
@@ -1368,8 +1373,7 @@ fn structured_reads_send_holes_and_respect_df() {
         matches!(&r.chunks[..], [(REPLY_FLAG_DONE, Chunk::Error { errno, .. })] if *errno == EINVAL)
     );
     c.disconnect();
-    fx.wait_connections(0);
-    assert_no_server_panic();
+    fx.check_all_closed();
 }
 
 // ---------------------------------------------------------------------------
@@ -1404,14 +1408,19 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     let blocks = (size / block) as usize;
     let mut dev = fx.client(true);
     // Before the first snapshot: block 0.
-    dev.write(100, &pattern(1, 10));
-    let storage = || StorageSpec::Device(Arc::new(MemDevice::new(16 * MIB)));
-    let first = fx
-        .engine
-        .snapshot_create(storage(), SnapshotOptions::default())
-        .unwrap();
-    fx.engine.snapshot_add(&first, DISK).unwrap();
-    fx.engine.snapshot_take(&first).unwrap();
+    dev.write(100, &Pattern::XorShift.bytes(1, 10));
+    // A snapshot of the disk, taken, with 16 MiB of memory storage.
+    let take = || {
+        let storage = StorageSpec::Device(Arc::new(MemDevice::new(16 * MIB)));
+        let id = fx
+            .engine
+            .snapshot_create(storage, SnapshotOptions::default())
+            .unwrap();
+        fx.engine.snapshot_add(&id, DISK).unwrap();
+        fx.engine.snapshot_take(&id).unwrap();
+        id
+    };
+    let first = take();
     // Between the snapshots: blocks 3, 10, 11-12 (one write across the
     // boundary) and the last one.
     let between: [(u64, usize); 4] = [
@@ -1421,17 +1430,12 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
         (size - 512, 512),
     ];
     for (i, &(at, n)) in between.iter().enumerate() {
-        dev.write(at, &pattern(10 + i as u64, n));
+        dev.write(at, &Pattern::XorShift.bytes(10 + i as u64, n as u64));
     }
     fx.engine.snapshot_destroy(&first).unwrap();
-    let second = fx
-        .engine
-        .snapshot_create(storage(), SnapshotOptions::default())
-        .unwrap();
-    fx.engine.snapshot_add(&second, DISK).unwrap();
-    fx.engine.snapshot_take(&second).unwrap();
+    let second = take();
     // Written after the second take: not in the image's maps.
-    dev.write(20 * block, &pattern(30, 4096));
+    dev.write(20 * block, &Pattern::XorShift.bytes(30, 4096));
 
     let image = format!("snapshot/{DISK}");
     let queries = [
@@ -1500,7 +1504,7 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     // The image reads as the device at the second take.
     assert_eq!(
         c.read(3 * block, block as usize),
-        pattern(10, block as usize)
+        Pattern::XorShift.bytes(10, block)
     );
     assert_eq!(c.read(20 * block, 4096), vec![0; 4096]);
     // The snapshot destroyed under the connection: errors, not a crash.
@@ -1512,8 +1516,7 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     }
     c.disconnect();
     dev.disconnect();
-    fx.wait_connections(0);
-    assert_no_server_panic();
+    fx.check_all_closed();
 }
 
 // ---------------------------------------------------------------------------
@@ -1523,9 +1526,7 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
 fn shutdown_answers_in_flight_requests_and_refuses_new_connections() {
     let fx = Fixture::new(4 * MIB);
     let (tcp, _) = fx.server.listen_tcp("127.0.0.1:0").unwrap();
-    let mut c = fx.client(true);
-    let data = pattern(1, 4096);
-    c.write(0, &data);
+    let (mut c, data) = fx.client_with_data(true);
     let mut simple = fx.client(false);
     let mut handshaking = connect(&fx.socket);
     read_hello(&mut handshaking);
@@ -1563,12 +1564,41 @@ fn shutdown_answers_in_flight_requests_and_refuses_new_connections() {
             "greeted over TCP after shutdown"
         );
     }
-    fx.wait_connections(0);
-    assert_no_server_panic();
+    fx.check_all_closed();
 }
 
 // ---------------------------------------------------------------------------
 // Random input.
+
+/// The random tests' server: its 1 MiB disk gets the random input; the
+/// survivor, on a second export "spare", has written 4 KiB (pattern 1) at 0.
+fn random_fixture() -> (Fixture, Client, Vec<u8>) {
+    let fx = Fixture::new(MIB);
+    let spare = Arc::new(MemDevice::new(MIB));
+    fx.engine.attach("spare", spare).unwrap();
+    let mine = Pattern::XorShift.bytes(1, 4096);
+    let survivor = fx.client_with("spare", true, 0, &mine);
+    (fx, survivor, mine)
+}
+
+/// 256 cases, and no file of failures to replay.
+fn random_runner() -> TestRunner {
+    TestRunner::new(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })
+}
+
+impl Fixture {
+    /// After a random test: the server still serves, and "spare" holds what
+    /// the survivor wrote, also read over a new connection.
+    fn check_spare(&self, survivor: &mut Client, mine: &[u8]) {
+        self.check_healthy(survivor, &[], 1);
+        let mut spare = Client::open(&self.socket, "spare", false, &[]);
+        assert_eq!(spare.read(0, 4096), mine);
+    }
+}
 
 /// How many replies a request header followed by `extra` bytes (then EOF)
 /// must get.
@@ -1655,18 +1685,8 @@ fn header_strategy(size: u64) -> impl Strategy<Value = [u8; REQUEST_LEN]> {
 
 #[test]
 fn random_request_headers_never_break_the_server() {
-    let fx = Fixture::new(MIB);
-    let spare = Arc::new(MemDevice::new(MIB));
-    fx.engine.attach("spare", spare).unwrap();
-    let mut survivor = Client::open(&fx.socket, "spare", true, &[]);
-    let mine = pattern(1, 4096);
-    survivor.write(0, &mine);
-
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases: 256,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
+    let (fx, mut survivor, mine) = random_fixture();
+    let mut runner = random_runner();
     let strategy = (
         header_strategy(MIB),
         proptest::collection::vec(any::<u8>(), 0..REQUEST_LEN),
@@ -1690,9 +1710,7 @@ fn random_request_headers_never_break_the_server() {
         })
         .unwrap();
 
-    fx.check_healthy(&mut survivor, &[], 1);
-    let mut spare = Client::open(&fx.socket, "spare", false, &[]);
-    assert_eq!(spare.read(0, 4096), mine);
+    fx.check_spare(&mut survivor, &mine);
 }
 
 /// Pieces of a random handshake stream.
@@ -1756,18 +1774,8 @@ fn piece_strategy() -> impl Strategy<Value = Piece> {
 
 #[test]
 fn random_handshakes_never_break_the_server() {
-    let fx = Fixture::new(MIB);
-    let spare = Arc::new(MemDevice::new(MIB));
-    fx.engine.attach("spare", spare).unwrap();
-    let mut survivor = Client::open(&fx.socket, "spare", true, &[]);
-    let mine = pattern(1, 4096);
-    survivor.write(0, &mine);
-
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases: 256,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
+    let (fx, mut survivor, mine) = random_fixture();
+    let mut runner = random_runner();
     let flags = prop_oneof![
         8 => Just(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES),
         1 => Just(CLIENT_FIXED_NEWSTYLE),
@@ -1803,7 +1811,5 @@ fn random_handshakes_never_break_the_server() {
         })
         .unwrap();
 
-    fx.check_healthy(&mut survivor, &[], 1);
-    let mut spare = Client::open(&fx.socket, "spare", false, &[]);
-    assert_eq!(spare.read(0, 4096), mine);
+    fx.check_spare(&mut survivor, &mine);
 }

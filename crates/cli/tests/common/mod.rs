@@ -40,6 +40,32 @@ pub fn blksnapd() -> PathBuf {
         .clone()
 }
 
+/// `blksnapd` with its control socket and state directory where given.
+pub fn blksnapd_command(control: &Path, state_dir: &Path) -> Command {
+    let mut command = Command::new(blksnapd());
+    command
+        .arg("--control")
+        .arg(control)
+        .arg("--state-dir")
+        .arg(state_dir);
+    command
+}
+
+/// The arguments of a `snapshot_create` of `device` with its difference
+/// storage in the current directory (`--file .`, the daemon's directory
+/// for [`Daemon::cli`]) and a limit of 1 GiB.
+pub fn create_args(device: &str) -> [&str; 7] {
+    [
+        "snapshot_create",
+        "--device",
+        device,
+        "--file",
+        ".",
+        "--limit",
+        "1G",
+    ]
+}
+
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub control: PathBuf,
@@ -56,13 +82,9 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let control = dir.path().join("run/control.sock");
         let nbd = dir.path().join("run/nbd.sock");
-        let child = Command::new(blksnapd())
-            .arg("--control")
-            .arg(&control)
+        let child = blksnapd_command(&control, &dir.path().join("state"))
             .arg("--nbd-socket")
             .arg(&nbd)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
             .args(extra)
             .env("BLKSNAP_LOG", "debug")
             .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
@@ -105,9 +127,7 @@ impl Daemon {
 
     /// An image file of `size` bytes in the daemon's directory.
     pub fn image(&self, name: &str, size: u64) -> PathBuf {
-        let path = self.path(name);
-        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
-        path
+        blksnap_test_support::sparse_file(self.dir.path(), name, size)
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
@@ -151,6 +171,18 @@ impl Daemon {
         }
         assert!(out.stdout.is_empty());
         stderr
+    }
+
+    /// Creates a snapshot of `device` (see [`create_args`]); returns its id.
+    pub fn create(&self, device: &str) -> String {
+        self.ok(&create_args(device)).trim().to_string()
+    }
+
+    /// Creates and takes a snapshot of `device`; returns its id.
+    pub fn snapshot(&self, device: &str) -> String {
+        let id = self.create(device);
+        self.ok(&["snapshot_take", "--id", &id]);
+        id
     }
 
     /// Sends raw lines on a fresh control connection; returns reply lines.

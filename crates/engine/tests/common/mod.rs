@@ -1,0 +1,57 @@
+//! Helpers shared by the engine's test suites. Every suite includes this
+//! module and uses only some of it.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blksnap_engine::{CopyErrorPolicy, Engine, Event, MemDevice, SnapshotOptions, StorageSpec};
+use uuid::Uuid;
+
+/// A taken snapshot of the devices `names`: create, add each, take.
+pub fn snapshot_of<S: AsRef<str>>(
+    engine: &Engine,
+    names: &[S],
+    storage: StorageSpec,
+    options: SnapshotOptions,
+) -> Uuid {
+    let id = engine.snapshot_create(storage, options).unwrap();
+    for name in names {
+        engine.snapshot_add(&id, name.as_ref()).unwrap();
+    }
+    engine.snapshot_take(&id).unwrap();
+    id
+}
+
+/// A taken snapshot of device `name` alone, with the default options.
+pub fn snapshot_one(engine: &Engine, name: &str, storage: StorageSpec) -> Uuid {
+    snapshot_of(engine, &[name], storage, SnapshotOptions::default())
+}
+
+/// Difference storage on a memory device of `size` bytes.
+pub fn mem_storage(size: u64) -> StorageSpec {
+    StorageSpec::Device(Arc::new(MemDevice::new(size)))
+}
+
+/// Default snapshot options but for the copy error policy.
+pub fn on_copy_error(policy: CopyErrorPolicy) -> SnapshotOptions {
+    SnapshotOptions {
+        on_copy_error: Some(policy),
+        ..SnapshotOptions::default()
+    }
+}
+
+/// Every event of snapshot `id` queued so far, without waiting.
+pub fn drain_events(engine: &Engine, id: &Uuid) -> Vec<Event> {
+    wait_events(engine, id, Duration::ZERO)
+}
+
+/// The events of snapshot `id` until none comes within `quiet`.
+pub fn wait_events(engine: &Engine, id: &Uuid, quiet: Duration) -> Vec<Event> {
+    let mut events = Vec::new();
+    while let Some(event) = engine.snapshot_wait_event(id, quiet).expect("wait event") {
+        events.push(event);
+    }
+    events
+}
