@@ -6,13 +6,21 @@
 //! refuses to start. A malformed or oversized request gets an error reply and
 //! the connection goes on; nothing one client sends can stop the others.
 //! Shutdown ([`ShutdownHandle::shutdown`]) stops accepting, lets every
-//! connection finish the request it is in, and removes the socket.
+//! connection finish the request it is in, and removes the socket and lock
+//! files. It never goes through a path: it wakes the accept loop by shutting
+//! the listening socket itself down, since the socket file may be gone (a
+//! cleanup of the run directory) or be another program's by then; for the
+//! same reason it removes a file only while it is still the one this daemon
+//! created (same device and inode).
+//!
+//! Callers: `blksnapd`'s main (bind, serve, SIGTERM/SIGINT) and the
+//! `shutdown` request of [`Service`], through the stopper it is given.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::net::Shutdown;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,7 +44,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct DaemonLock {
     socket: PathBuf,
     path: PathBuf,
-    _file: File,
+    file: File,
 }
 
 impl DaemonLock {
@@ -69,22 +77,45 @@ impl DaemonLock {
         Ok(Self {
             socket: socket.to_path_buf(),
             path,
-            _file: file,
+            file,
         })
+    }
+}
+
+/// Names a file across renames and unlinks: (device, inode).
+type FileId = (u64, u64);
+
+fn file_id(meta: &Metadata) -> FileId {
+    (meta.dev(), meta.ino())
+}
+
+/// Removes `path` if it is still the file `ours` names. After a cleanup
+/// removed ours, the path may hold another program's file (a daemon
+/// started since), which is not ours to remove. A replacement between the
+/// check and the unlink is still possible; there is no unlink by inode.
+fn remove_own(path: &Path, ours: Option<FileId>) {
+    let current = std::fs::symlink_metadata(path).ok().map(|m| file_id(&m));
+    if ours.is_some() && current == ours {
+        let _ = std::fs::remove_file(path);
     }
 }
 
 pub struct ControlServer {
     path: PathBuf,
-    lock_path: PathBuf,
+    /// The socket file as bound (`None` if it could not be stat'ed): only
+    /// that file is removed at the end.
+    socket_file: Option<FileId>,
     listener: UnixListener,
-    _lock: DaemonLock,
+    lock: DaemonLock,
     service: Arc<Service>,
     shared: Arc<Shared>,
 }
 
 struct Shared {
     stopping: AtomicBool,
+    /// The listening socket (a duplicate of the server's descriptor), for
+    /// [`ShutdownHandle::shutdown`] to wake the accept loop with.
+    listener: UnixListener,
     connections: Mutex<HashMap<u64, UnixStream>>,
 }
 
@@ -92,7 +123,6 @@ struct Shared {
 /// thread).
 #[derive(Clone)]
 pub struct ShutdownHandle {
-    path: PathBuf,
     shared: Arc<Shared>,
 }
 
@@ -106,8 +136,13 @@ impl ShutdownHandle {
         for stream in self.shared.connections.lock().unwrap().values() {
             let _ = stream.shutdown(Shutdown::Read);
         }
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept loop through the socket, not its path: the file
+        // may be gone, or be another program's socket by now. On Linux,
+        // shutting a listening socket down makes a blocked accept fail
+        // (EINVAL, and the loop sees `stopping`) and refuses new clients.
+        if let Err(e) = rustix::net::shutdown(&self.shared.listener, rustix::net::Shutdown::Both) {
+            tracing::error!(error = %e, "cannot shut the control socket down: the stop may hang");
+        }
     }
 }
 
@@ -151,6 +186,12 @@ impl ControlServer {
         let bound = UnixListener::bind(path);
         rustix::process::umask(old);
         let listener = bound.map_err(|e| format!("cannot create control socket {shown}: {e}"))?;
+        // Right after the bind, so it is the file we created. A Unix socket's
+        // own descriptor cannot tell (fstat shows the socket, not the file).
+        let socket_file = std::fs::symlink_metadata(path).ok().map(|m| file_id(&m));
+        let wake = listener
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate the control socket: {e}"))?;
         if let Some(gid) = gid {
             rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
                 .map_err(|e| format!("cannot give {shown} to group {gid}: {e}"))?;
@@ -159,12 +200,13 @@ impl ControlServer {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            lock_path: lock.path.clone(),
+            socket_file,
             listener,
-            _lock: lock,
+            lock,
             service,
             shared: Arc::new(Shared {
                 stopping: AtomicBool::new(false),
+                listener: wake,
                 connections: Mutex::new(HashMap::new()),
             }),
         })
@@ -172,13 +214,13 @@ impl ControlServer {
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
-            path: self.path.clone(),
             shared: self.shared.clone(),
         }
     }
 
     /// Accepts clients until shutdown, then waits (bounded) for their
-    /// requests in flight and removes the socket.
+    /// requests in flight and removes the socket and lock files (those that
+    /// are still ours).
     pub fn serve(self) {
         tracing::info!(socket = %self.path.display(), "control socket ready");
         let next_id = AtomicU64::new(0);
@@ -232,8 +274,12 @@ impl ControlServer {
         while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_file(&self.lock_path);
+        remove_own(&self.path, self.socket_file);
+        // Unlinked while still locked (the lock drops with `self`): a daemon
+        // starting now fails on our lock or creates a fresh file, so the
+        // file unlinked here is never one another daemon holds.
+        let lock_file = self.lock.file.metadata().ok().map(|m| file_id(&m));
+        remove_own(&self.lock.path, lock_file);
         tracing::info!("control socket closed");
     }
 }
