@@ -122,6 +122,12 @@ enum Command {
         /// Longest a copy before an origin write may take, in milliseconds.
         #[arg(long)]
         copy_timeout: Option<u64>,
+        /// How long a write that needs a copy waits for storage to be
+        /// appended when the storage is full, after the no_space event, in
+        /// milliseconds (0: not at all). Default: the daemon's
+        /// storage_wait_ms (5000).
+        #[arg(long, value_name = "MS")]
+        storage_wait: Option<u64>,
     },
     /// Add a device to a snapshot that is not taken yet.
     #[command(name = "snapshot_add")]
@@ -363,6 +369,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             limit,
             on_copy_error,
             copy_timeout,
+            storage_wait,
         } => {
             let storage = file
                 .as_deref()
@@ -377,6 +384,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     CopyErrorArg::BreakOriginWrite => OnCopyError::BreakOriginWrite,
                 }),
                 copy_timeout_ms: *copy_timeout,
+                storage_wait_ms: *storage_wait,
             })?;
             if json {
                 print_json(&serde_json::json!({ "id": id }));

@@ -114,6 +114,7 @@ fn rust_client_full_cycle() {
             devices: vec!["disk".into()],
             on_copy_error: None,
             copy_timeout_ms: None,
+            storage_wait_ms: None,
         })
         .unwrap();
     c.snapshot_take(id).unwrap();

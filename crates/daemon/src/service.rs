@@ -288,6 +288,7 @@ impl Service {
                 .copy_timeout_ms
                 .filter(|&ms| ms > 0)
                 .map(Duration::from_millis),
+            storage_wait: a.storage_wait_ms.map(Duration::from_millis),
         };
         let id = e.snapshot_create(storage, options)?;
         for device in &a.devices {
@@ -326,13 +327,9 @@ impl Service {
                 }
             }
         }
+        // A storage that cannot hold one chunk is refused by the engine's
+        // take (ENOSPC), after which the filesystems are thawed at once.
         let (frozen, mut warnings) = crate::freeze::Frozen::freeze(&mounts);
-        if info.storage.total == 0 && !info.storage_grows {
-            warnings.push(format!(
-                "snapshot {id} has no difference storage yet: the first write to one of its devices \
-                 corrupts that image unless storage is appended first (snapshot_appendstorage)"
-            ));
-        }
         let taken = self.engine.snapshot_take(id);
         let frozen_mounts = frozen.mount_points();
         drop(frozen);

@@ -11,8 +11,8 @@
 //! device's write gate shared while marking and exclusively around
 //! [`ChangeTracker::switch`], so no write straddles a change-number switch.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use crate::sync::atomic::{AtomicU8, Ordering};
+use crate::sync::Mutex;
 
 use uuid::Uuid;
 
@@ -89,6 +89,24 @@ impl ChangeTracker {
             if byte.load(Ordering::Relaxed) != current {
                 byte.store(current, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// An image write: the live map as any write, and the readable map of
+    /// the image's take raised to its change number (`previous`), so the
+    /// consumer of that snapshot sees the blocks its image changed.
+    pub(crate) fn mark_image_write(&self, offset: u64, len: u64) {
+        self.mark(offset, len);
+        if len == 0 || offset >= self.capacity {
+            return;
+        }
+        let end = (offset + len).min(self.capacity);
+        let first = (offset >> self.block_shift) as usize;
+        let last = ((end - 1) >> self.block_shift) as usize;
+        let mut frozen = self.frozen.lock().unwrap();
+        let number = frozen.previous;
+        for byte in &mut frozen.readable[first..=last] {
+            *byte = (*byte).max(number);
         }
     }
 

@@ -9,10 +9,16 @@
 //! the difference storage). Transitions: untouched → copying (one CAS winner)
 //! → copied, or copying → untouched when the copy failed.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use crate::diff_storage::StorageSlot;
+use crate::sync::atomic::{AtomicU64, Ordering};
+
+// The footprint counter is a plain std atomic: it is bumped inside the page's
+// `OnceLock` initialiser, where no scheduling point may happen (a schedule
+// checker switching threads there would block the other threads on the
+// OnceLock for real). It is a statistic, not state.
+use std::sync::atomic::AtomicUsize;
 
 const PAGE_SHIFT: u32 = 12;
 pub const PAGE_CHUNKS: u64 = 1 << PAGE_SHIFT;
@@ -51,7 +57,8 @@ impl ChunkMap {
 
     fn word_or_create(&self, chunk: u64) -> &AtomicU64 {
         let page = self.pages[(chunk >> PAGE_SHIFT) as usize].get_or_init(|| {
-            self.allocated_pages.fetch_add(1, Ordering::Relaxed);
+            self.allocated_pages
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             (0..PAGE_CHUNKS)
                 .map(|_| AtomicU64::new(UNTOUCHED))
                 .collect()
@@ -86,7 +93,11 @@ impl ChunkMap {
     /// Bytes of chunk state allocated so far.
     pub fn footprint(&self) -> usize {
         self.pages.len() * std::mem::size_of::<OnceLock<Box<[AtomicU64]>>>()
-            + self.allocated_pages.load(Ordering::Relaxed) * PAGE_CHUNKS as usize * 8
+            + self
+                .allocated_pages
+                .load(std::sync::atomic::Ordering::Relaxed)
+                * PAGE_CHUNKS as usize
+                * 8
     }
 }
 
@@ -112,14 +123,38 @@ mod tests {
         assert!(!map.try_begin_copy(5));
         assert_eq!(map.state(5), ChunkState::Copying);
         assert_eq!(map.footprint(), empty + PAGE_CHUNKS as usize * 8);
-        let slot = StorageSlot {
-            extent: 7,
-            sector: 123_456_789,
-        };
+        let slot = StorageSlot::new(7, 123_456_789).unwrap();
         map.finish_copy(5, slot);
         assert_eq!(map.state(5), ChunkState::Copied(slot));
         assert!(map.try_begin_copy(6));
         map.abort_copy(6);
         assert_eq!(map.state(6), ChunkState::Untouched);
+    }
+
+    /// Every slot the storage can hand out survives the chunk map's packing:
+    /// before the extent index was range-checked, extent 2^20 (reachable by
+    /// storage growth) packed into the chunk map as extent 0.
+    #[test]
+    fn slots_never_alias() {
+        let map = ChunkMap::new(4);
+        let max_extent = (1 << 20) - 1;
+        let max_sector = (1 << 42) - 1;
+        for (chunk, (extent, sector)) in [
+            (0, 0),
+            (max_extent, 0),
+            (0, max_sector),
+            (max_extent, max_sector),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let slot = StorageSlot::new(extent, sector).unwrap();
+            assert!(map.try_begin_copy(chunk as u64));
+            map.finish_copy(chunk as u64, slot);
+            assert_eq!(map.state(chunk as u64), ChunkState::Copied(slot));
+            assert_eq!((slot.extent(), slot.sector()), (extent, sector));
+        }
+        assert_eq!(StorageSlot::new(1 << 20, 0), None);
+        assert_eq!(StorageSlot::new(0, 1 << 42), None);
     }
 }

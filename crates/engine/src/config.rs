@@ -49,6 +49,22 @@ pub struct Config {
         serde(rename = "copy_timeout_ms", deserialize_with = "millis_or_none")
     )]
     pub copy_timeout: Option<Duration>,
+    /// How long a copy waits for storage to be appended (or to grow) when
+    /// the storage is full, after the `no_space` event, before the failure
+    /// policy applies; zero does not wait.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "storage_wait_ms", deserialize_with = "millis")
+    )]
+    pub storage_wait: Duration,
+}
+
+/// A duration in milliseconds.
+#[cfg(feature = "serde")]
+fn millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    Ok(Duration::from_millis(
+        <u64 as serde::Deserialize>::deserialize(d)?,
+    ))
 }
 
 /// A duration in milliseconds, 0 meaning none.
@@ -70,6 +86,7 @@ impl Default for Config {
             diff_storage_minimum: 1 << 30,
             on_copy_error: CopyErrorPolicy::KeepOriginWrites,
             copy_timeout: None,
+            storage_wait: Duration::from_secs(5),
         }
     }
 }
@@ -146,6 +163,8 @@ pub struct SnapshotOptions {
     pub limit: Option<u64>,
     pub on_copy_error: Option<CopyErrorPolicy>,
     pub copy_timeout: Option<Duration>,
+    /// Zero: do not wait for storage.
+    pub storage_wait: Option<Duration>,
 }
 
 #[cfg(test)]

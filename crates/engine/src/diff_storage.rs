@@ -20,13 +20,15 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rustix::fs::{FallocateFlags, Mode, OFlags};
 
-use crate::device::{BlockDevice, DeviceIdentity, FileDevice};
+use crate::device::{media, BlockDevice, DeviceIdentity, FileDevice};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventQueue};
+use crate::sync::{wait_until, Condvar, Mutex, RwLock};
 use crate::{SectorRange, SECTOR_SIZE};
 
 /// Where a snapshot's difference storage starts out.
@@ -42,29 +44,53 @@ pub enum StorageSpec {
     Device(Arc<dyn BlockDevice>),
 }
 
-/// Where one chunk lives: an extent and a sector offset inside it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StorageSlot {
-    pub extent: u32,
-    pub sector: u64,
-}
-
+/// Most extents one storage holds: the extent index of a [`StorageSlot`]
+/// has 20 bits.
+const MAX_EXTENTS: usize = 1 << 20;
+/// Most sectors one extent holds: the sector of a [`StorageSlot`] has 42
+/// bits (2 PiB).
+const MAX_EXTENT_SECTORS: u64 = 1 << SLOT_SECTOR_BITS;
 const SLOT_SECTOR_BITS: u32 = 42;
 
+/// Where one chunk lives: an extent and a sector offset inside it. Both are
+/// range-checked when made ([`StorageSlot::new`]), so the packed form
+/// ([`StorageSlot::encode`], 62 bits) cannot alias another slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageSlot {
+    extent: u32,
+    sector: u64,
+}
+
 impl StorageSlot {
-    /// Packs into 62 bits: 20 bits of extent index, 42 of sector (2 PiB).
+    /// `None` when the extent index or the sector is out of range.
+    pub fn new(extent: usize, sector: u64) -> Option<Self> {
+        (extent < MAX_EXTENTS && sector < MAX_EXTENT_SECTORS).then_some(Self {
+            extent: extent as u32,
+            sector,
+        })
+    }
+
+    pub fn extent(self) -> usize {
+        self.extent as usize
+    }
+
+    pub fn sector(self) -> u64 {
+        self.sector
+    }
+
+    /// Packs into 62 bits: 20 bits of extent index, 42 of sector.
     pub fn encode(self) -> u64 {
         (self.extent as u64) << SLOT_SECTOR_BITS | self.sector
     }
+
+    /// The inverse of [`Self::encode`] for any of its results.
     pub fn decode(word: u64) -> Self {
         Self {
-            extent: (word >> SLOT_SECTOR_BITS) as u32,
-            sector: word & ((1 << SLOT_SECTOR_BITS) - 1),
+            extent: ((word >> SLOT_SECTOR_BITS) as u32) & (MAX_EXTENTS as u32 - 1),
+            sector: word & (MAX_EXTENT_SECTORS - 1),
         }
     }
 }
-
-const MAX_EXTENTS: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageStats {
@@ -89,7 +115,12 @@ struct Allocator {
     next: u64,
     total: u64,
     used: u64,
+    /// Slots of copies that failed, with their length, for the next copies.
+    free: Vec<(u64, StorageSlot)>,
     no_space_reported: bool,
+    /// A wait for more storage ran out: later allocations fail at once
+    /// until storage is added.
+    starved: bool,
 }
 
 /// A file the storage grows by fallocate.
@@ -104,11 +135,18 @@ struct GrowableFile {
 #[derive(Debug)]
 pub(crate) struct DiffStorage {
     label: String,
+    /// Lock order everywhere: `alloc`, then `extents`.
     extents: RwLock<Vec<StorageExtent>>,
     alloc: Mutex<Allocator>,
+    /// Signalled when storage is added (appended or grown) or closed.
+    space: Condvar,
+    /// Held shared by every write into the storage; [`Self::close`] takes it
+    /// exclusively, so no write lands after the storage is closed.
+    open: RwLock<bool>,
     growable: Option<GrowableFile>,
     limit: Option<u64>,
     step: u64,
+    max_extents: usize,
     events: Arc<EventQueue>,
 }
 
@@ -132,10 +170,26 @@ pub(crate) fn check_not_served(path: &Path, served: &HashSet<DeviceIdentity>) ->
     // device over a served file, is served storage too.
     let on_filesystem =
         (!meta.file_type().is_block_device()).then_some(DeviceIdentity::Block { rdev: meta.dev() });
-    let refused = [Some(own), on_filesystem, own.loop_backing_file()]
+    let candidates: Vec<DeviceIdentity> = [Some(own), on_filesystem, own.loop_backing_file()]
         .into_iter()
         .flatten()
-        .any(|id| served.contains(&id));
+        .collect();
+    // Block devices also clash through the media they share: a partition
+    // of a served disk, the disk of a served partition, a device stacked
+    // on a served one (sysfs tells).
+    let sysfs = Path::new(media::SYSFS_ROOT);
+    let shares_media = |a: &DeviceIdentity| {
+        let DeviceIdentity::Block { rdev: a } = *a else {
+            return false;
+        };
+        served.iter().any(|s| match *s {
+            DeviceIdentity::Block { rdev: b } => media::shares_media(a, b, sysfs),
+            DeviceIdentity::File { .. } => false,
+        })
+    };
+    let refused = candidates
+        .iter()
+        .any(|id| served.contains(id) || shares_media(id));
     if refused {
         return Err(Error::InvalidArgument(format!(
             "difference storage {shown} is on a device this daemon serves; \
@@ -158,9 +212,12 @@ impl DiffStorage {
             label,
             extents: RwLock::new(Vec::new()),
             alloc: Mutex::new(Allocator::default()),
+            space: Condvar::new(),
+            open: RwLock::new(true),
             growable: None,
             limit,
             step,
+            max_extents: MAX_EXTENTS,
             events,
         };
         match spec {
@@ -198,31 +255,59 @@ impl DiffStorage {
     }
 
     fn add_extent(&self, device: Arc<dyn BlockDevice>, offset: u64, len: u64) -> Result<()> {
-        // Lock order everywhere: allocator, then extents.
         let mut alloc = self.alloc.lock().unwrap();
         let mut extents = self.extents.write().unwrap();
-        if extents.len() >= MAX_EXTENTS {
-            return Err(Error::InvalidArgument(format!(
-                "difference storage of snapshot {} already has {MAX_EXTENTS} extents",
-                self.label
-            )));
+        self.push_extent_locked(&mut alloc, &mut extents, device, offset, len)
+    }
+
+    /// Adds an extent under both locks: the only place extents are added.
+    fn push_extent_locked(
+        &self,
+        alloc: &mut Allocator,
+        extents: &mut Vec<StorageExtent>,
+        device: Arc<dyn BlockDevice>,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        // Longer extents are split: a slot's sector has 42 bits.
+        let pieces = extent_pieces(len);
+        if extents.len() + pieces > self.max_extents {
+            return Err(Error::NoSpace {
+                snapshot: self.label.clone(),
+                detail: format!(
+                    "{pieces} more extents would exceed the limit of {} (it has {})",
+                    self.max_extents,
+                    extents.len()
+                ),
+            });
         }
-        extents.push(StorageExtent {
-            device,
-            offset,
-            len,
-        });
-        alloc.total += len;
+        let mut pos = 0;
+        while pos < len {
+            let piece = (len - pos).min(MAX_EXTENT_SECTORS * SECTOR_SIZE);
+            extents.push(StorageExtent {
+                device: device.clone(),
+                offset: offset + pos,
+                len: piece,
+            });
+            alloc.total += piece;
+            pos += piece;
+        }
         alloc.no_space_reported = false;
+        alloc.starved = false;
+        self.space.notify_all();
         Ok(())
     }
 
     /// Appends sector ranges of `device` (a block device or file of any
-    /// size), usable at once, also after the take.
+    /// size), usable at once, also after the take. Every range must hold at
+    /// least `min_len` bytes (the snapshot's chunk size: a chunk is stored
+    /// in one extent) and none may overlap storage the snapshot has on the
+    /// same device; all or none are added.
     pub fn append_ranges(
         &self,
         device: Arc<dyn BlockDevice>,
         ranges: &[SectorRange],
+        min_len: u64,
     ) -> Result<()> {
         let size = device.size();
         for r in ranges {
@@ -238,79 +323,114 @@ impl DiffStorage {
                     size / SECTOR_SIZE
                 )));
             }
-        }
-        self.check_no_overlap(&device, ranges)?;
-        for r in ranges {
-            self.add_extent(device.clone(), r.byte_offset(), r.byte_len())?;
-        }
-        Ok(())
-    }
-
-    fn check_no_overlap(
-        &self,
-        device: &Arc<dyn BlockDevice>,
-        ranges: &[SectorRange],
-    ) -> Result<()> {
-        let same = |other: &Arc<dyn BlockDevice>| match (device.identity(), other.identity()) {
-            (Some(a), Some(b)) => a == b,
-            _ => Arc::ptr_eq(device, other),
-        };
-        let extents = self.extents.read().unwrap();
-        let mut taken: Vec<(u64, u64)> = extents
-            .iter()
-            .filter(|e| same(&e.device))
-            .map(|e| (e.offset, e.offset + e.len))
-            .collect();
-        for r in ranges {
-            let (start, end) = (r.byte_offset(), r.byte_offset() + r.byte_len());
-            if taken.iter().any(|&(s, e)| start < e && s < end) {
+            if r.byte_len() < min_len {
                 return Err(Error::InvalidArgument(format!(
-                    "sector range {}:{} overlaps storage already given to snapshot {}",
-                    r.start, r.count, self.label
+                    "sector range {}:{} ({} bytes) is smaller than the snapshot's chunk size \
+                     of {min_len} bytes ({} sectors), the least a range must hold",
+                    r.start,
+                    r.count,
+                    r.byte_len(),
+                    min_len / SECTOR_SIZE
                 )));
             }
-            taken.push((start, end));
+        }
+        // Checked and added under one lock: two appends of the same range
+        // cannot both pass the check.
+        let mut alloc = self.alloc.lock().unwrap();
+        let mut extents = self.extents.write().unwrap();
+        check_no_overlap(&self.label, &extents, &device, ranges)?;
+        let pieces: usize = ranges.iter().map(|r| extent_pieces(r.byte_len())).sum();
+        if extents.len() + pieces > self.max_extents {
+            return Err(Error::NoSpace {
+                snapshot: self.label.clone(),
+                detail: format!(
+                    "{} more ranges would exceed the limit of {} extents",
+                    ranges.len(),
+                    self.max_extents
+                ),
+            });
+        }
+        for r in ranges {
+            self.push_extent_locked(
+                &mut alloc,
+                &mut extents,
+                device.clone(),
+                r.byte_offset(),
+                r.byte_len(),
+            )?;
         }
         Ok(())
     }
 
     /// Hands out `len` bytes (rounded up to a sector) inside one extent,
-    /// growing the storage first when it must and can.
-    pub fn allocate(&self, len: u64) -> Result<StorageSlot> {
+    /// growing the storage first when it must and can. When there is no
+    /// room, it queues `no_space` and waits up to `wait` for storage to be
+    /// appended; after a wait that ran out, later calls fail at once until
+    /// storage is added.
+    pub fn allocate(&self, len: u64, wait: Option<Duration>) -> Result<StorageSlot> {
         let len = len.next_multiple_of(SECTOR_SIZE);
+        // No wait at all for zero; an unbounded one for a wait too long to
+        // add to the clock.
+        let waits = wait.is_some_and(|w| !w.is_zero());
+        let deadline = wait.and_then(|w| Instant::now().checked_add(w));
+        let mut alloc = self.alloc.lock().unwrap();
         loop {
-            let mut alloc = self.alloc.lock().unwrap();
+            self.check_open()?;
+            if let Some(slot) = self.take_free(&mut alloc, len) {
+                return Ok(slot);
+            }
             if let Some(slot) = self.take_from_extents(&mut alloc, len) {
                 if alloc.total - alloc.used < self.step / 2 {
-                    self.grow_or_report(&mut alloc);
+                    self.grow_or_report(&mut alloc, len);
                 }
                 return Ok(slot);
             }
-            if !self.grow_or_report(&mut alloc) {
-                return Err(Error::NoSpace {
-                    snapshot: self.label.clone(),
-                    detail: format!(
-                        "{} bytes in use of {}{}",
-                        alloc.used,
-                        alloc.total,
-                        match self.limit {
-                            Some(l) => format!(", limit {l} bytes"),
-                            None => String::new(),
-                        }
-                    ),
-                });
+            if self.grow_or_report(&mut alloc, len) {
+                continue;
+            }
+            if alloc.starved || !waits {
+                return Err(self.no_space(&alloc));
+            }
+            let (guard, expired) = wait_until(&self.space, &self.alloc, alloc, deadline);
+            alloc = guard;
+            if expired {
+                alloc.starved = true;
             }
         }
+    }
+
+    fn no_space(&self, alloc: &Allocator) -> Error {
+        Error::NoSpace {
+            snapshot: self.label.clone(),
+            detail: format!(
+                "{} bytes in use of {}{}",
+                alloc.used,
+                alloc.total,
+                match self.limit {
+                    Some(l) => format!(", limit {l} bytes"),
+                    None => String::new(),
+                }
+            ),
+        }
+    }
+
+    /// Gives back the slot of a copy that failed, for the next copy.
+    pub fn release(&self, slot: StorageSlot, len: u64) {
+        let len = len.next_multiple_of(SECTOR_SIZE);
+        self.alloc.lock().unwrap().free.push((len, slot));
+    }
+
+    fn take_free(&self, alloc: &mut Allocator, len: u64) -> Option<StorageSlot> {
+        let i = alloc.free.iter().position(|&(l, _)| l >= len)?;
+        Some(alloc.free.swap_remove(i).1)
     }
 
     fn take_from_extents(&self, alloc: &mut Allocator, len: u64) -> Option<StorageSlot> {
         let extents = self.extents.read().unwrap();
         while let Some(extent) = extents.get(alloc.extent) {
             if extent.len - alloc.next >= len {
-                let slot = StorageSlot {
-                    extent: alloc.extent as u32,
-                    sector: alloc.next / SECTOR_SIZE,
-                };
+                let slot = StorageSlot::new(alloc.extent, alloc.next / SECTOR_SIZE)
+                    .expect("extents are capped in number and length");
                 alloc.next += len;
                 alloc.used += len;
                 return Some(slot);
@@ -322,10 +442,40 @@ impl DiffStorage {
         None
     }
 
-    /// Grows the file by one step (less at the limit); when it cannot, queues
+    /// Whether a chunk of `len` bytes can still be stored: there is room for
+    /// it, or the storage can grow by it.
+    pub fn can_hold(&self, len: u64) -> bool {
+        let len = len.next_multiple_of(SECTOR_SIZE);
+        let alloc = self.alloc.lock().unwrap();
+        if alloc.free.iter().any(|&(l, _)| l >= len) {
+            return true;
+        }
+        let extents = self.extents.read().unwrap();
+        let room_in = |i: usize, e: &StorageExtent| {
+            if i == alloc.extent {
+                e.len - alloc.next
+            } else {
+                e.len
+            }
+        };
+        let fits = extents
+            .iter()
+            .enumerate()
+            .skip(alloc.extent)
+            .any(|(i, e)| room_in(i, e) >= len);
+        let may_grow = self.growable.is_some()
+            && extents.len() < self.max_extents
+            && self
+                .limit
+                .is_none_or(|l| l.saturating_sub(alloc.total) >= len);
+        fits || may_grow
+    }
+
+    /// Grows the file by one step (less at the limit, or what the
+    /// filesystem has left, down to `need` bytes); when it cannot, queues
     /// `no_space` once. True when the storage grew.
-    fn grow_or_report(&self, alloc: &mut Allocator) -> bool {
-        match self.grow(alloc) {
+    fn grow_or_report(&self, alloc: &mut Allocator, need: u64) -> bool {
+        match self.grow(alloc, need) {
             Ok(true) => return true,
             Ok(false) => {}
             Err(e) => {
@@ -341,53 +491,97 @@ impl DiffStorage {
         false
     }
 
-    fn grow(&self, alloc: &mut Allocator) -> Result<bool> {
+    fn grow(&self, alloc: &mut Allocator, need: u64) -> Result<bool> {
         let Some(growable) = &self.growable else {
             return Ok(false);
         };
+        if self.extents.read().unwrap().len() >= self.max_extents {
+            return Ok(false);
+        }
         let room = self
             .limit
             .map_or(u64::MAX, |l| l.saturating_sub(alloc.total));
-        let by = self.step.min(room) / SECTOR_SIZE * SECTOR_SIZE;
-        if by == 0 {
+        let want = self.step.min(room) / SECTOR_SIZE * SECTOR_SIZE;
+        if want == 0 || want < need {
             return Ok(false);
         }
         let mut len = growable.len.lock().unwrap();
-        rustix::fs::fallocate(growable.device.file(), FallocateFlags::empty(), *len, by).map_err(
-            |e| {
-                Error::io(
-                    format!(
-                        "cannot grow difference storage {} by {by} bytes",
-                        growable.device.path().display()
-                    ),
-                    e.into(),
-                )
-            },
-        )?;
+        // A full filesystem may still hold less than a step: halve down to
+        // what the copy needs before giving up.
+        let mut by = want;
+        loop {
+            match rustix::fs::fallocate(growable.device.file(), FallocateFlags::empty(), *len, by) {
+                Ok(()) => break,
+                Err(e) if e == rustix::io::Errno::NOSPC && by / 2 >= need.max(SECTOR_SIZE) => {
+                    by = (by / 2).next_multiple_of(SECTOR_SIZE);
+                }
+                Err(e) => {
+                    return Err(Error::io(
+                        format!(
+                            "cannot grow difference storage {} by {by} bytes",
+                            growable.device.path().display()
+                        ),
+                        e.into(),
+                    ))
+                }
+            }
+        }
         let offset = *len;
         *len += by;
         drop(len);
+        if by < want {
+            // The filesystem is nearly full: ask for storage elsewhere now.
+            tracing::warn!(storage = %self.label, grew = by, wanted = want, "difference storage filesystem is full: grew by less than a step");
+            self.events.push(Event::NoSpace {
+                requested_sectors: (want - by) / SECTOR_SIZE,
+            });
+        }
         tracing::debug!(storage = %self.label, offset, by, "difference storage grew");
         let mut extents = self.extents.write().unwrap();
-        extents.push(StorageExtent {
-            device: growable.device.clone(),
-            offset,
-            len: by,
-        });
-        alloc.total += by;
+        self.push_extent_locked(alloc, &mut extents, growable.device.clone(), offset, by)?;
         Ok(true)
     }
 
     fn locate(&self, slot: StorageSlot, offset_in_chunk: u64) -> (Arc<dyn BlockDevice>, u64) {
         let extents = self.extents.read().unwrap();
-        let extent = &extents[slot.extent as usize];
+        let extent = &extents[slot.extent()];
         (
             extent.device.clone(),
-            extent.offset + slot.sector * SECTOR_SIZE + offset_in_chunk,
+            extent.offset + slot.sector() * SECTOR_SIZE + offset_in_chunk,
         )
     }
 
+    fn check_open(&self) -> Result<()> {
+        if *self.open.read().unwrap() {
+            Ok(())
+        } else {
+            Err(self.closed())
+        }
+    }
+
+    fn closed(&self) -> Error {
+        Error::NotFound(format!(
+            "difference storage of snapshot {} (the snapshot was destroyed)",
+            self.label
+        ))
+    }
+
+    /// Fences the storage: waits for the writes in flight, and every later
+    /// write or allocation fails. Called by the snapshot's destroy, so that
+    /// nothing lands in storage (maybe appended ranges of someone else's
+    /// device) after the destroy returned.
+    pub fn close(&self) {
+        *self.open.write().unwrap() = false;
+        // Wake allocations waiting for storage: there will be none.
+        let _alloc = self.alloc.lock().unwrap();
+        self.space.notify_all();
+    }
+
     pub fn write(&self, slot: StorageSlot, buf: &[u8], offset_in_chunk: u64) -> Result<()> {
+        let open = self.open.read().unwrap();
+        if !*open {
+            return Err(self.closed());
+        }
         let (device, at) = self.locate(slot, offset_in_chunk);
         device.write_at(buf, at).map_err(|e| {
             Error::io(
@@ -415,11 +609,6 @@ impl DiffStorage {
         })
     }
 
-    /// Whether the storage grows by itself when it runs low.
-    pub fn grows(&self) -> bool {
-        self.growable.is_some()
-    }
-
     pub fn stats(&self) -> StorageStats {
         let alloc = self.alloc.lock().unwrap();
         StorageStats {
@@ -429,6 +618,40 @@ impl DiffStorage {
             extents: self.extents.read().unwrap().len(),
         }
     }
+}
+
+/// How many extents a run of `len` bytes takes (a slot's sector has 42 bits).
+fn extent_pieces(len: u64) -> usize {
+    len.div_ceil(MAX_EXTENT_SECTORS * SECTOR_SIZE) as usize
+}
+
+/// Refuses ranges that overlap each other or storage already on `device`.
+fn check_no_overlap(
+    label: &str,
+    extents: &[StorageExtent],
+    device: &Arc<dyn BlockDevice>,
+    ranges: &[SectorRange],
+) -> Result<()> {
+    let same = |other: &Arc<dyn BlockDevice>| match (device.identity(), other.identity()) {
+        (Some(a), Some(b)) => a == b,
+        _ => Arc::ptr_eq(device, other),
+    };
+    let mut taken: Vec<(u64, u64)> = extents
+        .iter()
+        .filter(|e| same(&e.device))
+        .map(|e| (e.offset, e.offset + e.len))
+        .collect();
+    for r in ranges {
+        let (start, end) = (r.byte_offset(), r.byte_offset() + r.byte_len());
+        if taken.iter().any(|&(s, e)| start < e && s < end) {
+            return Err(Error::InvalidArgument(format!(
+                "sector range {}:{} overlaps storage already given to snapshot {label}",
+                r.start, r.count
+            )));
+        }
+        taken.push((start, end));
+    }
+    Ok(())
 }
 
 impl GrowableFile {
@@ -466,4 +689,77 @@ fn open_tmpfile(dir: &Path) -> Result<File> {
         )
     })?;
     Ok(File::from(fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Growth obeys the extent cap like appends do: before, `grow` skipped
+    /// the check, so a long-lived storage grown in small steps passed 2^20
+    /// extents and its slots aliased extent 0 in the chunk map.
+    #[test]
+    fn growth_stops_at_the_extent_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = Arc::new(EventQueue::default());
+        let mut storage = DiffStorage::new(
+            "capped".into(),
+            &StorageSpec::Path(dir.path().to_path_buf()),
+            None,
+            4096,
+            &HashSet::new(),
+            events.clone(),
+        )
+        .unwrap();
+        storage.max_extents = 3;
+        for i in 0..3 {
+            let slot = storage.allocate(4096, None).unwrap();
+            assert_eq!(slot.extent(), i);
+        }
+        let err = storage.allocate(4096, None).unwrap_err();
+        assert_eq!(
+            err.errno(),
+            rustix::io::Errno::NOSPC.raw_os_error(),
+            "{err}"
+        );
+        assert_eq!(storage.stats().extents, 3);
+        assert!(!storage.can_hold(4096));
+        // Appends obey the same cap.
+        let device: Arc<dyn BlockDevice> = Arc::new(crate::MemDevice::new(1 << 20));
+        let err = storage
+            .append_ranges(device, &[SectorRange::new(0, 8)], 4096)
+            .unwrap_err();
+        assert_eq!(
+            err.errno(),
+            rustix::io::Errno::NOSPC.raw_os_error(),
+            "{err}"
+        );
+    }
+
+    /// A failed copy gives its slot back; a closed storage takes no writes.
+    #[test]
+    fn released_slots_are_reused_and_closed_storage_refuses_writes() {
+        let device: Arc<dyn BlockDevice> = Arc::new(crate::MemDevice::new(8192));
+        let storage = DiffStorage::new(
+            "fenced".into(),
+            &StorageSpec::Device(device),
+            None,
+            4096,
+            &HashSet::new(),
+            Arc::new(EventQueue::default()),
+        )
+        .unwrap();
+        let first = storage.allocate(4096, None).unwrap();
+        storage.release(first, 4096);
+        assert_eq!(storage.allocate(4096, None).unwrap(), first);
+        let second = storage.allocate(4096, None).unwrap();
+        assert_ne!(second, first);
+        storage.write(second, &[1; 512], 0).unwrap();
+        storage.close();
+        assert!(matches!(
+            storage.write(second, &[1; 512], 0),
+            Err(Error::NotFound(_))
+        ));
+        assert!(storage.allocate(512, None).is_err());
+    }
 }

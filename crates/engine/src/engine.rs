@@ -12,19 +12,21 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
 
 use crate::cbt::{CbtInfo, ChangeTracker};
 use crate::config::{Config, SnapshotOptions};
+use crate::copier::{CopierPool, COPIER_THREADS};
 use crate::device::{BlockDevice, DeviceIdentity, FileDevice};
 use crate::diff_storage::{check_not_served, DiffStorage, StorageSpec, StorageStats};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventQueue};
 use crate::image::Image;
 use crate::snapshot::{CowSettings, DeviceSnapshot};
+use crate::sync::{Mutex, MutexGuard};
 use crate::tracked::TrackedDevice;
 use crate::volume::{check_device_name, image_device, image_name, Volume};
 use crate::{SectorRange, SECTOR_SIZE};
@@ -42,6 +44,9 @@ struct Registry {
     /// Identities of devices the frontends expose (e.g. loop devices over
     /// our FUSE files): storage must not live there either.
     served_aliases: HashSet<DeviceIdentity>,
+    /// Runs the copies of snapshots with a copy timeout; made at the first
+    /// such take.
+    copier: Option<Arc<CopierPool>>,
 }
 
 /// A device key as given (a name or a path) and, for a path, where it
@@ -96,8 +101,6 @@ pub struct SnapshotInfo {
     pub devices: Vec<String>,
     pub taken: bool,
     pub storage: StorageStats,
-    /// Whether the storage can grow by itself (a file or directory store).
-    pub storage_grows: bool,
     /// Empty until the take.
     pub images: Vec<ImageInfo>,
 }
@@ -121,6 +124,12 @@ impl Registry {
         self.snapshots
             .get(id)
             .ok_or_else(|| Error::NotFound(format!("snapshot {id}")))
+    }
+
+    fn copier(&mut self) -> Arc<CopierPool> {
+        self.copier
+            .get_or_insert_with(|| Arc::new(CopierPool::new(COPIER_THREADS)))
+            .clone()
     }
 
     fn snapshot_of(&self, device: &Arc<TrackedDevice>) -> Option<(&Uuid, &Snapshot)> {
@@ -391,7 +400,7 @@ impl Engine {
         path: &Path,
         ranges: &[SectorRange],
     ) -> Result<()> {
-        let storage = self.registry().snapshot(id)?.storage.clone();
+        let (storage, min_len) = self.storage_of(id)?;
         check_not_served(path, &self.served())?;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -399,7 +408,7 @@ impl Engine {
             .open(path)
             .map_err(|e| Error::io(format!("cannot open storage {}", path.display()), e))?;
         let device = FileDevice::from_file(file, path)?;
-        storage.append_ranges(Arc::new(device), ranges)
+        storage.append_ranges(Arc::new(device), ranges, min_len)
     }
 
     /// Appends ranges of a device object (tests, benchmarks).
@@ -409,15 +418,39 @@ impl Engine {
         device: Arc<dyn BlockDevice>,
         ranges: &[SectorRange],
     ) -> Result<()> {
-        self.registry()
-            .snapshot(id)?
-            .storage
-            .append_ranges(device, ranges)
+        let (storage, min_len) = self.storage_of(id)?;
+        storage.append_ranges(device, ranges, min_len)
+    }
+
+    /// A snapshot's storage and its chunk size (the largest of its devices'),
+    /// the least an appended range must hold.
+    fn storage_of(&self, id: &Uuid) -> Result<(Arc<DiffStorage>, u64)> {
+        let registry = self.registry();
+        let snapshot = registry.snapshot(id)?;
+        Ok((snapshot.storage.clone(), self.chunk_size_of(snapshot)))
+    }
+
+    fn chunk_shift_of(&self, device: &TrackedDevice) -> u32 {
+        self.config.chunk_shift(device.size(), device.min_io_size())
+    }
+
+    /// The largest chunk of a snapshot's devices; the smallest chunk the
+    /// configuration allows while it has none.
+    fn chunk_size_of(&self, snapshot: &Snapshot) -> u64 {
+        let shift = snapshot
+            .devices
+            .iter()
+            .map(|d| self.chunk_shift_of(d))
+            .max()
+            .unwrap_or(self.config.chunk_minimum_shift);
+        1 << shift
     }
 
     /// Takes the snapshot atomically over all its devices: holds new writes on
     /// every device and drains in-flight ones, switches CBT and turns
-    /// copy-on-write on for all of them, then lets writes resume.
+    /// copy-on-write on for all of them, then lets writes resume. Refused
+    /// when the storage can neither hold one chunk nor grow: the first write
+    /// would corrupt the image.
     pub fn snapshot_take(&self, id: &Uuid) -> Result<()> {
         let mut registry = self.registry();
         let snapshot = registry.snapshot(id)?;
@@ -429,17 +462,31 @@ impl Engine {
                 "snapshot {id} has no devices; add one first"
             )));
         }
+        let chunk = self.chunk_size_of(snapshot);
+        if !snapshot.storage.can_hold(chunk) {
+            return Err(Error::NoSpace {
+                snapshot: id.to_string(),
+                detail: format!(
+                    "it can neither hold one chunk of {chunk} bytes nor grow; \
+                     append storage first (snapshot_appendstorage, ranges of at least {} sectors)",
+                    chunk / SECTOR_SIZE
+                ),
+            });
+        }
+        let options = snapshot.options.clone();
+        let copy_timeout = options.copy_timeout.or(self.config.copy_timeout);
+        let copier = copy_timeout.map(|_| registry.copier());
+        let snapshot = registry.snapshot(id)?;
         let device_snapshots: Vec<Arc<DeviceSnapshot>> = snapshot
             .devices
             .iter()
             .map(|d| {
                 let settings = CowSettings {
-                    chunk_shift: self.config.chunk_shift(d.size(), d.min_io_size()),
-                    policy: snapshot
-                        .options
-                        .on_copy_error
-                        .unwrap_or(self.config.on_copy_error),
-                    copy_timeout: snapshot.options.copy_timeout.or(self.config.copy_timeout),
+                    chunk_shift: self.chunk_shift_of(d),
+                    policy: options.on_copy_error.unwrap_or(self.config.on_copy_error),
+                    copy_timeout,
+                    storage_wait: options.storage_wait.unwrap_or(self.config.storage_wait),
+                    copier: copier.clone(),
                 };
                 Arc::new(DeviceSnapshot::new(
                     d.name().to_string(),
@@ -470,19 +517,25 @@ impl Engine {
     }
 
     /// Removes the images and releases the storage (once the last reader of
-    /// an image is done); tracking continues.
+    /// an image is done); tracking continues. The images are marked
+    /// destroyed before the devices' writes are let go uncopied, so no
+    /// image read can return data written after the take; then the storage
+    /// is closed (writes in flight finish, copies waiting for room give up,
+    /// nothing writes into it afterwards), and only then are the origin
+    /// writes in flight drained, which no copy can hold up any more.
     pub fn snapshot_destroy(&self, id: &Uuid) -> Result<()> {
         let mut registry = self.registry();
         let snapshot = registry
             .snapshots
             .remove(id)
             .ok_or_else(|| Error::NotFound(format!("snapshot {id}")))?;
+        for taken in &snapshot.device_snapshots {
+            taken.mark_destroyed();
+        }
+        snapshot.storage.close();
         let held: Vec<_> = snapshot.devices.iter().map(|d| d.hold_writes()).collect();
         for mut gate in held {
             *gate = None;
-        }
-        for image in &snapshot.device_snapshots {
-            image.mark_destroyed();
         }
         snapshot.events.close();
         tracing::info!(snapshot = %id, "snapshot destroyed");
@@ -506,7 +559,6 @@ impl Engine {
                 .collect(),
             taken: !snapshot.device_snapshots.is_empty(),
             storage: snapshot.storage.stats(),
-            storage_grows: snapshot.storage.grows(),
             images: snapshot
                 .devices
                 .iter()

@@ -3,8 +3,9 @@
 //! storage and the copy-on-write path; consumers are control-plane waiters.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::sync::{wait_until, Condvar, Mutex};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -38,7 +39,8 @@ impl EventQueue {
     /// The oldest event, waiting up to `timeout` for one. `Err(())` when the
     /// queue was closed and is empty.
     pub fn wait(&self, timeout: Duration) -> Result<Option<Event>, ()> {
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to add to the clock waits for an event only.
+        let deadline = Instant::now().checked_add(timeout);
         let mut guard = self.queue.lock().unwrap();
         loop {
             if let Some(event) = guard.0.pop_front() {
@@ -47,11 +49,11 @@ impl EventQueue {
             if guard.1 {
                 return Err(());
             }
-            let now = Instant::now();
-            if now >= deadline {
+            let (next, expired) = wait_until(&self.ready, &self.queue, guard, deadline);
+            guard = next;
+            if expired && guard.0.is_empty() && !guard.1 {
                 return Ok(None);
             }
-            guard = self.ready.wait_timeout(guard, deadline - now).unwrap().0;
         }
     }
 }

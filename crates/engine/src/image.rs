@@ -1,6 +1,8 @@
 //! A snapshot image ([`Image`]): the device as it was at the take, plus the
 //! image's own writes, which land in the difference storage only and mark the
-//! device's change tracker (the image differs from the origin there).
+//! device's change tracker, in the live map and in the readable map of the
+//! take (the image differs from the origin there, and a consumer of this
+//! snapshot's map must see it).
 //! Frontends get one from [`crate::Engine::image`]; it stays usable until the
 //! snapshot is destroyed, then every call fails with a clear error.
 
@@ -62,12 +64,15 @@ impl Image {
 
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.device.check_range(offset, buf.len() as u64)?;
+        self.device_snapshot.check_usable()?;
         if buf.is_empty() {
-            return self.device_snapshot.check_usable();
+            return Ok(());
         }
-        self.device_snapshot.write_image(buf, offset)?;
-        self.device.mark_changed(offset, buf.len() as u64);
-        Ok(())
+        // Marked first: a write that fails part-way may have changed the
+        // image already, and an extra mark only costs a block in the next
+        // incremental.
+        self.device.mark_image_write(offset, buf.len() as u64);
+        self.device_snapshot.write_image(buf, offset)
     }
 
     /// Zeroes a range of the image (discard and write-zeroes alike: the

@@ -14,6 +14,7 @@
 mod cbt;
 mod chunk_map;
 mod config;
+mod copier;
 pub mod device;
 mod diff_storage;
 mod engine;
@@ -21,6 +22,7 @@ mod error;
 mod events;
 mod image;
 mod snapshot;
+mod sync;
 mod tracked;
 pub mod volume;
 

@@ -4,49 +4,97 @@
 //!
 //! Invariants:
 //! - A chunk is copied at most once: the thread that wins
-//!   [`ChunkMap::try_begin_copy`] copies, every other writer of that chunk
-//!   waits for it; only then does any origin write to the chunk proceed.
+//!   [`ChunkMap::try_begin_copy`] copies (itself, or on the copier pool when a
+//!   copy timeout is set), every other writer and reader of that chunk waits
+//!   for it; only then does any origin write to the chunk proceed.
+//! - Every wait for a copy ends by the copy timeout when one is set, and as
+//!   soon as the image is corrupted or destroyed: both wake every waiter.
 //! - An image read of an untouched chunk reads the origin and then re-checks
 //!   the chunk state: an origin write to the chunk starts only after its
 //!   state left "untouched", so if the state is still untouched the read saw
 //!   the content at the take; otherwise the read is redone from the storage.
-//! - Once the image is corrupted (failure policy "keep origin writes") it
-//!   never becomes valid again; origin writes then skip the copy.
+//!   That guard lives in one place, [`DeviceSnapshot::walk_image`].
+//! - Once the image is corrupted (failure policy "keep origin writes") or
+//!   destroyed it never becomes valid again; origin writes then skip the
+//!   copy. The engine marks an image destroyed before it lets the device's
+//!   held writes go, so no image read can pass its final check after an
+//!   uncopied write.
+//! - A copy reads the origin before it takes a storage slot, and gives the
+//!   slot back when the storage write fails: failed copies cost no storage.
 //!
 //! Called by [`crate::TrackedDevice`] (origin writes) and [`crate::Image`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::chunk_map::{ChunkMap, ChunkState};
 use crate::config::CopyErrorPolicy;
+use crate::copier::CopierPool;
 use crate::device::{push_extent, BlockDevice, Extent};
 use crate::diff_storage::{DiffStorage, StorageSlot};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventQueue};
+use crate::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use crate::sync::{wait_until, Condvar, Mutex};
 
 #[derive(Debug)]
 pub(crate) struct DeviceSnapshot {
+    // Never changed after the take.
     device_name: String,
     origin: Arc<dyn BlockDevice>,
     size: u64,
     chunk_shift: u32,
-    chunks: ChunkMap,
     storage: Arc<DiffStorage>,
     events: Arc<EventQueue>,
-    policy: CopyErrorPolicy,
-    copy_timeout: Option<Duration>,
-    /// errno and message of the failure that invalidated the image.
-    corruption: OnceLock<(i32, String)>,
+    settings: CowSettings,
+    // Lock-free state.
+    chunks: ChunkMap,
+    /// The errno of the failure that invalidated the image, 0 while valid;
+    /// set once, after `corruption` holds its message.
+    corrupted: AtomicI32,
+    corruption: Mutex<String>,
     destroyed: AtomicBool,
+    /// Waits for copies: guards nothing, pairs the condition variable with
+    /// the chunk states, `corrupted` and `destroyed`, each of which is
+    /// changed before the waiters are woken.
     copy_done: (Mutex<()>, Condvar),
 }
 
+#[derive(Debug)]
 pub(crate) struct CowSettings {
     pub chunk_shift: u32,
     pub policy: CopyErrorPolicy,
+    /// Longest any writer or reader waits for a copy.
     pub copy_timeout: Option<Duration>,
+    /// Longest a copy waits for storage to be appended when it is full.
+    pub storage_wait: Duration,
+    /// Where copies run when there is a copy timeout (so that the waiter can
+    /// give up while the copy finishes).
+    pub copier: Option<Arc<CopierPool>>,
+}
+
+/// One step of an image walk ([`DeviceSnapshot::walk_image`]).
+enum Step {
+    /// Read `[start, end)` from the origin (a run of untouched chunks).
+    Origin { start: u64, end: u64 },
+    /// `[start, end)` of the last origin run is confirmed: its chunks were
+    /// still untouched after the read. The rest of the run is walked again.
+    Confirmed { start: u64, end: u64 },
+    /// `[start, end)` lives in the storage at `slot`, from `offset_in_chunk`.
+    Copied {
+        slot: StorageSlot,
+        start: u64,
+        end: u64,
+        offset_in_chunk: u64,
+    },
+}
+
+/// The part of one chunk inside a request.
+struct Piece {
+    chunk: u64,
+    start: u64,
+    end: u64,
+    offset_in_chunk: u64,
 }
 
 impl DeviceSnapshot {
@@ -58,18 +106,18 @@ impl DeviceSnapshot {
         events: Arc<EventQueue>,
     ) -> Self {
         let size = origin.size();
-        let chunk_count = size.div_ceil(1 << settings.chunk_shift);
+        let chunk_shift = settings.chunk_shift;
         Self {
             device_name,
             origin,
             size,
-            chunk_shift: settings.chunk_shift,
-            chunks: ChunkMap::new(chunk_count),
+            chunk_shift,
             storage,
             events,
-            policy: settings.policy,
-            copy_timeout: settings.copy_timeout,
-            corruption: OnceLock::new(),
+            settings,
+            chunks: ChunkMap::new(size.div_ceil(1 << chunk_shift)),
+            corrupted: AtomicI32::new(0),
+            corruption: Mutex::new(String::new()),
             destroyed: AtomicBool::new(false),
             copy_done: (Mutex::new(()), Condvar::new()),
         }
@@ -89,16 +137,43 @@ impl DeviceSnapshot {
 
     /// The errno of the failure that invalidated the image, 0 while valid.
     pub fn error_code(&self) -> i32 {
-        self.corruption.get().map_or(0, |c| c.0)
+        self.corrupted.load(Ordering::SeqCst)
     }
 
+    /// From now on every image call fails and origin writes skip the copy;
+    /// every waiter is woken.
     pub fn mark_destroyed(&self) {
         self.destroyed.store(true, Ordering::SeqCst);
+        self.wake_waiters();
     }
 
     fn chunk_range(&self, chunk: u64) -> (u64, u64) {
         let start = chunk << self.chunk_shift;
         (start, (start + self.chunk_size()).min(self.size) - start)
+    }
+
+    /// The chunk pieces of `[offset, end)`, in order.
+    fn pieces(&self, offset: u64, end: u64) -> impl Iterator<Item = Piece> + '_ {
+        let first = offset >> self.chunk_shift;
+        let last = (end.max(offset + 1) - 1) >> self.chunk_shift;
+        (first..=last)
+            .filter(move |_| end > offset)
+            .map(move |chunk| {
+                let (chunk_start, chunk_len) = self.chunk_range(chunk);
+                let start = offset.max(chunk_start);
+                Piece {
+                    chunk,
+                    start,
+                    end: end.min(chunk_start + chunk_len),
+                    offset_in_chunk: start - chunk_start,
+                }
+            })
+    }
+
+    /// Whether origin writes still need copies: the image is neither
+    /// corrupted nor destroyed.
+    fn needs_copies(&self) -> bool {
+        !self.destroyed.load(Ordering::SeqCst) && self.corrupted.load(Ordering::SeqCst) == 0
     }
 
     /// Whether the image can still be used: not destroyed, not corrupted.
@@ -109,11 +184,12 @@ impl DeviceSnapshot {
                 self.device_name
             )));
         }
-        if let Some((errno, cause)) = self.corruption.get() {
+        let errno = self.corrupted.load(Ordering::SeqCst);
+        if errno != 0 {
             return Err(Error::Corrupted {
                 device: self.device_name.clone(),
-                cause: cause.clone(),
-                errno: *errno,
+                cause: self.corruption.lock().unwrap().clone(),
+                errno,
             });
         }
         Ok(())
@@ -123,16 +199,15 @@ impl DeviceSnapshot {
     /// Ok means the write may proceed; Err only under the
     /// "break origin write" policy.
     pub fn before_origin_write(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
-        let first = offset >> self.chunk_shift;
-        let last = (offset + len - 1) >> self.chunk_shift;
-        for chunk in first..=last {
-            if self.corruption.get().is_some() {
+        for piece in self.pieces(offset, offset + len) {
+            if !self.needs_copies() {
                 return Ok(());
             }
-            match self.copy_chunk(chunk) {
+            match self.copy_chunk(piece.chunk) {
                 Ok(_) => {}
-                Err(Error::Corrupted { .. }) => return Ok(()),
-                Err(e) => match self.policy {
+                // Corrupted or destroyed meanwhile: nothing left to keep.
+                Err(_) if !self.needs_copies() => return Ok(()),
+                Err(e) => match self.settings.policy {
                     CopyErrorPolicy::BreakOriginWrite => {
                         return Err(Error::Io {
                             context: format!(
@@ -153,85 +228,130 @@ impl DeviceSnapshot {
     }
 
     fn mark_corrupted(&self, cause: &Error) {
-        let errno = cause.errno();
-        if self.corruption.set((errno, cause.to_string())).is_ok() {
-            tracing::error!(device = %self.device_name, error = %cause, "snapshot image corrupted");
-            self.events.push(Event::Corrupted {
-                device: self.device_name.clone(),
-                errno,
-            });
+        // 0 means "valid" here; every error has a real errno, but be sure.
+        let errno = match cause.errno() {
+            0 => rustix::io::Errno::IO.raw_os_error(),
+            e => e,
+        };
+        let mut message = self.corruption.lock().unwrap();
+        if self.corrupted.load(Ordering::SeqCst) != 0 {
+            return;
+        }
+        *message = cause.to_string();
+        self.corrupted.store(errno, Ordering::SeqCst);
+        drop(message);
+        tracing::error!(device = %self.device_name, error = %cause, "snapshot image corrupted");
+        self.events.push(Event::Corrupted {
+            device: self.device_name.clone(),
+            errno,
+        });
+        self.wake_waiters();
+    }
+
+    fn wake_waiters(&self) {
+        let (lock, cv) = &self.copy_done;
+        drop(lock.lock().unwrap());
+        cv.notify_all();
+    }
+
+    /// `None`: no timeout, or one too long to add to the clock.
+    fn deadline(&self) -> Option<Instant> {
+        self.settings
+            .copy_timeout
+            .and_then(|t| Instant::now().checked_add(t))
+    }
+
+    fn timed_out(&self, chunk: u64) -> Error {
+        Error::TimedOut {
+            what: format!(
+                "copy of chunk {chunk} of {} to the difference storage",
+                self.device_name
+            ),
+            millis: self.settings.copy_timeout.unwrap_or_default().as_millis(),
         }
     }
 
     /// Makes sure the chunk's take-time content is in the storage: copies it
     /// or waits for the thread that does.
     fn copy_chunk(self: &Arc<Self>, chunk: u64) -> Result<StorageSlot> {
+        let deadline = self.deadline();
         loop {
             self.check_usable()?;
             match self.chunks.state(chunk) {
                 ChunkState::Copied(slot) => return Ok(slot),
-                ChunkState::Copying => self.wait_while_copying(chunk),
+                ChunkState::Copying => self.wait_for_copy(chunk, deadline)?,
                 ChunkState::Untouched => {
                     if self.chunks.try_begin_copy(chunk) {
-                        return self.run_copy(chunk);
+                        return match &self.settings.copier {
+                            None => self.copy_claimed(chunk),
+                            Some(pool) => self.copy_on_pool(pool, chunk, deadline),
+                        };
                     }
                 }
             }
         }
     }
 
-    fn wait_while_copying(&self, chunk: u64) {
+    /// Waits until the chunk is no longer being copied or the image became
+    /// unusable; fails at the deadline.
+    fn wait_for_copy(&self, chunk: u64, deadline: Option<Instant>) -> Result<()> {
         let (lock, cv) = &self.copy_done;
         let mut guard = lock.lock().unwrap();
-        while self.chunks.state(chunk) == ChunkState::Copying {
-            guard = cv.wait(guard).unwrap();
+        let mut expired = false;
+        loop {
+            if self.chunks.state(chunk) != ChunkState::Copying || !self.needs_copies() {
+                return Ok(());
+            }
+            if expired {
+                return Err(self.timed_out(chunk));
+            }
+            (guard, expired) = wait_until(cv, lock, guard, deadline);
         }
     }
 
-    fn notify_copy_done(&self) {
+    /// Runs the copy of a claimed chunk on the copier pool and waits for it
+    /// until the deadline; the copy goes on after a timeout and finishes
+    /// the chunk's state itself.
+    fn copy_on_pool(
+        self: &Arc<Self>,
+        pool: &CopierPool,
+        chunk: u64,
+        deadline: Option<Instant>,
+    ) -> Result<StorageSlot> {
+        let outcome: Arc<Mutex<Option<Result<StorageSlot>>>> = Arc::new(Mutex::new(None));
+        let (this, done) = (Arc::clone(self), Arc::clone(&outcome));
+        pool.run(Box::new(move || {
+            let result = this.copy_claimed(chunk);
+            *done.lock().unwrap() = Some(result);
+            this.wake_waiters();
+        }));
         let (lock, cv) = &self.copy_done;
-        drop(lock.lock().unwrap());
-        cv.notify_all();
-    }
-
-    /// Copies a chunk this thread has claimed, with the copy timeout if one
-    /// is set.
-    fn run_copy(self: &Arc<Self>, chunk: u64) -> Result<StorageSlot> {
-        let Some(timeout) = self.copy_timeout else {
-            return self.copy_claimed(chunk);
-        };
-        // The copy runs on a helper thread so that the writer can give up
-        // waiting; the helper still owns the chunk state and finishes it.
-        let (tx, rx) = mpsc::channel();
-        let this = Arc::clone(self);
-        std::thread::spawn(move || {
-            let _ = tx.send(this.copy_claimed(chunk));
-        });
-        match rx.recv_timeout(timeout) {
-            Ok(result) => result,
-            Err(_) => Err(Error::TimedOut {
-                what: format!(
-                    "copy of chunk {chunk} of {} to the difference storage",
-                    self.device_name
-                ),
-                millis: timeout.as_millis(),
-            }),
+        let mut guard = lock.lock().unwrap();
+        let mut expired = false;
+        loop {
+            if let Some(result) = outcome.lock().unwrap().take() {
+                return result;
+            }
+            self.check_usable()?;
+            if expired {
+                return Err(self.timed_out(chunk));
+            }
+            (guard, expired) = wait_until(cv, lock, guard, deadline);
         }
     }
 
     fn copy_claimed(&self, chunk: u64) -> Result<StorageSlot> {
         let result = self.copy_to_storage(chunk);
-        match result {
-            Ok(slot) => self.chunks.finish_copy(chunk, slot),
+        match &result {
+            Ok(slot) => self.chunks.finish_copy(chunk, *slot),
             Err(_) => self.chunks.abort_copy(chunk),
         }
-        self.notify_copy_done();
+        self.wake_waiters();
         result
     }
 
     fn copy_to_storage(&self, chunk: u64) -> Result<StorageSlot> {
         let (start, len) = self.chunk_range(chunk);
-        let slot = self.storage.allocate(len)?;
         let mut buf = vec![0u8; len as usize];
         self.origin.read_at(&mut buf, start).map_err(|e| {
             Error::io(
@@ -242,8 +362,80 @@ impl DeviceSnapshot {
                 e,
             )
         })?;
-        self.storage.write(slot, &buf, 0)?;
+        let slot = self
+            .storage
+            .allocate(len, Some(self.settings.storage_wait))?;
+        if let Err(e) = self.storage.write(slot, &buf, 0) {
+            self.storage.release(slot, len);
+            return Err(e);
+        }
         Ok(slot)
+    }
+
+    /// Walks `[offset, end)` of the image for a reader, in order: copied
+    /// chunk pieces as [`Step::Copied`]; runs of untouched chunks as
+    /// [`Step::Origin`] (one origin request per run), then re-checks the
+    /// run's chunks and reports the prefix still untouched as
+    /// [`Step::Confirmed`]; the walk resumes after that prefix from the
+    /// chunks' new states. Waits (bounded) for chunks being copied.
+    fn walk_image(
+        &self,
+        offset: u64,
+        end: u64,
+        mut step: impl FnMut(Step) -> Result<()>,
+    ) -> Result<()> {
+        let deadline = self.deadline();
+        let mut pos = offset;
+        while pos < end {
+            let chunk = pos >> self.chunk_shift;
+            let (chunk_start, chunk_len) = self.chunk_range(chunk);
+            let piece_end = (chunk_start + chunk_len).min(end);
+            match self.chunks.state(chunk) {
+                ChunkState::Copied(slot) => {
+                    step(Step::Copied {
+                        slot,
+                        start: pos,
+                        end: piece_end,
+                        offset_in_chunk: pos - chunk_start,
+                    })?;
+                    pos = piece_end;
+                }
+                ChunkState::Copying => {
+                    self.wait_for_copy(chunk, deadline)?;
+                    self.check_usable()?;
+                }
+                ChunkState::Untouched => {
+                    let mut run_end = piece_end;
+                    while run_end < end
+                        && self.chunks.state(run_end >> self.chunk_shift) == ChunkState::Untouched
+                    {
+                        run_end = (run_end + self.chunk_size()).min(end);
+                    }
+                    step(Step::Origin {
+                        start: pos,
+                        end: run_end,
+                    })?;
+                    let last = (run_end - 1) >> self.chunk_shift;
+                    let mut c = chunk;
+                    while c <= last && self.chunks.state(c) == ChunkState::Untouched {
+                        c += 1;
+                    }
+                    let confirmed = if c > last {
+                        run_end
+                    } else {
+                        (c << self.chunk_shift).max(pos)
+                    };
+                    if confirmed > pos {
+                        step(Step::Confirmed {
+                            start: pos,
+                            end: confirmed,
+                        })?;
+                    }
+                    pos = confirmed;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads the image: `buf.len()` bytes at `offset`, as the origin was at
@@ -251,103 +443,68 @@ impl DeviceSnapshot {
     pub fn read_image(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_usable()?;
         let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let chunk = pos >> self.chunk_shift;
-            let (chunk_start, chunk_len) = self.chunk_range(chunk);
-            let piece_end = (chunk_start + chunk_len).min(end);
-            let piece = &mut buf[(pos - offset) as usize..(piece_end - offset) as usize];
-            match self.chunks.state(chunk) {
-                ChunkState::Copied(slot) => {
-                    self.storage.read(slot, piece, pos - chunk_start)?;
-                    pos = piece_end;
-                }
-                ChunkState::Copying => self.wait_while_copying(chunk),
-                ChunkState::Untouched => {
-                    // Read a run of untouched chunks from the origin in one
-                    // request, then confirm none was touched meanwhile.
-                    let mut run_end = piece_end;
-                    while run_end < end
-                        && self.chunks.state(run_end >> self.chunk_shift) == ChunkState::Untouched
-                    {
-                        run_end = (run_end + self.chunk_size()).min(end);
-                    }
-                    let run = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
-                    self.origin.read_at(run, pos).map_err(|e| {
-                        Error::io(
-                            format!(
-                                "{}: image read of {} bytes at {pos}",
-                                self.device_name,
-                                run.len()
-                            ),
-                            e,
-                        )
-                    })?;
-                    let last = (run_end - 1) >> self.chunk_shift;
-                    // Chunks still untouched were read intact; stop at the
-                    // first one that changed and redo it from its new state.
-                    let mut c = chunk;
-                    while c <= last && self.chunks.state(c) == ChunkState::Untouched {
-                        c += 1;
-                    }
-                    pos = if c > last {
-                        run_end
-                    } else {
-                        (c << self.chunk_shift).max(pos)
-                    };
-                }
+        let range = |start: u64, end: u64| (start - offset) as usize..(end - offset) as usize;
+        self.walk_image(offset, end, |step| match step {
+            Step::Origin { start, end } => {
+                let run = &mut buf[range(start, end)];
+                self.origin.read_at(run, start).map_err(|e| {
+                    Error::io(
+                        format!(
+                            "{}: image read of {} bytes at {start}",
+                            self.device_name,
+                            run.len()
+                        ),
+                        e,
+                    )
+                })
             }
-        }
-        // A copy failure during the read invalidates what was read.
+            Step::Confirmed { .. } => Ok(()),
+            Step::Copied {
+                slot,
+                start,
+                end,
+                offset_in_chunk,
+            } => self
+                .storage
+                .read(slot, &mut buf[range(start, end)], offset_in_chunk),
+        })?;
+        // A copy failure or a destroy during the read invalidates what was
+        // read.
         self.check_usable()
     }
 
     /// Which parts of an image range read as zeroes: copied chunks are data;
-    /// untouched runs have the origin's allocation, confirmed afterwards as
-    /// in [`Self::read_image`] so a racing copy cannot make a hole claim
-    /// wrong.
+    /// untouched runs have the origin's allocation, kept only where the walk
+    /// confirms them, so a racing copy cannot make a hole claim wrong.
     pub fn image_extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_usable()?;
-        let end = offset + len;
         let mut extents = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let chunk = pos >> self.chunk_shift;
-            let (chunk_start, chunk_len) = self.chunk_range(chunk);
-            let piece_end = (chunk_start + chunk_len).min(end);
-            match self.chunks.state(chunk) {
-                ChunkState::Copied(_) => {
-                    push_extent(
-                        &mut extents,
-                        Extent {
-                            len: piece_end - pos,
-                            zero: false,
-                        },
-                    );
-                    pos = piece_end;
-                }
-                ChunkState::Copying => self.wait_while_copying(chunk),
-                ChunkState::Untouched => {
-                    let mut run_end = piece_end;
-                    while run_end < end
-                        && self.chunks.state(run_end >> self.chunk_shift) == ChunkState::Untouched
-                    {
-                        run_end = (run_end + self.chunk_size()).min(end);
-                    }
-                    let origin = self.origin.extents(pos, run_end - pos).map_err(|e| {
-                        Error::io(format!("{}: allocation at {pos}", self.device_name), e)
+        let mut origin_run = Vec::new();
+        self.walk_image(offset, offset + len, |step| {
+            match step {
+                Step::Origin { start, end } => {
+                    origin_run = self.origin.extents(start, end - start).map_err(|e| {
+                        Error::io(format!("{}: allocation at {start}", self.device_name), e)
                     })?;
-                    let last = (run_end - 1) >> self.chunk_shift;
-                    if (chunk..=last).all(|c| self.chunks.state(c) == ChunkState::Untouched) {
-                        for e in origin {
-                            push_extent(&mut extents, e);
-                        }
-                        pos = run_end;
-                    }
-                    // Otherwise a copy started meanwhile: look again.
                 }
+                Step::Confirmed { start, end } => {
+                    let mut left = end - start;
+                    for e in &origin_run {
+                        let len = e.len.min(left);
+                        push_extent(&mut extents, Extent { len, zero: e.zero });
+                        left -= len;
+                    }
+                }
+                Step::Copied { start, end, .. } => push_extent(
+                    &mut extents,
+                    Extent {
+                        len: end - start,
+                        zero: false,
+                    },
+                ),
             }
-        }
+            Ok(())
+        })?;
         self.check_usable()?;
         Ok(extents)
     }
@@ -356,16 +513,10 @@ impl DeviceSnapshot {
     /// the difference storage only.
     pub fn write_image(self: &Arc<Self>, buf: &[u8], offset: u64) -> Result<()> {
         self.check_usable()?;
-        let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let chunk = pos >> self.chunk_shift;
-            let (chunk_start, chunk_len) = self.chunk_range(chunk);
-            let piece_end = (chunk_start + chunk_len).min(end);
-            let slot = self.copy_chunk(chunk)?;
-            let piece = &buf[(pos - offset) as usize..(piece_end - offset) as usize];
-            self.storage.write(slot, piece, pos - chunk_start)?;
-            pos = piece_end;
+        for piece in self.pieces(offset, offset + buf.len() as u64) {
+            let slot = self.copy_chunk(piece.chunk)?;
+            let data = &buf[(piece.start - offset) as usize..(piece.end - offset) as usize];
+            self.storage.write(slot, data, piece.offset_in_chunk)?;
         }
         Ok(())
     }

@@ -10,13 +10,14 @@
 //! Frontends call the data methods; the engine calls the gate methods.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::sync::Arc;
 
 use crate::cbt::ChangeTracker;
 use crate::device::{BlockDevice, Extent};
 use crate::error::{Error, Result};
 use crate::snapshot::DeviceSnapshot;
+use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::{RwLock, RwLockWriteGuard};
 
 #[derive(Debug)]
 pub struct TrackedDevice {
@@ -26,7 +27,8 @@ pub struct TrackedDevice {
     cbt: ChangeTracker,
     gate: RwLock<Option<Arc<DeviceSnapshot>>>,
     /// Set by detach: handles still held by frontends fail from then on,
-    /// so nothing writes to an origin that is no longer tracked.
+    /// so nothing writes to an origin that is no longer tracked (writes
+    /// check it under the gate, which detach then drains).
     detached: AtomicBool,
 }
 
@@ -81,8 +83,11 @@ impl TrackedDevice {
         &self.cbt
     }
 
+    /// Fails every later request, and waits for the writes in flight: once
+    /// this returns, nothing more reaches the origin through us.
     pub(crate) fn mark_detached(&self) {
         self.detached.store(true, Ordering::SeqCst);
+        drop(self.hold_writes());
     }
 
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -155,11 +160,13 @@ impl TrackedDevice {
         what: &str,
         op: impl FnOnce() -> std::io::Result<()>,
     ) -> Result<()> {
+        let snapshot = self.gate.read().unwrap();
+        // Under the gate: a detach that returned has drained every write
+        // that passed this check.
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
         }
-        let snapshot = self.gate.read().unwrap();
         if let Some(snapshot) = snapshot.as_ref() {
             snapshot.before_origin_write(offset, len)?;
         }
@@ -172,11 +179,19 @@ impl TrackedDevice {
         })
     }
 
-    /// Marks ranges changed (mark-dirty, image writes) under the gate, so the
-    /// mark cannot straddle a take.
+    /// Marks ranges changed (mark-dirty) under the gate, so the mark cannot
+    /// straddle a take.
     pub(crate) fn mark_changed(&self, offset: u64, len: u64) {
         let _held = self.gate.read().unwrap();
         self.cbt.mark(offset, len);
+    }
+
+    /// Marks the ranges an image write changes, in the live map and in the
+    /// readable map of the image's take (as the original does), under the
+    /// gate.
+    pub(crate) fn mark_image_write(&self, offset: u64, len: u64) {
+        let _held = self.gate.read().unwrap();
+        self.cbt.mark_image_write(offset, len);
     }
 
     /// Holds new writes and waits for in-flight ones to finish.

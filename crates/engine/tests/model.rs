@@ -7,29 +7,71 @@
 //! - every image equals the origin at its take plus the image's own writes
 //!   (or, once the engine reports the image corrupted, refuses reads);
 //! - every readable CBT map, change number and block size equals the model's.
+//!
+//! Faults are injected too (EIO on origin reads or writes, on storage
+//! writes), and the model predicts their effect: under the default policy a
+//! copy that fails corrupts the image with EIO and the origin write goes on;
+//! an origin write that fails leaves the origin as it was (but marked); an
+//! image read of an uncopied chunk fails while origin reads fail. The one
+//! outcome the model does not compute is a storage overflow (ENOSPC), which
+//! it takes from the engine.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use blksnap_engine::{
     BlockDevice, Config, Engine, Error, MemDevice, SectorRange, SnapshotOptions, StorageSpec,
 };
 use blksnap_test_support::Pattern;
-use common::{mem_storage, snapshot_of};
 use proptest::prelude::*;
 use uuid::Uuid;
 
-mod common;
-
 #[derive(Debug, Clone)]
 enum Op {
-    Write { dev: usize, pos: Pos, seed: u64 },
-    Discard { dev: usize, pos: Pos },
-    WriteZeroes { dev: usize, pos: Pos },
-    Take { devices: u8, storage: u8 },
-    ImageRead { dev: usize, pos: Pos },
-    ImageWrite { dev: usize, pos: Pos, seed: u64 },
-    MarkDirty { dev: usize, pos: Pos },
-    Destroy { which: usize },
+    Write {
+        dev: usize,
+        pos: Pos,
+        seed: u64,
+    },
+    Discard {
+        dev: usize,
+        pos: Pos,
+    },
+    WriteZeroes {
+        dev: usize,
+        pos: Pos,
+    },
+    Take {
+        devices: u8,
+        storage: u8,
+    },
+    ImageRead {
+        dev: usize,
+        pos: Pos,
+    },
+    ImageWrite {
+        dev: usize,
+        pos: Pos,
+        seed: u64,
+    },
+    MarkDirty {
+        dev: usize,
+        pos: Pos,
+    },
+    Destroy {
+        which: usize,
+    },
+    /// EIO from now on (or no more) on a device's origin reads and writes.
+    OriginFault {
+        dev: usize,
+        reads: bool,
+        writes: bool,
+    },
+    /// EIO from now on (or no more) on writes into a snapshot's storage.
+    StorageFault {
+        which: usize,
+        writes: bool,
+    },
 }
 
 /// Where a request lands, resolved against the device size at run time.
@@ -96,6 +138,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (dev.clone(), pos(), any::<u64>()).prop_map(|(dev, pos, seed)| Op::ImageWrite { dev, pos, seed }),
         1 => (dev.clone(), pos()).prop_map(|(dev, pos)| Op::MarkDirty { dev, pos }),
         1 => any::<usize>().prop_map(|which| Op::Destroy { which }),
+        1 => (dev.clone(), prop::bool::weighted(0.3), prop::bool::weighted(0.3))
+            .prop_map(|(dev, reads, writes)| Op::OriginFault { dev, reads, writes }),
+        1 => (any::<usize>(), prop::bool::weighted(0.4))
+            .prop_map(|(which, writes)| Op::StorageFault { which, writes }),
     ]
 }
 
@@ -147,7 +193,19 @@ struct ModelDevice {
     /// no longer known exactly (an image write failed half way).
     image: Option<Option<Vec<u8>>>,
     snapshot: Option<Uuid>,
+    /// Chunk size of the image, and its chunks copied to the storage.
+    chunk: u64,
+    copied: BTreeSet<u64>,
+    /// The errno the image must be corrupted with, and whether an overflow
+    /// may have come first (a storage write fault fails after allocation).
+    corrupted: Option<(i32, bool)>,
+    /// Injected: origin reads / writes fail with EIO.
+    fail_reads: bool,
+    fail_writes: bool,
 }
+
+const EIO: i32 = 5;
+const ENOSPC: i32 = 28;
 
 impl ModelDevice {
     fn mark(&mut self, offset: u64, len: u64) {
@@ -158,6 +216,21 @@ impl ModelDevice {
         let last = ((offset + len - 1) >> self.block_shift) as usize;
         for b in &mut self.live[first..=last] {
             *b = self.current;
+        }
+    }
+
+    /// An image write marks the live map and raises the readable map to
+    /// the take's change number (DESIGN.md: the image's own changes show up
+    /// to a consumer of that snapshot).
+    fn mark_image_write(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        self.mark(offset, len);
+        let first = (offset >> self.block_shift) as usize;
+        let last = ((offset + len - 1) >> self.block_shift) as usize;
+        for b in &mut self.readable[first..=last] {
+            *b = (*b).max(self.previous);
         }
     }
 
@@ -175,7 +248,10 @@ struct Harness {
     engine: Engine,
     setup: Setup,
     model: Vec<ModelDevice>,
+    origins: Vec<Arc<MemDevice>>,
     snapshots: Vec<Uuid>,
+    /// Each snapshot's storage devices and whether their writes fail.
+    storages: HashMap<Uuid, (Vec<Arc<MemDevice>>, bool)>,
 }
 
 fn name(dev: usize) -> String {
@@ -191,13 +267,16 @@ impl Harness {
             chunk_maximum_shift: 16,
             chunk_maximum_count: setup.chunk_max_count,
             diff_storage_minimum: 1 << 16,
+            // Overflows are part of the model: fail them at once.
+            storage_wait: std::time::Duration::ZERO,
             ..Config::default()
         };
         let engine = Engine::new(config).unwrap();
         let mut model = Vec::new();
+        let mut origins = Vec::new();
         for (i, (&size, &min_io)) in setup.sizes.iter().zip(&setup.min_io).enumerate() {
             let device = Arc::new(MemDevice::with_min_io(size, min_io));
-            engine.attach(&name(i), device).unwrap();
+            engine.attach(&name(i), device.clone()).unwrap();
             // Independent statement of the sizing rule of DESIGN.md.
             let mut block_shift = setup.tracking_shift;
             while size.div_ceil(1 << block_shift) > setup.tracking_max_count && block_shift < 26 {
@@ -213,13 +292,21 @@ impl Harness {
                 previous: 0,
                 image: None,
                 snapshot: None,
+                chunk: 0,
+                copied: BTreeSet::new(),
+                corrupted: None,
+                fail_reads: false,
+                fail_writes: false,
             });
+            origins.push(device);
         }
         Self {
             engine,
             setup,
             model,
+            origins,
             snapshots: Vec::new(),
+            storages: HashMap::new(),
         }
     }
 
@@ -241,25 +328,37 @@ impl Harness {
                 let (offset, len) = pos.resolve(self.setup.sizes[dev]);
                 let data = Pattern::Random.bytes(seed, len);
                 let device = self.engine.device(&name(dev)).unwrap();
-                device
-                    .write(&data, offset)
-                    .expect("origin writes always succeed");
-                let m = &mut self.model[dev];
-                m.origin[offset as usize..(offset + len) as usize].copy_from_slice(&data);
-                m.mark(offset, len);
+                let result = device.write(&data, offset);
+                self.origin_write(dev, offset, &data, result);
             }
             Op::Discard { dev, pos } | Op::WriteZeroes { dev, pos } => {
                 let dev = dev % n;
                 let (offset, len) = pos.resolve(self.setup.sizes[dev]);
                 let device = self.engine.device(&name(dev)).unwrap();
-                if matches!(op, Op::Discard { .. }) {
-                    device.discard(offset, len).unwrap();
+                let result = if matches!(op, Op::Discard { .. }) {
+                    device.discard(offset, len)
                 } else {
-                    device.write_zeroes(offset, len).unwrap();
-                }
+                    device.write_zeroes(offset, len)
+                };
+                self.origin_write(dev, offset, &vec![0; len as usize], result);
+            }
+            Op::OriginFault { dev, reads, writes } => {
+                let dev = dev % n;
+                self.origins[dev].set_fail_reads(reads);
+                self.origins[dev].set_fail_writes(writes);
                 let m = &mut self.model[dev];
-                m.origin[offset as usize..(offset + len) as usize].fill(0);
-                m.mark(offset, len);
+                (m.fail_reads, m.fail_writes) = (reads, writes);
+            }
+            Op::StorageFault { which, writes } => {
+                if self.snapshots.is_empty() {
+                    return;
+                }
+                let id = self.snapshots[which % self.snapshots.len()];
+                let (devices, fail) = self.storages.get_mut(&id).unwrap();
+                for d in devices.iter() {
+                    d.set_fail_writes(writes);
+                }
+                *fail = writes;
             }
             Op::Take { devices, storage } => self.take(devices, storage),
             Op::ImageRead { dev, pos } => {
@@ -275,6 +374,8 @@ impl Harness {
                 let (offset, len) = pos.resolve(self.setup.sizes[dev]);
                 let data = Pattern::Random.bytes(seed, len);
                 let image = self.engine.image(&name(dev)).unwrap();
+                let usable = image.error_code() == 0;
+                let faulted = self.storage_faulted(dev) || self.model[dev].fail_reads;
                 let m = &mut self.model[dev];
                 match image.write(&data, offset) {
                     Ok(()) => {
@@ -282,13 +383,28 @@ impl Harness {
                             content[offset as usize..(offset + len) as usize]
                                 .copy_from_slice(&data);
                         }
-                        m.mark(offset, len);
+                        if len > 0 {
+                            let chunks = offset / m.chunk..=(offset + len - 1) / m.chunk;
+                            m.copied.extend(chunks);
+                        }
+                        m.mark_image_write(offset, len);
+                    }
+                    Err(Error::Io { source, .. })
+                        if faulted && source.raw_os_error() == Some(EIO) =>
+                    {
+                        // An injected fault: the copy or the data write
+                        // failed; the image is not corrupted by it.
+                        m.image = Some(None);
+                        m.mark_image_write(offset, len);
                     }
                     Err(Error::NoSpace { .. } | Error::Corrupted { .. }) => {
                         // Part of the write may have landed: the image content
-                        // is no longer known exactly. The change map is only
-                        // marked after a complete image write.
+                        // is no longer known exactly. A write to a usable
+                        // image marks the maps before it starts.
                         m.image = Some(None);
+                        if usable {
+                            m.mark_image_write(offset, len);
+                        }
                     }
                     Err(e) => panic!("unexpected image write error: {e}"),
                 }
@@ -304,6 +420,7 @@ impl Harness {
                     return;
                 }
                 let id = self.snapshots.remove(which % self.snapshots.len());
+                self.storages.remove(&id);
                 let image = self
                     .model
                     .iter()
@@ -331,68 +448,183 @@ impl Harness {
         if chosen.is_empty() {
             return;
         }
+        let mut storage_devices: Vec<Arc<MemDevice>> = Vec::new();
         let need: u64 = chosen
             .iter()
             .map(|&d| self.setup.sizes[d].next_multiple_of(self.expected_chunk_size(d)))
             .sum();
         let (spec, ranges) = match storage_kind {
-            0 => (mem_storage(need), None),
+            0 => {
+                let storage = Arc::new(MemDevice::new(need));
+                storage_devices.push(storage.clone());
+                (StorageSpec::Device(storage), None)
+            }
             1 => {
-                // Three ranges of an odd-sized device, appended after the
-                // take; each wastes at most a chunk at its tail.
+                // Three ranges of an odd-sized device, one appended before
+                // the take (a take needs room for a chunk), two after; each
+                // wastes at most a chunk at its tail.
                 let piece = (need / 3 + (1 << 16)).next_multiple_of(512);
-                let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(piece * 3 + 4096));
+                let backing_mem = Arc::new(MemDevice::new(piece * 3 + 4096));
+                storage_devices.push(backing_mem.clone());
+                let backing: Arc<dyn BlockDevice> = backing_mem;
                 let ranges: Vec<SectorRange> = (0..3)
                     .map(|i| SectorRange::new(8 + i * piece / 512, piece / 512))
                     .collect();
                 (StorageSpec::Empty, Some((backing, ranges)))
             }
-            _ => (mem_storage(need / 3 + 512), None),
+            // Too small for every chunk (overflows), but a take needs room
+            // for one.
+            _ => {
+                let chunk = chosen.iter().map(|&d| self.expected_chunk_size(d)).max();
+                let size = (need / 3 + 512).max(chunk.unwrap_or(0));
+                let storage = Arc::new(MemDevice::new(size));
+                storage_devices.push(storage.clone());
+                (StorageSpec::Device(storage), None)
+            }
         };
-        let names: Vec<String> = chosen.iter().map(|&d| name(d)).collect();
-        let id = snapshot_of(&self.engine, &names, spec, SnapshotOptions::default());
-        if let Some((backing, ranges)) = ranges {
+        let id = self
+            .engine
+            .snapshot_create(spec, SnapshotOptions::default())
+            .unwrap();
+        for &d in &chosen {
+            self.engine.snapshot_add(&id, &name(d)).unwrap();
+        }
+        if let Some((backing, ranges)) = &ranges {
             self.engine
-                .snapshot_append_storage_device(&id, backing, &ranges)
+                .snapshot_append_storage_device(&id, backing.clone(), &ranges[..1])
                 .unwrap();
         }
+        self.engine.snapshot_take(&id).unwrap();
+        if let Some((backing, ranges)) = ranges {
+            self.engine
+                .snapshot_append_storage_device(&id, backing, &ranges[1..])
+                .unwrap();
+        }
+        self.storages.insert(id, (storage_devices, false));
         for &d in &chosen {
+            let chunk = self.expected_chunk_size(d);
             let m = &mut self.model[d];
             m.take();
             m.snapshot = Some(id);
+            m.chunk = chunk;
+            m.copied.clear();
+            m.corrupted = None;
             let image = self.engine.image(&name(d)).unwrap();
             assert_eq!(image.chunk_size(), self.expected_chunk_size(d));
         }
         self.snapshots.push(id);
     }
 
+    fn storage_faulted(&self, dev: usize) -> bool {
+        self.model[dev]
+            .snapshot
+            .and_then(|id| self.storages.get(&id))
+            .is_some_and(|(_, fail)| *fail)
+    }
+
+    /// An origin write (or discard, write-zeroes) of `data` at `offset` and
+    /// what the engine answered: the copies it needed (failing with an
+    /// injected fault), the change map, the origin.
+    fn origin_write(&mut self, dev: usize, offset: u64, data: &[u8], result: Result<(), Error>) {
+        let len = data.len() as u64;
+        if len == 0 {
+            assert!(result.is_ok(), "zero-length write: {result:?}");
+            return;
+        }
+        let storage_faulted = self.storage_faulted(dev);
+        let m = &mut self.model[dev];
+        if matches!(m.image, Some(Some(_))) && m.corrupted.is_none() {
+            for chunk in offset / m.chunk..=(offset + len - 1) / m.chunk {
+                if m.copied.contains(&chunk) {
+                    continue;
+                }
+                // The copy reads the origin first, then allocates, then
+                // writes the storage.
+                if m.fail_reads {
+                    m.corrupted = Some((EIO, false));
+                    break;
+                }
+                if storage_faulted {
+                    m.corrupted = Some((EIO, true));
+                    break;
+                }
+                m.copied.insert(chunk);
+            }
+        }
+        m.mark(offset, len);
+        if m.fail_writes {
+            match result {
+                Err(e) => assert_eq!(e.errno(), EIO, "{e}"),
+                Ok(()) => panic!("an origin write with failing writes succeeded"),
+            }
+        } else {
+            result.expect("origin writes succeed under keep-origin-writes");
+            m.origin[offset as usize..(offset + len) as usize].copy_from_slice(data);
+        }
+    }
+
+    /// Takes what the model does not compute from the engine: an overflow.
+    /// Everything else about corruption must be as predicted.
+    fn reconcile(&mut self) {
+        for (d, m) in self.model.iter_mut().enumerate() {
+            if !matches!(m.image, Some(Some(_))) {
+                continue;
+            }
+            let code = self.engine.image(&name(d)).unwrap().error_code();
+            match m.corrupted {
+                None | Some((_, true)) if code == ENOSPC => m.corrupted = Some((ENOSPC, false)),
+                expected => assert_eq!(
+                    code,
+                    expected.map_or(0, |(errno, _)| errno),
+                    "corruption of the image of dev{d}"
+                ),
+            }
+        }
+    }
+
     fn check_image_range(&self, dev: usize, offset: u64, len: u64) {
-        let Some(Some(content)) = &self.model[dev].image else {
+        let m = &self.model[dev];
+        let Some(Some(content)) = &m.image else {
             return;
         };
         let image = self.engine.image(&name(dev)).unwrap();
         let mut buf = vec![0u8; len as usize];
-        match image.read(&mut buf, offset) {
-            Ok(()) => {
-                assert_eq!(image.error_code(), 0);
-                assert!(
-                    buf == content[offset as usize..(offset + len) as usize],
-                    "image of dev{dev} differs at {offset}+{len}"
-                );
+        let result = image.read(&mut buf, offset);
+        if let Some((errno, _)) = m.corrupted {
+            match result {
+                Err(Error::Corrupted { errno: got, .. }) => assert_eq!(got, errno),
+                other => panic!("a corrupted image (errno {errno}) read {other:?}"),
             }
-            Err(Error::Corrupted { errno, .. }) => {
-                assert_eq!(errno, 28, "only an overflow corrupts images here");
-                assert_eq!(image.error_code(), 28);
-            }
-            Err(e) => panic!("unexpected image read error: {e}"),
+            return;
         }
+        let uncopied = len > 0
+            && (offset / m.chunk..=(offset + len - 1) / m.chunk).any(|c| !m.copied.contains(&c));
+        if m.fail_reads && uncopied {
+            match result {
+                Err(Error::Io { source, .. }) => assert_eq!(source.raw_os_error(), Some(EIO)),
+                other => panic!("an image read over failing origin reads gave {other:?}"),
+            }
+            assert_eq!(image.error_code(), 0, "a failed read corrupts nothing");
+            return;
+        }
+        result.unwrap_or_else(|e| panic!("image read of dev{dev} at {offset}+{len}: {e}"));
+        assert_eq!(image.error_code(), 0);
+        assert!(
+            buf == content[offset as usize..(offset + len) as usize],
+            "image of dev{dev} differs at {offset}+{len}"
+        );
     }
 
     fn check(&self) {
         for (d, m) in self.model.iter().enumerate() {
             let device = self.engine.device(&name(d)).unwrap();
             let mut buf = vec![0u8; m.origin.len()];
-            device.read(&mut buf, 0).unwrap();
+            if m.fail_reads {
+                assert!(device.read(&mut buf, 0).is_err(), "failing origin read");
+                buf = self.origins[d].contents();
+            } else {
+                device.read(&mut buf, 0).unwrap();
+            }
             assert!(buf == m.origin, "origin of dev{d} differs from the model");
             self.check_image_range(d, 0, m.origin.len() as u64);
             let info = self.engine.cbt_info(&name(d)).unwrap();
@@ -419,6 +651,7 @@ proptest! {
         let mut h = Harness::new(setup);
         for op in &ops {
             h.run(op);
+            h.reconcile();
             h.check();
         }
         // Destroy everything: origins are intact, tracking goes on.
@@ -428,6 +661,7 @@ proptest! {
         for m in &mut h.model {
             m.image = None;
             m.snapshot = None;
+            m.corrupted = None;
         }
         h.check();
     }

@@ -143,14 +143,21 @@ fn overflow_corrupts_the_image_and_keeps_every_origin_write() {
 fn break_policy_fails_the_origin_write_and_keeps_the_image() {
     let engine = Engine::new(Config::default()).unwrap();
     let before = setup(&engine, "d", 8 * CHUNK);
-    let options = on_copy_error(CopyErrorPolicy::BreakOriginWrite);
-    let id = snapshot_of(&engine, &["d"], StorageSpec::Empty, options);
+    let options = SnapshotOptions {
+        storage_wait: Some(Duration::ZERO),
+        ..on_copy_error(CopyErrorPolicy::BreakOriginWrite)
+    };
+    // Room for one chunk: the take needs that much.
+    let id = snapshot_of(&engine, &["d"], mem_storage(CHUNK), options);
     let device = engine.device("d").unwrap();
-    let err = device.write(&[1; 512], 0).unwrap_err();
+    device.write(&[1; 512], 0).unwrap();
+    let mut expected = before.clone();
+    expected[..512].fill(1);
+    let err = device.write(&[1; 512], CHUNK).unwrap_err();
     assert_eq!(err.errno(), 28, "{err}");
     assert!(err.to_string().contains("write refused"), "{err}");
     assert!(
-        read_all(|b, o| device.read(b, o), 8 * CHUNK) == before,
+        read_all(|b, o| device.read(b, o), 8 * CHUNK) == expected,
         "a refused write reached the origin"
     );
     // Storage appended after the take is used at once.
@@ -158,13 +165,13 @@ fn break_policy_fails_the_origin_write_and_keeps_the_image() {
     engine
         .snapshot_append_storage_device(&id, backing.clone(), &[SectorRange::new(0, CHUNK / 512)])
         .unwrap();
-    device.write(&[1; 512], 0).unwrap();
+    device.write(&[1; 512], CHUNK).unwrap();
     let image = engine.image("d").unwrap();
     assert!(read_all(|b, o| image.read(b, o), 8 * CHUNK) == before);
     let mut stored = vec![0; CHUNK as usize];
     backing.read_at(&mut stored, 0).unwrap();
     assert!(
-        stored == before[..CHUNK as usize],
+        stored == before[CHUNK as usize..2 * CHUNK as usize],
         "the copy is not in the appended range"
     );
     assert_eq!(image.error_code(), 0);
@@ -267,7 +274,9 @@ fn readable_map_is_frozen_while_held_and_mark_dirty_shows_next_take() {
         (info.changes_number, info.current_number, info.block_size),
         (1, 2, 65536)
     );
-    // Writes, image writes and mark-dirty go on; the readable map does not move.
+    // Writes and mark-dirty go on; the readable map does not move but for
+    // the image's own writes, which a consumer of this snapshot must see
+    // (marked with the snapshot's change number, as the original does).
     device.write(&[1; 512], 30 * 64 * KIB).unwrap();
     device.discard(31 * 64 * KIB, 64 * KIB).unwrap();
     engine
@@ -284,6 +293,8 @@ fn readable_map_is_frozen_while_held_and_mark_dirty_shows_next_take() {
             ],
         )
         .unwrap();
+    let mut held = held;
+    held[40] = 1;
     assert_eq!(engine.read_cbt_map("d").unwrap(), held);
     engine.snapshot_destroy(&id).unwrap();
     assert_eq!(engine.read_cbt_map("d").unwrap(), held);
@@ -309,7 +320,7 @@ fn change_number_wrap_makes_a_new_generation() {
     let generation = engine.cbt_info("d").unwrap().generation_id;
     for n in 1..=254u32 {
         device.write(&[1; 512], (n as u64 % 4) * CHUNK).unwrap();
-        let id = snapshot_one(&engine, "d", StorageSpec::Empty);
+        let id = snapshot_one(&engine, "d", mem_storage(CHUNK));
         engine.snapshot_destroy(&id).unwrap();
         let info = engine.cbt_info("d").unwrap();
         assert_eq!(
@@ -319,14 +330,14 @@ fn change_number_wrap_makes_a_new_generation() {
         assert_eq!(info.generation_id, generation);
     }
     device.write(&[1; 512], 0).unwrap();
-    let id = snapshot_one(&engine, "d", StorageSpec::Empty);
+    let id = snapshot_one(&engine, "d", mem_storage(CHUNK));
     let info = engine.cbt_info("d").unwrap();
     assert_ne!(info.generation_id, generation);
     assert_eq!((info.changes_number, info.current_number), (0, 1));
     assert!(engine.read_cbt_map("d").unwrap().iter().all(|&b| b == 0));
     engine.snapshot_destroy(&id).unwrap();
     device.write(&[1; 512], CHUNK).unwrap();
-    snapshot_one(&engine, "d", StorageSpec::Empty);
+    snapshot_one(&engine, "d", mem_storage(CHUNK));
     assert_eq!(
         engine.read_cbt_map("d").unwrap()[..8],
         [0, 0, 0, 0, 1, 0, 0, 0]
@@ -491,6 +502,14 @@ fn control_errors_name_what_is_wrong() {
         "take without devices"
     );
     engine.snapshot_add(&id, "a").unwrap();
+    // No storage at all: the first write would corrupt the image.
+    let err = engine.snapshot_take(&id).unwrap_err();
+    assert_eq!(err.errno(), 28, "{err}");
+    assert!(err.to_string().contains("snapshot_appendstorage"), "{err}");
+    let storage: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(4 * CHUNK));
+    engine
+        .snapshot_append_storage_device(&id, storage, &[SectorRange::new(0, 4 * CHUNK / 512)])
+        .unwrap();
     assert_eq!(engine.snapshot_add(&id, "a").unwrap_err().errno(), 17);
     let other = engine
         .snapshot_create(StorageSpec::Empty, SnapshotOptions::default())

@@ -771,43 +771,29 @@ fn ranges_appended_after_take() {
 
     let engine = Engine::new(config()).unwrap();
     let dev = engine.attach_path(&origin_path, Some("origin")).unwrap();
-    let id = engine
-        .snapshot_create(
-            StorageSpec::Empty,
-            on_copy_error(CopyErrorPolicy::BreakOriginWrite),
-        )
-        .unwrap();
+    let options = SnapshotOptions {
+        storage_wait: Some(Duration::ZERO),
+        ..on_copy_error(CopyErrorPolicy::BreakOriginWrite)
+    };
+    let id = engine.snapshot_create(StorageSpec::Empty, options).unwrap();
     assert_eq!(stats(&engine, &id).total, 0);
     engine.snapshot_add(&id, "origin").unwrap();
-    engine.snapshot_take(&id).unwrap();
-    let image = engine.image("origin").unwrap();
 
-    // No storage at all: the write fails and the origin is unchanged.
-    let data = Pattern::RandomFill.bytes(61, 4 * KIB);
-    let offset = 5 * CHUNK + 1000;
-    let err = dev.write(&data, offset).unwrap_err();
+    // No storage at all: the take is refused, since the first write would
+    // corrupt the image.
+    let err = engine.snapshot_take(&id).unwrap_err();
     assert_eq!(err.errno(), ENOSPC, "{err}");
-    assert_same(
-        &fs::read(&origin_path).unwrap(),
-        &at_take,
-        "origin after refused write",
-    );
-    assert_eq!(image.error_code(), 0, "the image stays valid");
-    assert_eq!(
-        engine
-            .snapshot_wait_event(&id, Duration::from_secs(5))
-            .unwrap(),
-        Some(Event::NoSpace {
-            requested_sectors: STEP / SECTOR_SIZE
-        })
-    );
+    assert!(err.to_string().contains(&id.to_string()), "{err}");
+    assert!(err.to_string().contains(&CHUNK.to_string()), "{err}");
 
     // Refused ranges add nothing.
-    let refused: [&[SectorRange]; 4] = [
+    let refused: [&[SectorRange]; 5] = [
         &[SectorRange::new(STORAGE / SECTOR_SIZE - 10, 20)],
         &[SectorRange::new(STORAGE / SECTOR_SIZE, 1)],
         &[SectorRange::new(100, 0)],
-        &[SectorRange::new(0, 100), SectorRange::new(50, 100)],
+        &[SectorRange::new(0, 200), SectorRange::new(100, 200)],
+        // Smaller than a chunk: a chunk is stored in one range.
+        &[SectorRange::new(0, CHUNK / SECTOR_SIZE - 1)],
     ];
     for ranges in refused {
         match engine.snapshot_append_storage(&id, &storage_path, ranges) {
@@ -816,6 +802,14 @@ fn ranges_appended_after_take() {
         }
         assert_eq!(stats(&engine, &id).extents, 0, "after refused {ranges:?}");
     }
+    let err = engine
+        .snapshot_append_storage(&id, &storage_path, &[SectorRange::new(0, 1)])
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("{} sectors", CHUNK / SECTOR_SIZE)),
+        "the error names the minimum: {err}"
+    );
 
     // A: 100 KiB at 1 MiB + 512 (one chunk fits, 36 KiB tail unused);
     // B: 128 KiB at 4 MiB (two chunks).
@@ -837,9 +831,9 @@ fn ranges_appended_after_take() {
     let link = dir.path().join("ranges-link.bin");
     std::os::unix::fs::symlink(&storage_path, &link).unwrap();
     for (path, range) in [
-        (&storage_path, SectorRange::new(2049 + 199, 10)),
-        (&storage_path, SectorRange::new(2000, 50)),
-        (&link, SectorRange::new(8192 + 100, 1)),
+        (&storage_path, SectorRange::new(2049 + 199, 128)),
+        (&storage_path, SectorRange::new(2000, 128)),
+        (&link, SectorRange::new(8192 + 100, 128)),
     ] {
         match engine.snapshot_append_storage(&id, path, &[range]) {
             Err(Error::InvalidArgument(_)) => {}
@@ -847,8 +841,11 @@ fn ranges_appended_after_take() {
         }
     }
     assert_eq!(stats(&engine, &id).extents, 2);
+    engine.snapshot_take(&id).unwrap();
+    let image = engine.image("origin").unwrap();
+    let data = Pattern::RandomFill.bytes(61, 4 * KIB);
 
-    // Now the same write goes through, and two more chunks fit.
+    // Three chunks fit.
     let mut origin_now = at_take.clone();
     let writes = [
         (5u64, data),
@@ -867,10 +864,18 @@ fn ranges_appended_after_take() {
     }
     let st = stats(&engine, &id);
     assert_eq!(st.used, st.total, "A's tail was skipped, B is full");
-    // The fourth chunk has no room: refused again, origin untouched there.
+    // The fourth chunk has no room: refused, origin untouched there.
     let err = dev.write(&[7u8; 512], 20 * CHUNK).unwrap_err();
     assert_eq!(err.errno(), ENOSPC);
     assert_eq!(image.error_code(), 0);
+    assert_eq!(
+        engine
+            .snapshot_wait_event(&id, Duration::from_secs(5))
+            .unwrap(),
+        Some(Event::NoSpace {
+            requested_sectors: STEP / SECTOR_SIZE
+        })
+    );
 
     assert_same(&read_image(&image), &at_take, "image over appended ranges");
     assert_same(&fs::read(&origin_path).unwrap(), &origin_now, "origin");
@@ -929,7 +934,7 @@ fn assert_refused_as_served<T: std::fmt::Debug>(result: Result<T, Error>, what: 
     }
 }
 
-/// Appending sectors 0..8 of `path` to snapshot `id` is refused while
+/// Appending the first chunk of `path` to snapshot `id` is refused while
 /// `served` is served, and accepted once it is not.
 #[track_caller]
 fn append_refused_until_unserved(
@@ -939,7 +944,7 @@ fn append_refused_until_unserved(
     served: DeviceIdentity,
     what: &str,
 ) {
-    let ranges = [SectorRange::new(0, 8)];
+    let ranges = [SectorRange::new(0, CHUNK / SECTOR_SIZE)];
     assert_refused_as_served(engine.snapshot_append_storage(id, path, &ranges), what);
     engine.remove_served_identity(served);
     engine
@@ -1035,7 +1040,7 @@ fn storage_on_served_device_is_refused_loop_and_mount() {
     let fs_lo = LoopDevice::attach(&fs_backing).expect("second loop device");
     let mount = Mount::new(fs_lo.path(), &dir.path().join("mnt")).expect("mkfs and mount");
     let on_fs = mount.dir.join("storage.bin");
-    fs::write(&on_fs, [0u8; 4096]).unwrap();
+    fs::write(&on_fs, vec![0u8; CHUNK as usize]).unwrap();
 
     let engine = Engine::new(config()).unwrap();
     engine.attach_path(origin_lo.path(), Some("disk")).unwrap();
@@ -1257,18 +1262,26 @@ fn append_storage_while_copying_does_not_deadlock() {
     for round in 0..ROUNDS {
         let engine = Arc::new(Engine::new(config()).unwrap());
         let dev = engine.attach_path(&origin_path, Some("origin")).unwrap();
-        let id = snapshot_of(
-            &engine,
-            &["origin"],
-            StorageSpec::Empty,
-            on_copy_error(CopyErrorPolicy::BreakOriginWrite),
-        );
+        let id = engine
+            .snapshot_create(
+                StorageSpec::Empty,
+                on_copy_error(CopyErrorPolicy::BreakOriginWrite),
+            )
+            .unwrap();
+        engine.snapshot_add(&id, "origin").unwrap();
+        // A take needs room for one chunk.
+        let first = SectorRange::new(0, CHUNK / SECTOR_SIZE);
+        engine
+            .snapshot_append_storage(&id, &storage_path, &[first])
+            .unwrap();
+        engine.snapshot_take(&id).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        // One chunk-sized range at a time, while the writer copies chunks.
+        // One chunk-sized range at a time, while the writer copies chunks
+        // (waiting for storage, or refused until the appender caught up).
         let appender = {
             let (engine, storage_path, tx) = (engine.clone(), storage_path.clone(), tx.clone());
             std::thread::spawn(move || {
-                for c in 0..chunks {
+                for c in 1..chunks {
                     let range = SectorRange::new(c * CHUNK / SECTOR_SIZE, CHUNK / SECTOR_SIZE);
                     engine
                         .snapshot_append_storage(&id, &storage_path, &[range])

@@ -106,6 +106,11 @@ pub struct SnapshotCreateArgs {
     pub on_copy_error: Option<OnCopyError>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_timeout_ms: Option<u64>,
+    /// How long a copy waits for storage to be appended when the storage is
+    /// full (after the `no_space` event); 0: not at all. Absent: the
+    /// daemon's `storage_wait_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 //! against [`BlockDevice::size`] before calling them.
 
 mod file;
+pub(crate) mod media;
 mod memory;
 
 use std::io;
