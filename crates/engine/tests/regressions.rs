@@ -31,7 +31,7 @@ use blksnap_engine::{
     BlockDevice, Config, CopyErrorPolicy, Engine, Event, MemDevice, SectorRange, SnapshotOptions,
     StorageSpec, SECTOR_SIZE,
 };
-use blksnap_test_support::{is_root, Pattern};
+use blksnap_test_support::{is_root, sparse_file, Pattern};
 use common::{drain_events, mem_storage, on_copy_error, snapshot_of};
 
 mod common;
@@ -350,13 +350,10 @@ fn appended_range_smaller_than_a_chunk_is_refused() {
             device.write(&[2; 512], CHUNK).unwrap();
             let info = engine.snapshot_info(&id).unwrap();
             panic!(
-                "a range of {} sectors (the chunk is {CHUNK_SECTORS}) was accepted; two first \
-                 writes then left the image with error_code {} although the storage had {} \
-                 bytes free ({:?})",
-                half.count,
-                info.images[0].error_code,
-                info.storage.total - info.storage.used,
-                info.storage
+                "a range of {} sectors (the chunk is {CHUNK_SECTORS}) was accepted, making \
+                 {} bytes of storage in {} extents; two first writes (two chunks) then left \
+                 the image with error_code {}",
+                half.count, info.storage.total, info.storage.extents, info.images[0].error_code
             );
         }
     }
@@ -365,7 +362,8 @@ fn appended_range_smaller_than_a_chunk_is_refused() {
 
 /// Item 6: two concurrent appends of the same range cannot both succeed (the
 /// overlap check and the push are under one lock now). Many rounds, two
-/// threads released together by a barrier append the identical range.
+/// threads released together by a barrier append the identical range of a
+/// file by path (`snapshot_append_storage`, the control command's call).
 #[test]
 fn concurrent_appends_of_one_range_add_it_once() {
     const ROUNDS: u64 = 2000;
@@ -377,24 +375,32 @@ fn concurrent_appends_of_one_range_add_it_once() {
         })
         .unwrap(),
     );
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), "storage.img", ROUNDS * SECTOR_SIZE);
     let id = engine
         .snapshot_create(StorageSpec::Empty, SnapshotOptions::default())
         .unwrap();
-    let storage: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(ROUNDS * SECTOR_SIZE));
+    // The old overlap check walked every extent without the lock that the
+    // push takes: many extents (1000 one-sector ranges of each of 50 other
+    // devices) make that window wide enough for two calls to meet in it.
+    const FILLER: u64 = 50 * 1000;
+    for _ in 0..50 {
+        let filler: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1000 * SECTOR_SIZE));
+        let ranges: Vec<_> = (0..1000).map(|s| SectorRange::new(s, 1)).collect();
+        engine
+            .snapshot_append_storage_device(&id, filler, &ranges)
+            .unwrap();
+    }
     let barrier = Arc::new(Barrier::new(2));
     let appenders: Vec<_> = (0..2)
         .map(|_| {
-            let (engine, storage, barrier) = (engine.clone(), storage.clone(), barrier.clone());
+            let (engine, file, barrier) = (engine.clone(), file.clone(), barrier.clone());
             Timed::spawn(move || {
                 (0..ROUNDS)
                     .map(|round| {
                         barrier.wait();
                         engine
-                            .snapshot_append_storage_device(
-                                &id,
-                                storage.clone(),
-                                &[SectorRange::new(round, 1)],
-                            )
+                            .snapshot_append_storage(&id, &file, &[SectorRange::new(round, 1)])
                             .map_err(|e| e.errno())
                     })
                     .collect::<Vec<_>>()
@@ -410,16 +416,16 @@ fn concurrent_appends_of_one_range_add_it_once() {
         .collect();
     let extents = engine.snapshot_info(&id).unwrap().storage.extents;
     assert!(
-        doubled.is_empty() && extents == ROUNDS as usize,
+        doubled.is_empty() && extents == (FILLER + ROUNDS) as usize,
         "{} of {ROUNDS} rounds accepted the same range twice (first rounds: {:?}); \
-         the storage has {extents} extents for {ROUNDS} ranges",
+         the storage has {extents} extents for {FILLER} + {ROUNDS} ranges",
         doubled.len(),
         &doubled[..doubled.len().min(10)]
     );
-    for round in 0..ROUNDS as usize {
-        let mut outcomes = [results[0][round], results[1][round]];
+    for (round, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {
+        let mut outcomes = [*a, *b];
         outcomes.sort();
-        assert_eq!(outcomes, [Err(EINVAL), Ok(())], "round {round}");
+        assert_eq!(outcomes, [Ok(()), Err(EINVAL)], "round {round}");
     }
     engine.snapshot_destroy(&id).unwrap();
 }
