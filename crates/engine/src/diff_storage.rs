@@ -96,7 +96,8 @@ impl StorageSlot {
 pub struct StorageStats {
     /// Bytes of storage available in all extents.
     pub total: u64,
-    /// Bytes handed out to chunks (and extent tails skipped).
+    /// Bytes handed out to chunks (and extent tails skipped), not counting
+    /// the slots of failed copies waiting for reuse.
     pub used: u64,
     pub limit: Option<u64>,
     pub extents: usize,
@@ -417,12 +418,16 @@ impl DiffStorage {
     /// Gives back the slot of a copy that failed, for the next copy.
     pub fn release(&self, slot: StorageSlot, len: u64) {
         let len = len.next_multiple_of(SECTOR_SIZE);
-        self.alloc.lock().unwrap().free.push((len, slot));
+        let mut alloc = self.alloc.lock().unwrap();
+        alloc.used -= len;
+        alloc.free.push((len, slot));
     }
 
     fn take_free(&self, alloc: &mut Allocator, len: u64) -> Option<StorageSlot> {
         let i = alloc.free.iter().position(|&(l, _)| l >= len)?;
-        Some(alloc.free.swap_remove(i).1)
+        let (held, slot) = alloc.free.swap_remove(i);
+        alloc.used += held;
+        Some(slot)
     }
 
     fn take_from_extents(&self, alloc: &mut Allocator, len: u64) -> Option<StorageSlot> {
