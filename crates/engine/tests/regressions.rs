@@ -46,18 +46,9 @@ const EINVAL: i32 = 22;
 const ENOSPC: i32 = 28;
 const ETIMEDOUT: i32 = 110;
 
-/// Small values so tests are fast: 64 KiB chunks and tracking blocks, 1 MiB
-/// growth steps.
+/// 64 KiB chunks and tracking blocks, 1 MiB growth steps.
 fn config() -> Config {
-    let config = Config {
-        diff_storage_minimum: MIB,
-        chunk_minimum_shift: 16,
-        chunk_maximum_shift: 20,
-        tracking_block_minimum_shift: 16,
-        ..Config::default()
-    };
-    config.validate().expect("test config is valid");
-    config
+    common::small_config()
 }
 
 fn engine() -> Arc<Engine> {

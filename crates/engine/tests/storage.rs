@@ -54,18 +54,9 @@ const EBUSY: i32 = 16;
 const EINVAL: i32 = 22;
 const ENOSPC: i32 = 28;
 
-/// Small values so tests are fast: 64 KiB chunks and tracking blocks, 1 MiB
-/// growth steps (at least the largest chunk, as `Config::validate` demands).
+/// 64 KiB chunks and tracking blocks, 1 MiB growth steps.
 fn config() -> Config {
-    let config = Config {
-        diff_storage_minimum: STEP,
-        chunk_minimum_shift: 16,
-        chunk_maximum_shift: 20,
-        tracking_block_minimum_shift: 16,
-        ..Config::default()
-    };
-    config.validate().expect("test config is valid");
-    config
+    common::small_config()
 }
 
 // ---------------------------------------------------------------------------

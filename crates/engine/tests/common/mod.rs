@@ -6,8 +6,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use blksnap_engine::{CopyErrorPolicy, Engine, Event, MemDevice, SnapshotOptions, StorageSpec};
+use blksnap_engine::{
+    Config, CopyErrorPolicy, Engine, Event, MemDevice, SnapshotOptions, StorageSpec,
+};
 use uuid::Uuid;
+
+/// Small values so tests are fast: 64 KiB chunks and tracking blocks, 1 MiB
+/// growth steps (at least the largest chunk, as `Config::validate` demands).
+pub fn small_config() -> Config {
+    let config = Config {
+        diff_storage_minimum: 1 << 20,
+        chunk_minimum_shift: 16,
+        chunk_maximum_shift: 20,
+        tracking_block_minimum_shift: 16,
+        ..Config::default()
+    };
+    config.validate().expect("test config is valid");
+    config
+}
 
 /// A taken snapshot of the devices `names`: create, add each, take.
 pub fn snapshot_of<S: AsRef<str>>(
