@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// `<target>/<profile>`: this test runs from `<target>/<profile>/deps/`.
+/// `<target dir>[/<triple>]/<profile dir>`: this test runs from its
+/// `deps/`.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("the test binary's directory");
@@ -21,6 +22,34 @@ fn profile_dir() -> PathBuf {
         exe.display()
     );
     deps.parent().expect("the profile directory").to_path_buf()
+}
+
+/// `cargo build` with the profile, target triple and target directory this
+/// test was built with, read off [`profile_dir`]: `debug` is the `dev`
+/// profile, any other directory is named after its profile; a target
+/// directory root holds Cargo's `CACHEDIR.TAG`, a `<triple>` directory
+/// under it does not. Cargo hands a test no other package's binary, nor
+/// this package's cdylib, so they are built here, always (Cargo rebuilds
+/// only what changed; a stale artifact would otherwise be tested).
+fn cargo_build_same_profile(target: &Path) -> Command {
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("profile directory name");
+    let profile = if name == "debug" { "dev" } else { name };
+    let parent = target.parent().expect("the target directory");
+    let mut command = Command::new(env!("CARGO"));
+    command.args(["build", "--profile", profile]);
+    if parent.join("CACHEDIR.TAG").exists() {
+        command.arg("--target-dir").arg(parent);
+    } else {
+        command
+            .arg("--target")
+            .arg(parent.file_name().expect("target triple"))
+            .arg("--target-dir")
+            .arg(parent.parent().expect("the target directory"));
+    }
+    command
 }
 
 /// Kills the daemon if the test ends early.
@@ -69,11 +98,10 @@ fn c_program_drives_a_full_cycle() {
     let target = profile_dir();
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
 
-    // (a) the daemon, built with this test's profile (dev), and the
-    // library itself: `cargo test` builds only its rlib, not libblksnap.so.
-    let status = Command::new(env!("CARGO"))
+    // (a) the daemon and the library itself (`cargo test` builds only its
+    // rlib, not libblksnap.so), with this test's profile.
+    let status = cargo_build_same_profile(&target)
         .args([
-            "build",
             "-p",
             "blksnap-daemon",
             "--bin",

@@ -7,7 +7,6 @@ mod common;
 use blksnap_test_support::changed_since;
 use common::{create_args, Daemon};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -190,13 +189,15 @@ fn whole_command_set() {
     assert_eq!(info["storage"]["extents"], 2);
 
     // the watcher reports the destroy and exits 0
+    let waits = d.log_lines(&["SnapshotWaitevent", &id]).len();
     let watcher = Command::new(env!("CARGO_BIN_EXE_blksnap"))
         .args(["snapshot_watcher", "--id", &id])
         .env("BLKSNAP_CONTROL", &d.control)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Handshake: the daemon has the watcher's wait before the destroy.
+    d.wait_log_after(&["SnapshotWaitevent", &id], waits);
     assert_eq!(d.ok(&["snapshot_destroy", "--id", &id]), "");
     let out = watcher.wait_with_output().unwrap();
     assert!(out.status.success());

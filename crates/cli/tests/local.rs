@@ -550,6 +550,25 @@ impl Env {
         }
     }
 
+    /// The `snapshot_waitevent` requests of snapshot `id` so far.
+    fn waits(&self, id: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("SnapshotWaitevent") && l.contains(id))
+            .count()
+    }
+
+    /// Waits (bounded) until the daemon has had more than `before`
+    /// `snapshot_waitevent` requests of snapshot `id` (`before` from
+    /// [`Self::waits`]): a watcher started since is watching.
+    fn wait_watching(&self, id: &str, before: usize) {
+        assert!(
+            wait_until(Duration::from_secs(20), || self.waits(id) > before),
+            "the watcher of {id} never waited:\n{}",
+            self.log_tail()
+        );
+    }
+
     /// A sparse file of `size` bytes in the work directory.
     fn file(&self, name: &str, size: u64) -> PathBuf {
         sparse_file(&self.work, name, size)
@@ -1258,8 +1277,9 @@ fn storage_overflow_corrupts_only_the_image() {
     let storage = env.file("diff.file", 4096);
     let id = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "8M"]);
     env.take(&id);
+    let waits = env.waits(&id);
     let watcher = env.spawn_cli(&["snapshot_watcher", "--id", &id], "watcher");
-    std::thread::sleep(Duration::from_millis(300));
+    env.wait_watching(&id, waits);
 
     // 32 MiB: four times the limit. Every write must succeed.
     let bulk = write_mib_files(&origin.join("bulk"), "bulk", 32, 32);
@@ -1509,6 +1529,30 @@ fn compare(what: &str, got: &[u8], expected: &[(&str, &[u8])], known: &[(&str, &
     );
 }
 
+/// Checks what a read of the image at `offset` got: every 4 KiB page is
+/// the image's content at the take, or what its writer writes there (D); a
+/// read never returns anything else, not even while the image is destroyed.
+fn check_image_read(got: &[u8], offset: u64, taken: &[u8], d: &[u8]) -> Result<(), String> {
+    const PAGE: usize = 4096;
+    let offset = offset as usize;
+    if got.is_empty() || got.len() % PAGE != 0 || offset + got.len() > taken.len() {
+        return Err(format!(
+            "image read at {offset}: {} bytes, not whole pages inside the image",
+            got.len()
+        ));
+    }
+    for (i, page) in got.chunks(PAGE).enumerate() {
+        let r = offset + i * PAGE..offset + (i + 1) * PAGE;
+        if page != &taken[r.clone()] && page != &d[r.clone()] {
+            return Err(format!(
+                "image read: the page at {} KiB is neither the take's content nor the image writer's",
+                r.start >> 10
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Role {
     /// I/O on the origin: must never fail.
@@ -1519,25 +1563,31 @@ enum Role {
 
 /// Threads running one command after another until stopped; stopped and
 /// waited for (bounded) when dropped, so none outlives the test's devices.
+/// A job returns the command's output, or `Err` when the command succeeded
+/// with wrong results (a failure whenever it happens).
 #[derive(Default)]
 struct Workers {
     stop: Arc<AtomicBool>,
     destroying: Arc<AtomicBool>,
     image_errors: Arc<AtomicU64>,
+    /// Commands each thread has finished so far.
+    progress: Vec<Arc<AtomicU64>>,
     handles: Vec<std::thread::JoinHandle<Result<u64, String>>>,
 }
 
 impl Workers {
-    fn spawn(&mut self, role: Role, job: impl Fn(u64) -> Output + Send + 'static) {
+    fn spawn(&mut self, role: Role, job: impl Fn(u64) -> Result<Output, String> + Send + 'static) {
         let (stop, destroying, image_errors) = (
             self.stop.clone(),
             self.destroying.clone(),
             self.image_errors.clone(),
         );
+        let progress = Arc::new(AtomicU64::new(0));
+        self.progress.push(progress.clone());
         self.handles.push(std::thread::spawn(move || {
             let mut done = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                let out = job(done);
+                let out = job(done)?;
                 if !out.status.success() {
                     let error = String::from_utf8_lossy(&out.stderr).into_owned();
                     if role == Role::Origin {
@@ -1549,9 +1599,36 @@ impl Workers {
                     image_errors.fetch_add(1, Ordering::SeqCst);
                 }
                 done += 1;
+                progress.store(done, Ordering::SeqCst);
             }
             Ok(done)
         }));
+    }
+
+    /// How many commands each thread has finished so far.
+    fn progress(&self) -> Vec<u64> {
+        self.progress
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// Waits (bounded) until every thread has finished `more` commands
+    /// beyond `since` (from [`Self::progress`]), or one has ended (failed).
+    fn wait_progress(&self, since: &[u64], more: u64, limit: Duration) {
+        let reached = wait_until(limit, || {
+            self.handles.iter().any(|h| h.is_finished())
+                || self
+                    .progress()
+                    .iter()
+                    .zip(since)
+                    .all(|(now, then)| *now >= then + more)
+        });
+        assert!(
+            reached,
+            "the I/O threads did not make progress within {limit:?}: {:?} since {since:?}",
+            self.progress()
+        );
     }
 
     /// Stops every thread; returns how many commands each ran.
@@ -1698,43 +1775,64 @@ fn concurrent_origin_and_image_io_and_destroy() {
     // Held open until the I/O stops, so the loop device stays ours (detached
     // lazily) and no later dd can reach a loop device reused by others.
     let hold = std::fs::File::open(&image).unwrap();
+    // What the image holds at the take (the origin then), and where its
+    // writer goes, D: every 4 KiB page a reader gets must be one of them.
+    let taken: Arc<Vec<u8>> = Arc::new(
+        origin_expected
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (_, p))| p[i * PIECE as usize..(i + 1) * PIECE as usize].to_vec())
+            .collect(),
+    );
+    let d = Arc::new(d.clone());
     let mut workers = Workers::default();
     for r in 0..2u64 {
         let image = image.clone();
+        let into = env.work.join(format!("reader-{r}.bin"));
+        let (taken, d) = (taken.clone(), d.clone());
         workers.spawn(Role::Image, move |i| {
             let skip = (i * 7 + r * 29) % 56;
-            run(
+            let _ = std::fs::remove_file(&into);
+            let out = run(
                 "dd",
                 &[
                     &format!("if={image}"),
-                    "of=/dev/null",
+                    &format!("of={}", s(&into)),
                     "bs=1M",
                     "count=8",
                     &format!("skip={skip}"),
                     "iflag=direct",
                     "status=none",
                 ],
-            )
+            );
+            if out.status.success() {
+                check_image_read(&std::fs::read(&into).unwrap(), skip * MIB, &taken, &d)?;
+            }
+            Ok(out)
         });
     }
     {
         let (image, pat_d) = (image.clone(), pat_d.clone());
         workers.spawn(Role::Image, move |i| {
-            dd_block(&pat_d, &image, MIB, (i * 13) % 64)
+            Ok(dd_block(&pat_d, &image, MIB, (i * 13) % 64))
         });
     }
     {
         let (origin, pat_b) = (origin.clone(), pat_b.clone());
         workers.spawn(Role::Origin, move |i| {
-            dd_block(&pat_b, &origin, MIB, (i * 11) % 48)
+            Ok(dd_block(&pat_b, &origin, MIB, (i * 11) % 48))
         });
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    // The destroy comes under load: once every thread has done some I/O.
+    let none = workers.progress().iter().map(|_| 0).collect::<Vec<_>>();
+    workers.wait_progress(&none, 3, Duration::from_secs(60));
     workers.destroying.store(true, Ordering::SeqCst);
     let started = Instant::now();
     env.ok(&["snapshot_destroy", "--id", &id]);
     let destroy_took = started.elapsed();
-    std::thread::sleep(Duration::from_millis(500));
+    // And the I/O goes on against the destroyed image for a while.
+    let at_destroy = workers.progress();
+    workers.wait_progress(&at_destroy, 2, Duration::from_secs(60));
     let counts = workers.finish();
     drop(hold);
     assert!(
@@ -1782,12 +1880,13 @@ fn clean_stop_waits_for_unmount() {
         "no refusal in the log:\n{}",
         env.log_tail()
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // The refusal is the signal's whole handling (the signal thread goes
+    // back to waiting): the daemon answers after it and still runs.
+    assert_eq!(env.ok(&["version"]).trim(), env!("CARGO_PKG_VERSION"));
     assert!(
         running(env.pid),
         "blksnapd stopped under a mounted filesystem"
     );
-    assert_eq!(env.ok(&["version"]).trim(), env!("CARGO_PKG_VERSION"));
     let refusal = env
         .log()
         .lines()
@@ -1813,4 +1912,224 @@ fn clean_stop_waits_for_unmount() {
         Vec::<String>::new(),
         "loop devices left behind"
     );
+}
+
+// ---------------------------------------------------------------------------
+// 7. Claims of docs/blksnapd.md about the local devices that had no test.
+
+/// Thaws a filesystem frozen by the test, also when the test fails (an
+/// unmount of a frozen filesystem would hang).
+struct Thaw(PathBuf);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = try_run("fsfreeze", &["-u", s(&self.0)]);
+    }
+}
+
+/// The FUSE files: other users get `EACCES`, `truncate` gets `ENOSYS`.
+#[test]
+fn fuse_files_refuse_others_and_truncate() {
+    const TEST: &str = "fuse_files_refuse_others_and_truncate";
+    let Some(env) = Env::start_if_ready(TEST, &["setpriv", "stat", "ls", "cat", "truncate"], None)
+    else {
+        return;
+    };
+    let file = env.file("a.img", 4 * MIB);
+    assert!(env
+        .ok(&["attach", "--device", s(&file), "--no-loop"])
+        .contains("device=a.img\n"));
+    let fuse_file = env.fuse_dir.join("a.img");
+    // Another user: the path up to the mount is open to all (the work
+    // directory is the test's own), the filesystem is not. Checked before
+    // root looks at the file: within the 1 s attribute timeout after root
+    // did, another user's `stat` is answered from the kernel's cache,
+    // without asking the daemon (reported; `open` is always asked).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&env.work, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |tool: [&str; 2]| {
+        let args: Vec<&str> = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+            .into_iter()
+            .chain(tool)
+            .collect();
+        let out = run("setpriv", &args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{tool:?} as nobody succeeded");
+        assert!(stderr.contains("Permission denied"), "{tool:?}: {stderr}");
+    };
+    as_nobody(["stat", s(&fuse_file)]);
+    as_nobody(["ls", s(&env.fuse_dir)]);
+    as_nobody(["cat", s(&fuse_file)]);
+    assert_eq!(std::fs::metadata(&fuse_file).unwrap().len(), 4 * MIB);
+    as_nobody(["cat", s(&fuse_file)]);
+
+    // truncate: ENOSYS, and the size stays.
+    let open = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fuse_file)
+        .unwrap();
+    let err = open.set_len(MIB).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(38), "truncate: {err}");
+    drop(open);
+    assert_eq!(std::fs::metadata(&fuse_file).unwrap().len(), 4 * MIB);
+    let out = run("truncate", &["-s", "8M", s(&fuse_file)]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Function not implemented"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Root still reads it.
+    assert_eq!(std::fs::read(&fuse_file).unwrap().len() as u64, 4 * MIB);
+
+    // (Reserved device names: claims_daemon.rs.)
+    let list = parse_json(&env.ok(&["list", "--json"]));
+    assert_eq!(list["devices"][0]["name"], "a.img", "{list}");
+    assert!(env.fuse_dir.join("snapshot").is_dir());
+}
+
+/// `attach_loop = true` gives every attach (and the images of its device)
+/// a loop device, unless it says `--no-loop`.
+#[test]
+fn attach_loop_setting_and_no_loop() {
+    const TEST: &str = "attach_loop_setting_and_no_loop";
+    let Some(env) = Env::start_if_ready(TEST, &[], Some("attach_loop = true\n")) else {
+        return;
+    };
+    let a = env.file("a.img", 16 * MIB);
+    let out = env.ok(&["attach", "--device", s(&a)]);
+    let a_loop = out
+        .lines()
+        .find_map(|l| l.strip_prefix("loop="))
+        .unwrap_or_else(|| panic!("no loop device with attach_loop = true: {out}"))
+        .to_string();
+    env.held()
+        .daemon_loops
+        .push((a_loop.clone(), "a.img".to_string()));
+    assert!(a_loop.starts_with("/dev/loop"), "{out}");
+    let b = env.file("b.img", 16 * MIB);
+    let out = env.ok(&["attach", "--device", s(&b), "--no-loop"]);
+    assert!(
+        !out.contains("loop="),
+        "--no-loop gave a loop device: {out}"
+    );
+
+    let list = parse_json(&env.ok(&["list", "--json"]));
+    let loop_of = |name: &str| {
+        list["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {list}"))
+            .get("loop")
+            .cloned()
+    };
+    assert_eq!(loop_of("a.img"), Some(Value::from(a_loop.as_str())));
+    assert_eq!(loop_of("b.img"), None);
+    // The device's image gets one at the take.
+    let storage = env.dir("storage");
+    let id = env.snapshot("a.img", &storage);
+    let image = env.image_of("a.img");
+    assert_ne!(image, a_loop);
+    env.ok(&["snapshot_destroy", "--id", &id]);
+    env.wait_image_loops_gone();
+}
+
+/// `freeze_on_take = false` freezes nothing; with the default, a
+/// filesystem that cannot be frozen (frozen already) gives a warning and
+/// the take goes on.
+#[test]
+fn freeze_on_take_false_and_the_freeze_failure_warning() {
+    const TEST: &str = "freeze_on_take_false_and_the_freeze_failure_warning";
+    {
+        let Some(env) = Env::start_if_ready(TEST, &["fsfreeze"], Some("freeze_on_take = false\n"))
+        else {
+            return;
+        };
+        let (dev, _, _origin) = env.ext4_origin();
+        let storage = env.dir("storage");
+        let id = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
+        let taken = env.take(&id);
+        assert_eq!(
+            taken,
+            serde_json::json!({"frozen": [], "warnings": []}),
+            "freeze_on_take = false froze: {taken}"
+        );
+        assert!(
+            !env.log().contains("filesystem frozen"),
+            "{}",
+            env.log_tail()
+        );
+    }
+
+    let env = Env::start(TEST, None);
+    let (dev, _, origin) = env.ext4_origin();
+    run_ok("fsfreeze", &["-f", s(&origin)]);
+    let thaw = Thaw(origin.clone());
+    let storage = env.dir("storage");
+    let id = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "1G"]);
+    let out = env.cli(&["snapshot_take", "--id", &id]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the take failed: {stderr}");
+    let warning = format!(
+        "blksnap: warning: cannot freeze the filesystem at {}",
+        origin.display()
+    );
+    assert!(stderr.contains(&warning), "{stderr}");
+    assert!(stderr.contains("taking the snapshot anyway"), "{stderr}");
+    let info = env.info(&dev);
+    assert_eq!(info["taken"], true, "{info}");
+    assert_eq!(info["images"][0]["error_code"], 0, "{info}");
+    drop(thaw);
+    // Thawed by us, not by the take: the filesystem works.
+    std::fs::write(origin.join("after"), b"written").unwrap();
+    sync_fs(&origin);
+}
+
+/// `blksnap shutdown --force` stops a daemon whose loop device is mounted
+/// (the plain `shutdown` refuses with EBUSY): status 0, the forced stop
+/// logged, and no FUSE mount left on the directory (detached lazily).
+#[test]
+fn shutdown_force_with_a_busy_loop_device() {
+    const TEST: &str = "shutdown_force_with_a_busy_loop_device";
+    let Some(mut env) = Env::start_if_ready(TEST, &[], None) else {
+        return;
+    };
+    let (_dev, dev_loop, origin) = env.ext4_origin();
+    write_files(&origin.join("data"), "f", 2, MIB, 71);
+    sync_fs(&origin);
+    env.fails(&["shutdown"], &["EBUSY", &dev_loop]);
+    assert!(running(env.pid));
+    assert_eq!(env.ok(&["shutdown", "--force"]), "");
+    assert!(
+        wait_until(Duration::from_secs(30), || !running(env.pid)),
+        "blksnapd did not stop on shutdown --force:\n{}",
+        env.log_tail()
+    );
+    let status = env.daemon.as_mut().unwrap().stop_or_status();
+    assert_eq!(status.code(), Some(0), "{}", env.log_tail());
+    let log = env.log();
+    assert!(
+        log.contains("forced stop: loop devices detached while in use"),
+        "{}",
+        env.log_tail()
+    );
+    assert!(log.contains("blksnapd stopped"), "{}", env.log_tail());
+    // The filesystem on the dead device goes first, then the FUSE mount.
+    let _ = try_run("umount", &[s(&origin)]);
+    if is_mounted(&origin) {
+        let _ = try_run("umount", &["-l", s(&origin)]);
+    }
+    env.held().mounts.retain(|m| m != &origin);
+    // Unlike docs/blksnap.md (`--force`) and docs/blksnapd.md ("After a
+    // forced stop"), which say the FUSE filesystem stays mounted, dead,
+    // until unmounted: the daemon detaches it lazily at its stop.
+    assert!(
+        log.contains("FUSE volumes still in use: unmounted lazily")
+            || log.contains("FUSE volumes unmounted"),
+        "{}",
+        env.log_tail()
+    );
+    assert!(!is_mounted(&env.fuse_dir));
 }

@@ -5,46 +5,29 @@
 //! the daemon's accept loops through any path in the file system, and must
 //! not remove files it did not create (a daemon started since may own them).
 //!
-//! Self-contained on purpose (its own small daemon harness rather than
-//! `common`): everything lives in the test's temporary directory. The FUSE
+//! Its own small daemon harness (a TCP listener and a FUSE directory as
+//! well, and a bounded wait), with the daemon binary from `common` (the
+//! profile under test): everything lives in the test's temporary
+//! directory. The FUSE
 //! test needs root and /dev/fuse; without them it prints a loud
 //! `SKIPPED: <test>: <reason>` line and passes, unless the environment
 //! variable CI is set: then it fails, as the local-device tests do.
+
+mod common;
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use blksnap_test_support::is_root;
+use common::blksnapd;
 
 /// How long a daemon may take to stop after SIGTERM. A clean stop with no
 /// clients takes milliseconds; the daemon's own drain bounds are 10 s, and
 /// nothing here is in flight, so anything near this is the bug.
 const STOP_BOUND: Duration = Duration::from_secs(10);
-
-/// Builds `blksnapd` once (same profile): Cargo only hands a package its own
-/// binaries, so `CARGO_BIN_EXE_blksnapd` does not exist here.
-fn blksnapd() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "--quiet", "-p", "blksnap-daemon", "--bin"])
-                .arg("blksnapd")
-                .status()
-                .unwrap();
-            assert!(status.success(), "building blksnapd failed");
-            // .../target/<profile>/deps/<test binary>
-            let exe = std::env::current_exe().unwrap();
-            let path = exe.parent().unwrap().parent().unwrap().join("blksnapd");
-            assert!(path.exists(), "{} missing", path.display());
-            path
-        })
-        .clone()
-}
 
 /// A `blksnapd` with everything (sockets, state, log, FUSE directory) in
 /// its own temporary directory. Drop kills a daemon that did not stop and

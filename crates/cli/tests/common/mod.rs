@@ -1,6 +1,9 @@
 //! A real `blksnapd` in a temporary directory, and the real `blksnap` CLI
-//! run against it. The daemon binary is built on first use (same profile),
-//! since Cargo only hands a package its own binaries.
+//! run against it. `blksnap` is this package's own binary
+//! (`CARGO_BIN_EXE_blksnap`, built by Cargo with the profile under test);
+//! `blksnapd` is another package's, which Cargo does not hand over, so
+//! [`blksnapd`] builds it with the same profile, target and target
+//! directory as this test executable, and runs it from there.
 
 #![allow(dead_code)]
 
@@ -11,25 +14,56 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// `<target dir>[/<triple>]/<profile dir>`: this test executable runs from
+/// its `deps/`.
 pub fn target_dir() -> PathBuf {
-    // .../target/<profile>/deps/<test binary>
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    let deps = exe.parent().unwrap();
+    assert_eq!(
+        deps.file_name().and_then(|n| n.to_str()),
+        Some("deps"),
+        "test executable outside <target>/<profile>/deps: {}",
+        exe.display()
+    );
+    deps.parent().unwrap().to_path_buf()
 }
 
+/// `cargo build` with the profile, target triple and target directory this
+/// test executable was built with (read off [`target_dir`]): `debug` is the
+/// `dev` profile, any other directory is named after its profile; a target
+/// directory root holds Cargo's `CACHEDIR.TAG`, a `<triple>` directory
+/// under it does not.
+pub fn cargo_build_same_profile() -> Command {
+    let profile_dir = target_dir();
+    let name = profile_dir.file_name().unwrap().to_str().unwrap();
+    let profile = if name == "debug" { "dev" } else { name };
+    let parent = profile_dir.parent().unwrap();
+    let mut command = Command::new(env!("CARGO"));
+    command.args(["build", "--quiet", "--profile", profile]);
+    if parent.join("CACHEDIR.TAG").exists() {
+        command.arg("--target-dir").arg(parent);
+    } else {
+        let triple = parent.file_name().unwrap();
+        command
+            .arg("--target")
+            .arg(triple)
+            .arg("--target-dir")
+            .arg(parent.parent().unwrap());
+    }
+    command.current_dir(env!("CARGO_MANIFEST_DIR"));
+    command
+}
+
+/// The `blksnapd` of the profile under test. Built (once per test
+/// executable) with [`cargo_build_same_profile`] even when a binary is
+/// there already: Cargo rebuilds only what changed, and a stale daemon
+/// from an earlier build would otherwise be tested.
 pub fn blksnapd() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "blksnap-daemon",
-                    "--bin",
-                    "blksnapd",
-                ])
+            let status = cargo_build_same_profile()
+                .args(["-p", "blksnap-daemon", "--bin", "blksnapd"])
                 .status()
                 .unwrap();
             assert!(status.success(), "building blksnapd failed");
@@ -38,6 +72,26 @@ pub fn blksnapd() -> PathBuf {
             path
         })
         .clone()
+}
+
+/// The `blksnap` CLI of the profile under test (built by Cargo for this
+/// package's tests).
+pub fn blksnap() -> &'static str {
+    env!("CARGO_BIN_EXE_blksnap")
+}
+
+/// Polls `done` every 20 ms until it holds; false after `limit`.
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `blksnapd` with its control socket and state directory where given.
@@ -79,7 +133,13 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    /// A daemon in `dir` (sockets under `run/`, state in `state/`, log in
+    /// `daemon.log`, appended to): a directory from [`Self::kill`] starts
+    /// a daemon over what the killed one left behind.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let control = dir.path().join("run/control.sock");
         let nbd = dir.path().join("run/nbd.sock");
         let child = blksnapd_command(&control, &dir.path().join("state"))
@@ -87,10 +147,16 @@ impl Daemon {
             .arg(&nbd)
             .args(extra)
             .env("BLKSNAP_LOG", "debug")
-            .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.path().join("daemon.log"))
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
-        let daemon = Self {
+        let mut daemon = Self {
             dir,
             control,
             nbd,
@@ -100,9 +166,14 @@ impl Daemon {
         daemon
     }
 
-    fn wait_ready(&self) {
+    /// Ready when the control socket answers (created last, after every
+    /// frontend); a daemon that exits meanwhile fails at once.
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while UnixStream::connect(&self.control).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("blksnapd exited at start ({status}): {}", self.log());
+            }
             assert!(
                 Instant::now() < deadline,
                 "blksnapd did not start: {}",
@@ -119,6 +190,39 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The log's lines that have every needle.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits (bounded, 20 s) until the log has a line with every needle;
+    /// returns that line.
+    pub fn wait_log(&self, needles: &[&str]) -> String {
+        self.wait_log_after(needles, 0)
+    }
+
+    /// Waits (bounded, 20 s) until the log has more than `before` lines
+    /// with every needle (`before` from [`Self::log_lines`], taken before
+    /// the action); returns the first new one.
+    pub fn wait_log_after(&self, needles: &[&str], before: usize) -> String {
+        let mut found = None;
+        let seen = wait_until(Duration::from_secs(20), || {
+            found = self.log_lines(needles).into_iter().nth(before);
+            found.is_some()
+        });
+        assert!(seen, "no new log line with {needles:?}:\n{}", self.log());
+        found.unwrap()
+    }
+
+    /// Whether the daemon process still runs (reaps it if it stopped).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -200,6 +304,20 @@ impl Daemon {
                 serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
             })
             .collect()
+    }
+
+    /// SIGKILL (no clean stop at all), waits for the exit and hands over
+    /// the daemon's directory, with what it left behind.
+    pub fn kill(&mut self) -> tempfile::TempDir {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// The lock file beside the control socket.
+    pub fn lock_file(&self) -> PathBuf {
+        PathBuf::from(format!("{}.lock", self.control.display()))
     }
 
     pub fn pid(&self) -> u32 {
