@@ -5,50 +5,15 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use blksnap_test_support::Pattern;
+use common::nbd_tools::{have, map, random_device, read_all, run};
 use common::Daemon;
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
-
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is missing in CI: scripts/install-deps installs it"
-        );
-        eprintln!("SKIPPED: {tool} is not installed (run scripts/install-deps)");
-    }
-    found
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A device `name` of `size` random bytes (pattern `seed`) in the daemon's
-/// directory, attached; returns its content.
-fn random_device(d: &Daemon, name: &str, size: u64, seed: u64) -> Vec<u8> {
-    let data = Pattern::Random.bytes(seed, size);
-    std::fs::write(d.path(name), &data).unwrap();
-    d.ok(&["attach", "--device", name]);
-    data
-}
 
 /// `qemu-img compare` of two raw images (files or NBD URIs); `-q` when
 /// `quiet`.
@@ -60,25 +25,6 @@ fn qemu_img_compare(quiet: bool, left: &str, right: &str) -> Command {
     }
     cmd.args(["-f", "raw", "-F", "raw", left, right]);
     cmd
-}
-
-/// `nbdinfo --map` lines as (offset, length, type).
-fn map(uri: &str, context: &str) -> Vec<(u64, u64, u32)> {
-    let out = run(Command::new("nbdinfo")
-        .arg(format!("--map={context}"))
-        .arg(uri));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (
-                f[0].parse().unwrap(),
-                f[1].parse().unwrap(),
-                f[2].parse().unwrap(),
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -290,36 +236,100 @@ fn nbdcopy_with_several_connections() {
     assert!(std::fs::read(&out).unwrap() == before);
 }
 
+/// fio (nbd engine, `verify=crc32c` with `verify_backlog`, rate-limited so
+/// it writes for seconds) writes the first 24 MiB of a 32 MiB device while
+/// snapshots are taken, read and destroyed. Each round checks that the
+/// image is frozen at its take:
+/// - fio's region: the image is copied twice, before and after a pause in
+///   which fio goes on writing; both copies must be identical. The device's
+///   own content after the second copy must differ from the first copy in
+///   at least some rounds: proof that fio really wrote under the snapshot
+///   (counted; at least 3 such rounds are required).
+/// - the last 8 MiB, a region the test writes itself: filled with the
+///   round's pattern (acknowledged) before the take, partly overwritten
+///   after it; the image must hold the round's pattern there, whole.
+///
+/// fio's verify, which reads back everything it wrote through the device,
+/// must pass.
 #[test]
 fn fio_random_writes_verify_while_snapshots_are_taken_and_read() {
-    if !(have("fio") && have("nbdcopy")) {
+    if !(have("fio") && have("nbdcopy") && have("qemu-io")) {
         return;
     }
+    const FIO_END: usize = 24 * MIB as usize;
     let d = Daemon::start();
-    d.image("f.img", 64 * MIB);
+    d.image("f.img", 32 * MIB);
     d.ok(&["attach", "--device", "f.img"]);
-    let fio = Command::new("fio")
+    let out = std::fs::File::create(d.path("fio.out")).unwrap();
+    let mut fio = Command::new("fio")
         .args([
             "--name=verify",
             "--ioengine=nbd",
             &format!("--uri={}", d.uri("f.img")),
             "--rw=randwrite",
             "--bs=4k",
-            "--size=64M",
+            "--size=24M",
             "--iodepth=16",
+            // 6144 writes at 1000 a second: about 6 s of writing.
+            "--rate_iops=1000",
             "--verify=crc32c",
+            "--verify_backlog=512",
             "--verify_fatal=1",
             "--verify_state_save=0",
-            "--loops=2",
         ])
-        .output();
-    let fio = thread::spawn(move || fio.unwrap());
-    // Takes, image reads and destroys while fio writes.
-    let mut rounds = 0;
-    while !fio.is_finished() && rounds < 20 {
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let copy = |uri: &str| -> Vec<u8> {
+        let data = read_all(&d, uri);
+        assert_eq!(data.len() as u64, 32 * MIB);
+        data
+    };
+    // One qemu-io (one connection) for several writes, each acknowledged.
+    let write = |writes: &[(u8, u64, u64)]| {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw"]);
+        for (pattern, at, len) in writes {
+            cmd.args(["-c", &format!("write -P {pattern} {at} {len}")]);
+        }
+        let out = run(cmd.arg(d.uri("f.img")));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.matches("wrote ").count(), writes.len(), "{text}");
+    };
+    let (mut rounds, mut overlapped) = (0, 0);
+    while fio.try_wait().unwrap().is_none() && rounds < 40 {
+        let before = 1 + (rounds % 100) as u8;
+        write(&[(before, FIO_END as u64, 8 * MIB)]);
         let id = d.snapshot("f.img");
-        let copy = d.path("image.copy");
-        run(Command::new("nbdcopy").args([&d.uri("snapshot/f.img"), copy.to_str().unwrap()]));
+        // After the take: 4 KiB in every other 256 KiB chunk of the region.
+        let after: Vec<_> = (0..32)
+            .step_by(2)
+            .map(|k| {
+                (
+                    before + 100,
+                    FIO_END as u64 + k * 256 * KIB + 4 * KIB,
+                    4 * KIB,
+                )
+            })
+            .collect();
+        write(&after);
+        let image = d.uri("snapshot/f.img");
+        let first = copy(&image);
+        thread::sleep(Duration::from_millis(150));
+        let second = copy(&image);
+        assert!(
+            first[..FIO_END] == second[..FIO_END],
+            "round {rounds}: the image changed after its take while fio wrote"
+        );
+        assert!(
+            second[FIO_END..].iter().all(|&b| b == before),
+            "round {rounds}: the image lacks the region as acknowledged before the take"
+        );
+        let device = copy(&d.uri("f.img"));
+        if device[..FIO_END] != first[..FIO_END] {
+            overlapped += 1;
+        }
         assert_eq!(
             d.ok(&[
                 "snapshot_info",
@@ -332,15 +342,13 @@ fn fio_random_writes_verify_while_snapshots_are_taken_and_read() {
         );
         d.ok(&["snapshot_destroy", "--id", &id]);
         rounds += 1;
-        thread::sleep(Duration::from_millis(50));
     }
-    let out = fio.join().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fio failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let status = fio.wait().unwrap();
+    let text = std::fs::read_to_string(d.path("fio.out")).unwrap();
+    assert!(status.success(), "fio failed: {text}");
     assert!(text.contains("err= 0"), "{text}");
-    assert!(rounds >= 1, "no snapshot was taken while fio ran");
+    assert!(
+        overlapped >= 3,
+        "only {overlapped} of {rounds} rounds saw fio write under the snapshot: {text}"
+    );
 }
