@@ -3,22 +3,40 @@
 //!   with takes and destroys in between; every block an image returns must be
 //!   the block's content at the take (never a torn block, never a write issued
 //!   after the take returned), and nothing deadlocks (a watchdog bounds time);
+//!   The storage (a directory's tmpfile or a regular file, alternating) grows
+//!   in steps of two chunks, so it grows many times per round while writers
+//!   copy chunks concurrently; an image writer writes into the images
+//!   meanwhile (its blocks must read back exactly, their chunk neighbours
+//!   must keep the take's data, the origin must never see them);
 //! - cross-device consistency: a writer writes increasing sequence numbers to
-//!   device A then device B; in the images of one snapshot of both,
-//!   seq(A) is seq(B) or seq(B) + 1.
+//!   device A then device B, at offset 0 and at one of 64 chunks; in the
+//!   images of one snapshot of both, every chunk holds a cut of the writer's
+//!   history, seq(A) is seq(B) or seq(B) + 1, and every write acknowledged
+//!   before the take (and none issued after it) is in the image;
+//! - overflow under concurrent writers, for both failure policies.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use blksnap_engine::{Config, Engine, Error, FileDevice, Image, SnapshotOptions, StorageSpec};
+use blksnap_engine::{
+    Config, CopyErrorPolicy, Engine, Error, Event, FileDevice, Image, SnapshotOptions, StorageSpec,
+};
 use blksnap_test_support::{sparse_file, Pattern};
 use common::snapshot_of;
 
 mod common;
 
 const BLOCK: u64 = 4096;
+const CHUNK: u64 = 64 << 10;
+const STEP: u64 = 2 * CHUNK;
+/// Blocks the image writer of the stress test writes (origin writers write
+/// them too): one per 16, i.e. one per chunk.
+const IMAGE_BLOCK_EVERY: u64 = 16;
+/// Image writes carry this bit in their stamp (and a pattern of another
+/// device tag), so they can never be mistaken for origin writes.
+const IMAGE_SEQ: u64 = 1 << 63;
 
 /// Aborts the test process if `f` does not finish in `limit`: a deadlock must
 /// fail the test, not hang CI.
@@ -39,7 +57,9 @@ fn with_watchdog<T>(limit: Duration, f: impl FnOnce() -> T) -> T {
 fn engine() -> Engine {
     Engine::new(Config {
         chunk_minimum_shift: 16,
-        diff_storage_minimum: 64 << 20,
+        chunk_maximum_shift: 16,
+        // Two chunks: the storage grows again every one or two copies.
+        diff_storage_minimum: STEP,
         ..Config::default()
     })
     .unwrap()
@@ -51,7 +71,8 @@ fn block_content(dev: u64, block: u64, seq: u64) -> Vec<u8> {
     if seq == 0 {
         return vec![0; BLOCK as usize];
     }
-    let mut data = Pattern::Random.bytes(dev << 48 ^ block << 24 ^ seq, BLOCK);
+    let tag = if seq & IMAGE_SEQ != 0 { dev + 8 } else { dev };
+    let mut data = Pattern::Random.bytes(tag << 48 ^ block << 24 ^ seq, BLOCK);
     data[..8].copy_from_slice(&seq.to_le_bytes());
     data[8..16].copy_from_slice(&block.to_le_bytes());
     data
@@ -85,6 +106,10 @@ struct Round {
     t1: u64,
     /// (device, block, seq) seen through the image during the round.
     seen: Vec<(u64, u64, u64)>,
+    /// (device, block, seq) of the full read after the image writer stopped.
+    last: Vec<(u64, u64, u64)>,
+    /// The image writes of the round, in order.
+    image_writes: Vec<(u64, u64, u64)>,
 }
 
 /// Which values may block `block` hold in an image taken between ticks t0
@@ -161,12 +186,17 @@ fn stress() {
     let mut rounds = Vec::new();
     let mut rng = fastrand::Rng::with_seed(7);
     let deadline = Instant::now() + Duration::from_secs(4);
+    let mut extents_per_round = Vec::new();
     while Instant::now() < deadline || rounds.len() < 4 {
+        // Alternately a directory (O_TMPFILE) and an empty regular file.
+        let spec = if rounds.len() % 2 == 0 {
+            StorageSpec::Path(dir.path().to_path_buf())
+        } else {
+            let name = format!("store{}", rounds.len());
+            StorageSpec::Path(sparse_file(dir.path(), &name, 0))
+        };
         let id = engine
-            .snapshot_create(
-                StorageSpec::Path(dir.path().to_path_buf()),
-                SnapshotOptions::default(),
-            )
+            .snapshot_create(spec, SnapshotOptions::default())
             .unwrap();
         for name in &names {
             engine.snapshot_add(&id, name).unwrap();
@@ -198,27 +228,75 @@ fn stress() {
                         }
                         for (i, data) in buf.chunks(BLOCK as usize).enumerate() {
                             let block = first + i as u64;
-                            seen.push((d, block, decode(d, block, data)));
+                            // Image blocks may be mid-write: checked by the
+                            // full read once the image writer stopped.
+                            if block % IMAGE_BLOCK_EVERY != IMAGE_BLOCK_EVERY - 1 {
+                                seen.push((d, block, decode(d, block, data)));
+                            }
                         }
                     }
                 })
             })
             .collect();
-        thread::sleep(Duration::from_millis(rng.u64(50..300)));
+        // The image writer: one block per chunk, racing the origin writers'
+        // copies of the same chunks.
+        let image_stop = Arc::new(AtomicBool::new(false));
+        let image_writer = {
+            let (images, image_stop) = (images.clone(), image_stop.clone());
+            let round = rounds.len() as u64;
+            thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(1000 + round);
+                let mut log = Vec::new();
+                let mut n = 0u64;
+                while !image_stop.load(Ordering::Relaxed) {
+                    let d = rng.u64(0..DEVICES);
+                    let block = rng.u64(0..BLOCKS / IMAGE_BLOCK_EVERY) * IMAGE_BLOCK_EVERY
+                        + IMAGE_BLOCK_EVERY
+                        - 1;
+                    n += 1;
+                    let seq = IMAGE_SEQ | round << 32 | n;
+                    images[d as usize]
+                        .write(&block_content(d, block, seq), block * BLOCK)
+                        .unwrap_or_else(|e| panic!("image write: {e}"));
+                    log.push((d, block, seq));
+                }
+                log
+            })
+        };
+        // Readiness, not time: wait until the origin writers made enough
+        // writes after the take that the storage must grow many times.
+        let wait_from = Instant::now();
+        while clock.load(Ordering::SeqCst) < t1 + 2 * 400 {
+            assert!(
+                wait_from.elapsed() < Duration::from_secs(60),
+                "writers made no progress"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        image_stop.store(true, Ordering::Relaxed);
+        let image_writes = image_writer.join().unwrap();
         // A full read of every image at the end of the round.
-        let mut seen = Vec::new();
+        let mut last = Vec::new();
         let mut buf = vec![0u8; SIZE as usize];
         for (d, image) in images.iter().enumerate() {
             image.read(&mut buf, 0).unwrap();
             for (block, data) in buf.chunks(BLOCK as usize).enumerate() {
-                seen.push((d as u64, block as u64, decode(d as u64, block as u64, data)));
+                last.push((d as u64, block as u64, decode(d as u64, block as u64, data)));
             }
         }
+        extents_per_round.push(engine.snapshot_info(&id).unwrap().storage.extents);
         engine.snapshot_destroy(&id).unwrap();
+        let mut seen = Vec::new();
         for reader in readers {
             seen.extend(reader.join().unwrap());
         }
-        rounds.push(Round { t0, t1, seen });
+        rounds.push(Round {
+            t0,
+            t1,
+            seen,
+            last,
+            image_writes,
+        });
     }
     stop.store(true, Ordering::Relaxed);
     // logs[device][block]: the block's writes, in the order they were made.
@@ -236,9 +314,50 @@ fn stress() {
         "writers made too little progress: {writes} writes"
     );
 
+    // 400 writes after the take over 384 chunks copy at least ~100 chunks,
+    // in 2-chunk growth steps.
+    assert!(
+        extents_per_round.iter().all(|&e| e >= 10),
+        "the storage did not grow under contention: extents per round {extents_per_round:?}"
+    );
     let mut checked = 0;
     for round in &rounds {
+        for &(d, block, seq) in &round.last {
+            let mine = round
+                .image_writes
+                .iter()
+                .rev()
+                .find(|&&(id, ib, _)| id == d && ib == block);
+            if let Some(&(_, _, written)) = mine {
+                assert_eq!(
+                    seq, written,
+                    "dev{d} block {block}: the image lost its own write {written:#x}"
+                );
+            } else {
+                let ok = allowed(&logs[d as usize][block as usize], round.t0, round.t1);
+                assert!(
+                    ok.contains(&seq),
+                    "dev{d} block {block}: image holds write {seq:#x}, allowed {ok:?} (take at {}..{})",
+                    round.t0,
+                    round.t1
+                );
+            }
+            checked += 1;
+        }
+        // The image is frozen but for its own writes: every read of a
+        // block the image writer did not touch returns what the final full
+        // read returned (a write that slipped past the take would change it).
+        let frozen: std::collections::HashMap<(u64, u64), u64> = round
+            .last
+            .iter()
+            .map(|&(d, block, seq)| ((d, block), seq))
+            .collect();
         for &(d, block, seq) in &round.seen {
+            assert_eq!(
+                seq,
+                frozen[&(d, block)],
+                "dev{d} block {block}: the image changed during the round"
+            );
             let ok = allowed(&logs[d as usize][block as usize], round.t0, round.t1);
             assert!(
                 ok.contains(&seq),
@@ -249,8 +368,10 @@ fn stress() {
             checked += 1;
         }
     }
+    let image_writes: usize = rounds.iter().map(|r| r.image_writes.len()).sum();
     eprintln!(
-        "{} rounds, {writes} writes, {checked} image blocks checked",
+        "{} rounds, {writes} writes, {image_writes} image writes, {checked} image blocks checked, \
+         storage extents per round {extents_per_round:?}",
         rounds.len()
     );
 
@@ -274,68 +395,290 @@ fn takes_are_consistent_across_devices() {
     with_watchdog(Duration::from_secs(120), cross_device);
 }
 
+/// What chunk `k` (1..64) of an image whose offset 0 holds `s` may hold:
+/// the writer wrote seq n at offset 0, then at chunk n % 64, so the image
+/// is a cut between two of those writes.
+fn chunk_allowed(s: u64, k: u64) -> Vec<u64> {
+    // The last seq <= s that wrote chunk k (0: none).
+    let last = if s % CROSS_CHUNKS >= k {
+        s - (s % CROSS_CHUNKS - k)
+    } else {
+        (s + k).saturating_sub(s % CROSS_CHUNKS + CROSS_CHUNKS)
+    };
+    if last == s && s > 0 {
+        // The cut may fall between offset 0 and chunk k of write s.
+        vec![s, s.saturating_sub(CROSS_CHUNKS)]
+    } else {
+        vec![last]
+    }
+}
+
+const CROSS_CHUNKS: u64 = 64;
+
 fn cross_device() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(engine());
     for name in ["a", "b"] {
-        let path = sparse_file(dir.path(), name, 4 << 20);
+        let path = sparse_file(dir.path(), name, CROSS_CHUNKS * CHUNK);
         engine
             .attach(name, Arc::new(FileDevice::open(&path).unwrap()))
             .unwrap();
     }
     let stop = Arc::new(AtomicBool::new(false));
+    // The writer's progress: seq issued (before the first write of it),
+    // and the last seq whose writes to a (resp. b) were acknowledged.
+    let issued = Arc::new(AtomicU64::new(0));
+    let done_a = Arc::new(AtomicU64::new(0));
+    let done_b = Arc::new(AtomicU64::new(0));
     let writer = {
         let (a, b) = (engine.device("a").unwrap(), engine.device("b").unwrap());
-        let stop = stop.clone();
+        let (stop, issued, done_a, done_b) =
+            (stop.clone(), issued.clone(), done_a.clone(), done_b.clone());
         thread::spawn(move || {
             let mut seq = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 seq += 1;
+                issued.store(seq, Ordering::SeqCst);
                 // Spread over chunks so some writes copy and some do not.
-                let at = (seq % 64) * (64 << 10);
+                let at = (seq % CROSS_CHUNKS) * CHUNK;
                 let mut stamp = [0u8; 512];
                 stamp[..8].copy_from_slice(&seq.to_le_bytes());
                 a.write(&stamp, 0).unwrap();
                 a.write(&stamp, at).unwrap();
+                done_a.store(seq, Ordering::SeqCst);
                 b.write(&stamp, 0).unwrap();
                 b.write(&stamp, at).unwrap();
+                done_b.store(seq, Ordering::SeqCst);
             }
             seq
         })
     };
-    let read_seq = |image: &Image| {
+    // The stamp of every chunk of an image.
+    let read_seqs = |image: &Image| -> Vec<u64> {
         let mut buf = [0u8; 8];
-        image.read(&mut buf, 0).unwrap();
-        u64::from_le_bytes(buf)
+        (0..CROSS_CHUNKS)
+            .map(|k| {
+                image.read(&mut buf, k * CHUNK).unwrap();
+                u64::from_le_bytes(buf)
+            })
+            .collect()
     };
     let mut distinct = std::collections::HashSet::new();
     let mut rng = fastrand::Rng::with_seed(3);
     for _ in 0..200 {
         thread::sleep(Duration::from_micros(rng.u64(100..3000)));
-        let id = snapshot_of(
-            &engine,
-            &["a", "b"],
-            StorageSpec::Path(dir.path().to_path_buf()),
-            SnapshotOptions::default(),
+        let id = engine
+            .snapshot_create(
+                StorageSpec::Path(dir.path().to_path_buf()),
+                SnapshotOptions::default(),
+            )
+            .unwrap();
+        engine.snapshot_add(&id, "a").unwrap();
+        engine.snapshot_add(&id, "b").unwrap();
+        let (lo_a, lo_b) = (done_a.load(Ordering::SeqCst), done_b.load(Ordering::SeqCst));
+        engine.snapshot_take(&id).unwrap();
+        let hi = issued.load(Ordering::SeqCst);
+        let a = read_seqs(&engine.image("a").unwrap());
+        let b = read_seqs(&engine.image("b").unwrap());
+        // Let the writer go on (readiness by polling, generous bound), then
+        // the images must read the same: nothing reaches them after the take.
+        let wait_from = Instant::now();
+        while issued.load(Ordering::SeqCst) < hi + 2 {
+            assert!(
+                wait_from.elapsed() < Duration::from_secs(30),
+                "writer stalled"
+            );
+            thread::yield_now();
+        }
+        assert_eq!(
+            (
+                read_seqs(&engine.image("a").unwrap()),
+                read_seqs(&engine.image("b").unwrap())
+            ),
+            (a.clone(), b.clone()),
+            "the images changed after the take"
         );
-        let (a, b) = (
-            read_seq(&engine.image("a").unwrap()),
-            read_seq(&engine.image("b").unwrap()),
-        );
+        let (sa, sb) = (a[0], b[0]);
         assert!(
-            a == b || a == b + 1,
-            "image of a holds seq {a}, image of b holds seq {b}"
+            sa == sb || sa == sb + 1,
+            "image of a holds seq {sa}, image of b holds seq {sb}"
         );
-        distinct.insert(a);
+        // Holds on any schedule: acknowledged before the take => in the
+        // image; issued after it => not.
+        assert!(
+            (lo_a..=hi).contains(&sa) && (lo_b..=hi).contains(&sb),
+            "take between acks a {lo_a} / b {lo_b} and issue {hi}: images hold a {sa}, b {sb}"
+        );
+        for (name, seqs) in [("a", &a), ("b", &b)] {
+            for k in 1..CROSS_CHUNKS {
+                let ok = chunk_allowed(seqs[0], k);
+                assert!(
+                    ok.contains(&seqs[k as usize]),
+                    "image of {name}: chunk {k} holds seq {}, offset 0 holds {}; allowed {ok:?}",
+                    seqs[k as usize],
+                    seqs[0]
+                );
+            }
+        }
+        distinct.insert(sa);
         engine.snapshot_destroy(&id).unwrap();
     }
     stop.store(true, Ordering::Relaxed);
     let total = writer.join().unwrap();
     eprintln!("{total} writes, {} distinct image values", distinct.len());
-    assert!(total > 200, "writer made too little progress: {total}");
-    assert!(
-        distinct.len() > 50,
-        "takes did not interleave with writes: {} distinct values",
-        distinct.len()
+}
+
+#[test]
+fn overflow_under_concurrent_writers_keeps_origin_writes() {
+    with_watchdog(Duration::from_secs(120), || {
+        overflow_under_load(CopyErrorPolicy::KeepOriginWrites)
+    });
+}
+
+#[test]
+fn overflow_under_concurrent_writers_breaks_origin_writes() {
+    with_watchdog(Duration::from_secs(120), || {
+        overflow_under_load(CopyErrorPolicy::BreakOriginWrite)
+    });
+}
+
+/// Two devices share a file storage that grows in 2-chunk steps up to a
+/// limit of 16 chunks while four writers copy chunks (each writer touches
+/// far more than 16 chunks: the overflow is certain on any schedule).
+/// Keep: every origin write succeeds; each image is then either corrupted
+/// with ENOSPC (and reads say so) or exactly the take's data. Break: every
+/// refused write fails with ENOSPC and leaves its block as it was; both
+/// images stay valid and exactly the take's data.
+fn overflow_under_load(policy: CopyErrorPolicy) {
+    const SIZE: u64 = 4 << 20;
+    const BLOCKS: u64 = SIZE / BLOCK;
+    const LIMIT: u64 = 16 * CHUNK;
+    const WRITES: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(engine());
+    let mut at_take = Vec::new();
+    for d in 0..2u64 {
+        let name = format!("disk{d}");
+        let data = Pattern::RandomNonZero.bytes(50 + d, SIZE);
+        let path = dir.path().join(&name);
+        std::fs::write(&path, &data).unwrap();
+        engine
+            .attach(&name, Arc::new(FileDevice::open(&path).unwrap()))
+            .unwrap();
+        at_take.push(data);
+    }
+    let options = SnapshotOptions {
+        limit: Some(LIMIT),
+        on_copy_error: Some(policy),
+        storage_wait: Some(Duration::ZERO),
+        ..SnapshotOptions::default()
+    };
+    let store = sparse_file(dir.path(), "store", 0);
+    let id = snapshot_of(
+        &engine,
+        &["disk0", "disk1"],
+        StorageSpec::Path(store),
+        options,
     );
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (d, own) = (w / 2, w % 2);
+            let device = engine.device(&format!("disk{d}")).unwrap();
+            let mut content = at_take[d as usize].clone();
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(w);
+                let mut refused = 0u64;
+                let mut block_buf = vec![0u8; BLOCK as usize];
+                barrier.wait();
+                for n in 1..=WRITES {
+                    // Writer `own` of the device owns blocks b % 2 == own.
+                    let block = rng.u64(0..BLOCKS / 2) * 2 + own;
+                    let at = (block * BLOCK) as usize;
+                    let data = block_content(d, block, n);
+                    match device.write(&data, at as u64) {
+                        Ok(()) => content[at..at + BLOCK as usize].copy_from_slice(&data),
+                        Err(e) => {
+                            assert_eq!(policy, CopyErrorPolicy::BreakOriginWrite, "{e}");
+                            assert_eq!(e.errno(), 28, "refused with ENOSPC: {e}");
+                            device.read(&mut block_buf, at as u64).unwrap();
+                            assert!(
+                                block_buf == content[at..at + BLOCK as usize],
+                                "disk{d} block {block}: a refused write changed the origin"
+                            );
+                            refused += 1;
+                        }
+                    }
+                }
+                (d, own, content, refused)
+            })
+        })
+        .collect();
+    let mut origin_expected = at_take.clone();
+    let mut refused = 0;
+    for writer in writers {
+        let (d, own, content, r) = writer.join().unwrap();
+        refused += r;
+        for b in (own..BLOCKS).step_by(2) {
+            let at = (b * BLOCK) as usize;
+            origin_expected[d as usize][at..at + BLOCK as usize]
+                .copy_from_slice(&content[at..at + BLOCK as usize]);
+        }
+    }
+    let info = engine.snapshot_info(&id).unwrap();
+    assert_eq!(info.storage.total, LIMIT, "grown up to the limit: {info:?}");
+    assert_eq!(
+        info.storage.extents as u64,
+        LIMIT / STEP,
+        "grown in steps: {info:?}"
+    );
+    let events = common::drain_events(&engine, &id);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::NoSpace { .. })),
+        "{events:?}"
+    );
+    let mut corrupted = 0;
+    for d in 0..2usize {
+        let name = format!("disk{d}");
+        let image = engine.image(&name).unwrap();
+        let mut buf = vec![0u8; SIZE as usize];
+        let read = image.read(&mut buf, 0);
+        match (policy, image.error_code()) {
+            (CopyErrorPolicy::KeepOriginWrites, 28) => {
+                assert!(
+                    matches!(read, Err(Error::Corrupted { errno: 28, .. })),
+                    "{name}: {read:?}"
+                );
+                assert!(
+                    events.contains(&Event::Corrupted {
+                        device: name.clone(),
+                        errno: 28
+                    }),
+                    "{events:?}"
+                );
+                corrupted += 1;
+            }
+            (_, 0) => {
+                read.unwrap();
+                assert!(
+                    buf == at_take[d],
+                    "{name}: the valid image is not the take's data"
+                );
+            }
+            (_, errno) => panic!("{name}: image invalid with errno {errno} under {policy:?}"),
+        }
+        let device = engine.device(&name).unwrap();
+        device.read(&mut buf, 0).unwrap();
+        assert!(
+            buf == origin_expected[d],
+            "{name}: the origin does not hold exactly the accepted writes"
+        );
+    }
+    match policy {
+        CopyErrorPolicy::KeepOriginWrites => assert!(corrupted > 0, "no image overflowed"),
+        CopyErrorPolicy::BreakOriginWrite => assert!(refused > 0, "no write was refused"),
+    }
+    eprintln!("{policy:?}: {corrupted} corrupted images, {refused} refused writes");
+    engine.snapshot_destroy(&id).unwrap();
 }

@@ -134,7 +134,13 @@ fn overflow_corrupts_the_image_and_keeps_every_origin_write() {
     assert_eq!(engine.snapshot_info(&id).unwrap().images[0].error_code, 28);
     // The corruption is final: writes go on without copies.
     device.write(&[7; 512], 0).unwrap();
-    assert!(image.read(&mut [0; 512], 0).is_err());
+    assert!(
+        matches!(
+            image.read(&mut [0; 512], 0),
+            Err(Error::Corrupted { errno: 28, .. })
+        ),
+        "the image stays corrupted with ENOSPC"
+    );
     engine.snapshot_destroy(&id).unwrap();
     device.write(&[8; 512], 0).unwrap();
 }
@@ -202,15 +208,86 @@ fn storage_io_error_corrupts_by_default() {
     assert_eq!(device.read(&mut buf, CHUNK).map(|_| buf[0]).unwrap(), 2);
 }
 
+/// A storage device whose writes park until [`StallingStore::release`]: a
+/// copy that cannot finish until the test says so, without timing.
+#[derive(Debug)]
+struct StallingStore {
+    inner: MemDevice,
+    /// (stalled, writes parked now)
+    state: Mutex<(bool, u32)>,
+    cv: Condvar,
+}
+
+impl StallingStore {
+    fn new(size: u64) -> Self {
+        Self {
+            inner: MemDevice::new(size),
+            state: Mutex::new((false, 0)),
+            cv: Condvar::new(),
+        }
+    }
+    fn stall(&self) {
+        self.state.lock().unwrap().0 = true;
+    }
+    fn release(&self) {
+        self.state.lock().unwrap().0 = false;
+        self.cv.notify_all();
+    }
+    /// Waits (bounded) until a write is parked.
+    fn wait_parked(&self) {
+        let s = self.state.lock().unwrap();
+        let (s, timeout) = self
+            .cv
+            .wait_timeout_while(s, Duration::from_secs(20), |s| s.1 == 0)
+            .unwrap();
+        assert!(
+            !timeout.timed_out() || s.1 > 0,
+            "the copy never reached the storage"
+        );
+    }
+}
+
+impl BlockDevice for StallingStore {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut s = self.state.lock().unwrap();
+        s.1 += 1;
+        self.cv.notify_all();
+        while s.0 {
+            s = self.cv.wait(s).unwrap();
+        }
+        s.1 -= 1;
+        drop(s);
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+/// The copy timeout bounds the writer's wait: the copy is parked in the
+/// storage until the test releases it, so a writer that returns at all did
+/// not wait for the copy (no wall-clock assertion, no sleep).
 #[test]
 fn copy_timeout_follows_the_policy() {
     for policy in [
         CopyErrorPolicy::KeepOriginWrites,
         CopyErrorPolicy::BreakOriginWrite,
     ] {
-        let engine = Engine::new(Config::default()).unwrap();
+        let engine = Arc::new(Engine::new(Config::default()).unwrap());
         let before = setup(&engine, "d", 4 * CHUNK);
-        let storage = Arc::new(MemDevice::new(8 * CHUNK));
+        let storage = Arc::new(StallingStore::new(8 * CHUNK));
         let options = SnapshotOptions {
             copy_timeout: Some(Duration::from_millis(30)),
             ..on_copy_error(policy)
@@ -222,26 +299,59 @@ fn copy_timeout_follows_the_policy() {
             options,
         );
         let device = engine.device("d").unwrap();
-        storage.set_delay(Duration::from_millis(400));
-        let started = Instant::now();
-        let result = device.write(&[1; 512], 0);
-        assert!(
-            started.elapsed() < Duration::from_millis(300),
-            "the writer waited for the slow copy"
-        );
+        storage.stall();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = {
+            let device = device.clone();
+            thread::spawn(move || tx.send(device.write(&[1; 512], 0)).unwrap())
+        };
+        // Generous: the timeout is 30 ms; the copy stays parked until released.
+        let result = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the writer waited for the parked copy instead of timing out");
+        writer.join().unwrap();
+        storage.wait_parked();
         let image = engine.image("d").unwrap();
         match policy {
             CopyErrorPolicy::KeepOriginWrites => {
                 result.unwrap();
                 assert_eq!(image.error_code(), 110);
-                assert_eq!(image.read(&mut [0; 512], 0).unwrap_err().errno(), 5);
+                assert!(
+                    matches!(
+                        image.read(&mut [0; 512], 0),
+                        Err(Error::Corrupted { errno: 110, .. })
+                    ),
+                    "a timed-out copy corrupts the image with ETIMEDOUT"
+                );
+                storage.release();
             }
             CopyErrorPolicy::BreakOriginWrite => {
                 assert_eq!(result.unwrap_err().errno(), 110);
-                storage.set_delay(Duration::ZERO);
-                // The copy finishes in the background; then writes pass.
-                thread::sleep(Duration::from_millis(500));
-                device.write(&[1; 512], 0).unwrap();
+                let mut origin = [0; 512];
+                device.read(&mut origin, 0).unwrap();
+                assert_eq!(
+                    origin[..],
+                    before[..512],
+                    "the refused write reached the origin"
+                );
+                storage.release();
+                // The copy finishes in the background; until then a write
+                // may time out again (ETIMEDOUT only, origin unchanged).
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    match device.write(&[1; 512], 0) {
+                        Ok(()) => break,
+                        Err(e) if e.errno() == 110 && Instant::now() < deadline => {
+                            device.read(&mut origin, 0).unwrap();
+                            assert_eq!(
+                                origin[..],
+                                before[..512],
+                                "a refused write reached the origin"
+                            );
+                        }
+                        Err(e) => panic!("write after the copy finished: {e}"),
+                    }
+                }
                 assert_eq!(image.error_code(), 0);
                 assert!(read_all(|b, o| image.read(b, o), 4 * CHUNK) == before);
             }
@@ -561,11 +671,22 @@ fn control_errors_name_what_is_wrong() {
         matches!(err, Error::OutOfRange { .. }) && err.to_string().contains("a:"),
         "{err}"
     );
-    assert!(engine
+    let err = engine
         .image("a")
         .unwrap()
         .read(&mut [0; 2], u64::MAX)
-        .is_err());
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::OutOfRange {
+                offset: u64::MAX,
+                len: 2,
+                ..
+            }
+        ) && err.errno() == 22,
+        "{err}"
+    );
     assert!(device.write(&[], 4 * CHUNK).is_ok());
 
     // Events: a wait times out empty; a wait on a destroyed snapshot says so.
@@ -580,8 +701,18 @@ fn control_errors_name_what_is_wrong() {
     let waiter = {
         let engine = Arc::new(engine);
         let e2 = engine.clone();
-        let t = thread::spawn(move || e2.snapshot_wait_event(&id, Duration::from_secs(30)));
-        thread::sleep(Duration::from_millis(50));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let t = thread::spawn(move || {
+            ready_tx.send(()).unwrap();
+            let started = Instant::now();
+            (
+                e2.snapshot_wait_event(&id, Duration::from_secs(30)),
+                started.elapsed(),
+            )
+        });
+        // The waiter is about to wait (or waits already): either way the
+        // destroy must end its wait with NotFound, long before 30 s.
+        ready_rx.recv().unwrap();
         let image = engine.image("a").unwrap();
         engine.snapshot_destroy(&id).unwrap();
         assert!(matches!(
@@ -592,7 +723,12 @@ fn control_errors_name_what_is_wrong() {
         assert_eq!(engine.snapshot_collect(), vec![other]);
         t
     };
-    assert!(matches!(waiter.join().unwrap(), Err(Error::NotFound(_))));
+    let (result, waited) = waiter.join().unwrap();
+    assert!(matches!(result, Err(Error::NotFound(_))), "{result:?}");
+    assert!(
+        waited < Duration::from_secs(20),
+        "waiter not woken by the destroy: {waited:?}"
+    );
 }
 
 #[test]

@@ -434,7 +434,10 @@ fn file_storage_grows_in_steps_up_to_the_limit() {
         engine.snapshot_info(&id).unwrap().images[0].error_code,
         ENOSPC
     );
-    assert!(image.flush().is_err());
+    assert!(
+        matches!(image.flush(), Err(Error::Corrupted { errno: ENOSPC, .. })),
+        "flush of a corrupted image reports the corruption"
+    );
 
     // The origin holds exactly what was written, via the engine and on disk.
     assert_same(&read_tracked(&dev), &origin_now, "origin");
@@ -1250,13 +1253,20 @@ fn append_storage_while_copying_does_not_deadlock() {
     let (origin_path, at_take) = random_file(dir.path(), "origin.img", ORIGIN, 110);
     let storage_path = sparse_file(dir.path(), "ranges.bin", ORIGIN);
     let chunks = ORIGIN / CHUNK;
+    let mut total_refused = 0;
     for round in 0..ROUNDS {
         let engine = Arc::new(Engine::new(config()).unwrap());
         let dev = engine.attach_path(&origin_path, Some("origin")).unwrap();
         let id = engine
             .snapshot_create(
                 StorageSpec::Empty,
-                on_copy_error(CopyErrorPolicy::BreakOriginWrite),
+                SnapshotOptions {
+                    // Odd rounds do not wait for storage: writes are refused
+                    // (ENOSPC) until the appender caught up, which exercises
+                    // the refusal path and its origin check below.
+                    storage_wait: (round % 2 == 1).then_some(Duration::ZERO),
+                    ..on_copy_error(CopyErrorPolicy::BreakOriginWrite)
+                },
             )
             .unwrap();
         engine.snapshot_add(&id, "origin").unwrap();
@@ -1282,15 +1292,35 @@ fn append_storage_while_copying_does_not_deadlock() {
             })
         };
         let writer = {
-            let dev = dev.clone();
+            let (dev, at_take) = (dev.clone(), at_take.clone());
             std::thread::spawn(move || {
+                let mut at_chunk = vec![0u8; 512];
+                let mut refused = 0u64;
                 for c in 0..chunks {
-                    // Refused (ENOSPC) until the appender has caught up.
-                    while dev.write(&[0xEE; 512], c * CHUNK + 512).is_err() {
-                        std::thread::yield_now();
+                    let at = c * CHUNK + 512;
+                    let before = &at_take[at as usize..at as usize + 512];
+                    // Refused with ENOSPC until the appender has caught up;
+                    // any other error is a failure, and a refused write must
+                    // leave the origin as it was.
+                    loop {
+                        match dev.write(&[0xEE; 512], at) {
+                            Ok(()) => break,
+                            Err(e) if e.errno() == ENOSPC => {
+                                assert!(e.to_string().contains("write refused"), "{e}");
+                                dev.read(&mut at_chunk, at).unwrap();
+                                assert_eq!(
+                                    at_chunk, before,
+                                    "chunk {c}: a refused write changed the origin"
+                                );
+                                refused += 1;
+                                std::thread::yield_now();
+                            }
+                            Err(e) => panic!("chunk {c}: write failed other than ENOSPC: {e}"),
+                        }
                     }
                 }
                 tx.send("writer").unwrap();
+                refused
             })
         };
         for _ in 0..2 {
@@ -1302,9 +1332,21 @@ fn append_storage_while_copying_does_not_deadlock() {
             }
         }
         appender.join().unwrap();
-        writer.join().unwrap();
+        total_refused += writer.join().unwrap();
         let image = engine.image("origin").unwrap();
         assert_same(&read_image(&image), &at_take, "image");
+        assert_eq!(
+            image.error_code(),
+            0,
+            "the break policy keeps the image valid"
+        );
+        // Every write went through exactly once it was accepted.
+        let mut expected = at_take.clone();
+        for c in 0..chunks {
+            let at = (c * CHUNK + 512) as usize;
+            expected[at..at + 512].fill(0xEE);
+        }
+        assert_same(&read_tracked(&dev), &expected, "origin");
         drop(image);
         engine.snapshot_destroy(&id).unwrap();
         engine.detach("origin").unwrap();
@@ -1312,6 +1354,7 @@ fn append_storage_while_copying_does_not_deadlock() {
         // Restore the origin for the next round.
         fs::write(&origin_path, &at_take).unwrap();
     }
+    eprintln!("{total_refused} refused writes checked against the origin");
 }
 
 /// The storage must not live on what the engine serves, also when a loop
