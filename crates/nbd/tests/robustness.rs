@@ -20,12 +20,12 @@ use std::sync::{Arc, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use blksnap_engine::{Config, Engine, MemDevice, SnapshotOptions, StorageSpec};
+use blksnap_engine::{BlockDevice, Config, Engine, MemDevice, SnapshotOptions, StorageSpec};
 use blksnap_nbd::protocol::*;
 use blksnap_nbd::NbdServer;
 use blksnap_test_support::Pattern;
 use proptest::prelude::*;
-use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence, TestRunner};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -1507,48 +1507,234 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
         Pattern::XorShift.bytes(10, block)
     );
     assert_eq!(c.read(20 * block, 4096), vec![0; 4096]);
-    // The snapshot destroyed under the connection: errors, not a crash.
+    // A second connection that selected dirty bitmaps only.
+    let mut bitmaps = Client::open(&fx.socket, &image, true, &["qemu:dirty-bitmap:since-1"]);
+    let only = *bitmaps.contexts.keys().next().unwrap();
+    // The snapshot destroyed under the connections (docs/nbd.md §5, §9):
+    // reads fail with EIO; a BLOCK_STATUS with `base:allocation` among its
+    // contexts fails as a whole with EIO (the allocation of a destroyed
+    // image is gone), with one error chunk and no status chunk at all.
     fx.engine.snapshot_destroy(&second).unwrap();
-    assert_ne!(c.try_read(0, 0, 4096).unwrap_err(), 0);
-    let r = c.request(0, CMD_BLOCK_STATUS, 0, size as u32, &[]);
-    if r.error == 0 {
-        status_chunks(&r);
-    }
+    assert_eq!(c.try_read(0, 0, 4096).unwrap_err(), EIO);
+    assert_eq!(
+        c.errno(0, CMD_BLOCK_STATUS, 0, size as u32, &[]),
+        EIO,
+        "block status with base:allocation after the destroy"
+    );
+    // ...and one asking for dirty bitmaps only is still answered, from the
+    // copy of the map taken when they were selected.
+    let r = bitmaps.request(0, CMD_BLOCK_STATUS, 0, size as u32, &[]);
+    assert_eq!(r.error, 0, "dirty bitmap after the destroy: {r:?}");
+    let status = status_chunks(&r);
+    assert_eq!(status.len(), 1);
+    assert_eq!(dirty_blocks(&status[&only], block, size), expect1);
+    assert_eq!(bitmaps.try_read(0, 0, 4096).unwrap_err(), EIO);
+    bitmaps.disconnect();
     c.disconnect();
     dev.disconnect();
     fx.check_all_closed();
 }
 
 // ---------------------------------------------------------------------------
+// Block sizes.
+
+/// The `NBD_INFO_BLOCK_SIZE` (minimum, preferred, maximum) of `export` in
+/// the reply to INFO or GO that asks for no information at all: the server
+/// sends it anyway (docs/nbd.md §3), exactly once, before the ACK.
+fn block_sizes(socket: &Path, export: &str, option: u32) -> (u32, u32, u32) {
+    let mut s = greeted(socket);
+    send_option(&mut s, option, &go_payload(export, &[]));
+    let mut sizes = None;
+    loop {
+        let r = read_opt_reply(&mut s);
+        assert_eq!(r.option, option);
+        match r.kind {
+            REP_INFO if be16(&r.data, 0) == INFO_BLOCK_SIZE => {
+                assert_eq!(r.data.len(), 14, "NBD_INFO_BLOCK_SIZE length");
+                let got = (be32(&r.data, 2), be32(&r.data, 6), be32(&r.data, 10));
+                assert!(sizes.replace(got).is_none(), "two NBD_INFO_BLOCK_SIZE");
+            }
+            REP_INFO => {}
+            REP_ACK => break,
+            kind => panic!("{option} of {export}: reply {kind:#x}"),
+        }
+    }
+    sizes.unwrap_or_else(|| panic!("no NBD_INFO_BLOCK_SIZE for {export}"))
+}
+
+#[test]
+fn block_sizes_are_what_the_documentation_promises() {
+    let fx = Fixture::new(4 * MIB);
+    // A device with a minimum I/O size of 1 MiB: chunks of 1 MiB too.
+    fx.engine
+        .attach(
+            "big-io",
+            Arc::new(MemDevice::with_min_io(8 * MIB, MIB as u32)),
+        )
+        .unwrap();
+    // A device with a 64 MiB minimum I/O: its chunks are 64 MiB, over the
+    // 32 MiB maximum.
+    fx.engine
+        .attach(
+            "huge-io",
+            Arc::new(MemDevice::with_min_io(64 * MIB, 64 * MIB as u32)),
+        )
+        .unwrap();
+    let max = MAX_PAYLOAD;
+    assert_eq!(max, 32 << 20);
+    for option in [OPT_INFO, OPT_GO] {
+        // Device exports: 1, max(4096, BLKIOMIN), 32 MiB.
+        assert_eq!(block_sizes(&fx.socket, DISK, option), (1, 4096, max));
+        assert_eq!(
+            block_sizes(&fx.socket, "big-io", option),
+            (1, MIB as u32, max)
+        );
+    }
+    for (device, storage) in [
+        (DISK, 16 * MIB),
+        ("big-io", 16 * MIB),
+        ("huge-io", 128 * MIB),
+    ] {
+        let storage = StorageSpec::Device(Arc::new(MemDevice::new(storage)));
+        let id = fx
+            .engine
+            .snapshot_create(storage, SnapshotOptions::default())
+            .unwrap();
+        fx.engine.snapshot_add(&id, device).unwrap();
+        fx.engine.snapshot_take(&id).unwrap();
+    }
+    for option in [OPT_INFO, OPT_GO] {
+        // Image exports: 1, the chunk size (at most 32 MiB), 32 MiB.
+        let image = |d: &str| block_sizes(&fx.socket, &format!("snapshot/{d}"), option);
+        assert_eq!(image(DISK), (1, 256 * KIB as u32, max));
+        assert_eq!(image("big-io"), (1, MIB as u32, max));
+        assert_eq!(image("huge-io"), (1, max, max));
+    }
+    fx.check_all_closed();
+}
+
+// ---------------------------------------------------------------------------
 // Shutdown.
+
+/// A memory device whose I/O, once the gate is closed, reports that it has
+/// arrived and then waits until the gate opens: the readiness handshake
+/// that tells a test a request really is inside the engine.
+#[derive(Debug)]
+struct GatedDevice {
+    inner: MemDevice,
+    gate: std::sync::Mutex<Gate>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    closed: bool,
+    /// I/Os that have arrived since the gate closed.
+    arrived: usize,
+}
+
+impl GatedDevice {
+    fn new(size: u64) -> GatedDevice {
+        GatedDevice {
+            inner: MemDevice::new(size),
+            gate: Default::default(),
+            changed: Default::default(),
+        }
+    }
+
+    fn close(&self) {
+        *self.gate.lock().unwrap() = Gate {
+            closed: true,
+            arrived: 0,
+        };
+    }
+
+    fn open(&self) {
+        self.gate.lock().unwrap().closed = false;
+        self.changed.notify_all();
+    }
+
+    /// Waits (bounded) until `n` I/Os are held at the closed gate.
+    fn wait_arrived(&self, n: usize) {
+        let (gate, timeout) = self
+            .changed
+            .wait_timeout_while(self.gate.lock().unwrap(), TIMEOUT, |g| g.arrived < n)
+            .unwrap();
+        assert!(
+            !timeout.timed_out(),
+            "only {} of {n} I/Os reached the device",
+            gate.arrived
+        );
+    }
+
+    fn pass(&self) {
+        let mut gate = self.gate.lock().unwrap();
+        if gate.closed {
+            gate.arrived += 1;
+            self.changed.notify_all();
+            let _open = self.changed.wait_while(gate, |g| g.closed).unwrap();
+        }
+    }
+}
+
+impl BlockDevice for GatedDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.pass();
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.pass();
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.pass();
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.pass();
+        self.inner.write_zeroes(offset, len)
+    }
+}
 
 #[test]
 fn shutdown_answers_in_flight_requests_and_refuses_new_connections() {
     let fx = Fixture::new(4 * MIB);
+    let gated = Arc::new(GatedDevice::new(4 * MIB));
+    fx.engine.attach("gated", gated.clone()).unwrap();
     let (tcp, _) = fx.server.listen_tcp("127.0.0.1:0").unwrap();
-    let (mut c, data) = fx.client_with_data(true);
-    let mut simple = fx.client(false);
+    let data = Pattern::XorShift.bytes(1, 4096);
+    let mut c = fx.client_with("gated", true, 0, &data);
+    let mut simple = Client::open(&fx.socket, "gated", false, &[]);
     let mut handshaking = connect(&fx.socket);
     read_hello(&mut handshaking);
 
-    // Slow I/O, so the requests are still in the engine at the shutdown.
-    fx.disk.set_delay(Duration::from_millis(400));
+    // Both requests held inside the engine, at the device, when the
+    // shutdown comes: the device says they have arrived (no sleep).
+    gated.close();
     c.send(0, CMD_READ, 0xabc, 0, 4096, &[]);
     simple.send(CMD_FLAG_FUA, CMD_WRITE, 0xdef, 8192, 4096, &data);
-    thread::sleep(Duration::from_millis(150));
+    gated.wait_arrived(2);
     fx.server.shutdown();
+    gated.open();
 
     let r = c.reply(&|_| 4096);
     assert_eq!(r.cookie, 0xabc);
     assert_eq!(assemble(&r, true, 0, 4096), data);
     let r = simple.reply(&|_| 0);
     assert_eq!((r.cookie, r.error), (0xdef, 0));
-    fx.disk.set_delay(Duration::ZERO);
     assert_closed(&mut c.s, "in transmission at shutdown");
     assert_closed(&mut simple.s, "in transmission at shutdown");
     assert_closed(&mut handshaking, "in the handshake at shutdown");
     // The acknowledged FUA write reached the device.
-    assert_eq!(fx.disk.contents()[8192..12288], data[..]);
+    let mut written = vec![0; 4096];
+    gated.inner.read_at(&mut written, 8192).unwrap();
+    assert_eq!(written, data);
 
     // New connections are refused, or closed without a greeting.
     if let Ok(mut s) = UnixStream::connect(&fx.socket) {
@@ -1581,11 +1767,18 @@ fn random_fixture() -> (Fixture, Client, Vec<u8>) {
     (fx, survivor, mine)
 }
 
-/// 256 cases, and no file of failures to replay.
+/// 256 cases. Failures are saved, as proptest does by default, next to
+/// this file (`robustness.proptest-regressions`, to be committed) and
+/// replayed first on every run. The runner is built by hand (not with the
+/// `proptest!` macro), so the source file is named here: the file
+/// persistence finds it relative to the package root.
 fn random_runner() -> TestRunner {
     TestRunner::new(ProptestConfig {
         cases: 256,
-        failure_persistence: None,
+        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel(
+            "proptest-regressions",
+        ))),
+        source_file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/robustness.rs")),
         ..ProptestConfig::default()
     })
 }
