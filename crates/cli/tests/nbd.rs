@@ -236,6 +236,24 @@ fn nbdcopy_with_several_connections() {
     assert!(std::fs::read(&out).unwrap() == before);
 }
 
+/// A child process killed (and reaped) when dropped, unless taken.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl KillOnDrop {
+    fn child(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().unwrap()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// fio (nbd engine, `verify=crc32c` with `verify_backlog`, rate-limited so
 /// it writes for seconds) writes the first 24 MiB of a 32 MiB device while
 /// snapshots are taken, read and destroyed. Each round checks that the
@@ -244,7 +262,7 @@ fn nbdcopy_with_several_connections() {
 ///   which fio goes on writing; both copies must be identical. The device's
 ///   own content after the second copy must differ from the first copy in
 ///   at least some rounds: proof that fio really wrote under the snapshot
-///   (counted; at least 3 such rounds are required).
+///   (counted; at least 2 such rounds are required).
 /// - the last 8 MiB, a region the test writes itself: filled with the
 ///   round's pattern (acknowledged) before the take, partly overwritten
 ///   after it; the image must hold the round's pattern there, whole.
@@ -261,7 +279,7 @@ fn fio_random_writes_verify_while_snapshots_are_taken_and_read() {
     d.image("f.img", 32 * MIB);
     d.ok(&["attach", "--device", "f.img"]);
     let out = std::fs::File::create(d.path("fio.out")).unwrap();
-    let mut fio = Command::new("fio")
+    let fio = Command::new("fio")
         .args([
             "--name=verify",
             "--ioengine=nbd",
@@ -270,8 +288,9 @@ fn fio_random_writes_verify_while_snapshots_are_taken_and_read() {
             "--bs=4k",
             "--size=24M",
             "--iodepth=16",
-            // 6144 writes at 1000 a second: about 6 s of writing.
-            "--rate_iops=1000",
+            // 6144 writes at 400 a second: about 15 s of writing, room for
+            // several rounds even on a loaded machine.
+            "--rate_iops=400",
             "--verify=crc32c",
             "--verify_backlog=512",
             "--verify_fatal=1",
@@ -281,6 +300,8 @@ fn fio_random_writes_verify_while_snapshots_are_taken_and_read() {
         .stderr(out)
         .spawn()
         .unwrap();
+    // A failed assertion must not leave fio writing (and burning CPU) on.
+    let mut fio = KillOnDrop(Some(fio));
     let copy = |uri: &str| -> Vec<u8> {
         let data = read_all(&d, uri);
         assert_eq!(data.len() as u64, 32 * MIB);
@@ -298,7 +319,7 @@ fn fio_random_writes_verify_while_snapshots_are_taken_and_read() {
         assert_eq!(text.matches("wrote ").count(), writes.len(), "{text}");
     };
     let (mut rounds, mut overlapped) = (0, 0);
-    while fio.try_wait().unwrap().is_none() && rounds < 40 {
+    while fio.child().try_wait().unwrap().is_none() && rounds < 40 {
         let before = 1 + (rounds % 100) as u8;
         write(&[(before, FIO_END as u64, 8 * MIB)]);
         let id = d.snapshot("f.img");
@@ -343,12 +364,12 @@ fn fio_random_writes_verify_while_snapshots_are_taken_and_read() {
         d.ok(&["snapshot_destroy", "--id", &id]);
         rounds += 1;
     }
-    let status = fio.wait().unwrap();
+    let status = fio.0.take().unwrap().wait().unwrap();
     let text = std::fs::read_to_string(d.path("fio.out")).unwrap();
     assert!(status.success(), "fio failed: {text}");
     assert!(text.contains("err= 0"), "{text}");
     assert!(
-        overlapped >= 3,
+        overlapped >= 2,
         "only {overlapped} of {rounds} rounds saw fio write under the snapshot: {text}"
     );
 }
