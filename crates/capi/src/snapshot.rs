@@ -26,9 +26,9 @@ use crate::connection::{blksnap_client, call};
 use crate::failure::{invalid, Failure};
 use crate::types::{
     blksnap_event, blksnap_image_info, blksnap_range, blksnap_snapshot_options,
-    BLKSNAP_EVENT_CORRUPTED, BLKSNAP_EVENT_NONE, BLKSNAP_EVENT_NO_SPACE, BLKSNAP_ID_SIZE,
-    BLKSNAP_NAME_MAX, BLKSNAP_ON_COPY_ERROR_BREAK_ORIGIN_WRITE, BLKSNAP_ON_COPY_ERROR_DEFAULT,
-    BLKSNAP_ON_COPY_ERROR_KEEP_ORIGIN_WRITES, BLKSNAP_PATH_MAX,
+    BLKSNAP_EVENT_CBT_RESET, BLKSNAP_EVENT_CORRUPTED, BLKSNAP_EVENT_NONE, BLKSNAP_EVENT_NO_SPACE,
+    BLKSNAP_ID_SIZE, BLKSNAP_NAME_MAX, BLKSNAP_ON_COPY_ERROR_BREAK_ORIGIN_WRITE,
+    BLKSNAP_ON_COPY_ERROR_DEFAULT, BLKSNAP_ON_COPY_ERROR_KEEP_ORIGIN_WRITES, BLKSNAP_PATH_MAX,
 };
 
 /// Creates a snapshot of `n_devices` devices (names or paths; more can be
@@ -409,6 +409,10 @@ pub unsafe extern "C" fn blksnap_snapshot_waitevent(
                     e.r#type = BLKSNAP_EVENT_CORRUPTED;
                     e.errno_value = errno;
                     // Device names are at most 255 bytes: this always fits.
+                    put_field(&mut e.device, &device);
+                }
+                Some(Event::CbtReset { device, .. }) => {
+                    e.r#type = BLKSNAP_EVENT_CBT_RESET;
                     put_field(&mut e.device, &device);
                 }
             }

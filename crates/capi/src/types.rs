@@ -35,6 +35,10 @@ pub const BLKSNAP_EVENT_NO_SPACE: i32 = 1;
 /// `blksnap_event.type`: the image of `device` became invalid
 /// (`errno_value` says why).
 pub const BLKSNAP_EVENT_CORRUPTED: i32 = 2;
+/// `blksnap_event.type`: the take began a new change-tracking generation of
+/// `device` (its reason is `generation_reason` in `blksnap cbtinfo`): back
+/// it up in full.
+pub const BLKSNAP_EVENT_CBT_RESET: i32 = 3;
 
 /// `blksnap_snapshot_options.on_copy_error`: the daemon's configured policy.
 pub const BLKSNAP_ON_COPY_ERROR_DEFAULT: i32 = 0;
@@ -129,7 +133,7 @@ pub struct blksnap_image_info {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct blksnap_event {
-    /// BLKSNAP_EVENT_NONE, _NO_SPACE or _CORRUPTED.
+    /// BLKSNAP_EVENT_NONE, _NO_SPACE, _CORRUPTED or _CBT_RESET.
     pub r#type: i32,
     /// NO_SPACE: sectors the storage needed.
     pub requested_sectors: u64,

@@ -54,6 +54,11 @@ enum Command {
         /// No loop device, even if the daemon's attach_loop is set.
         #[arg(long)]
         no_loop: bool,
+        /// How the change maps persist: clean-stop (saved at stop and
+        /// detach; a crash starts a new generation) or write-ahead (a crash
+        /// keeps the generation). Default: the daemon's cbt_persistence.
+        #[arg(long, value_parser = ["clean-stop", "write-ahead"])]
+        cbt_persistence: Option<String>,
     },
     /// Stop the daemon; refused while loop devices are in use (mounted).
     #[command(name = "shutdown")]
@@ -274,17 +279,23 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             name,
             loop_device,
             no_loop,
+            cbt_persistence,
         } => {
             let want_loop = match (loop_device, no_loop) {
                 (true, _) => Some(true),
                 (_, true) => Some(false),
                 _ => None,
             };
-            let info = client.attach_with_loop(
-                &absolute(device, "device")?,
-                name.as_deref(),
-                want_loop,
-            )?;
+            let cbt_persistence = cbt_persistence.as_deref().map(|m| match m {
+                "write-ahead" => blksnap_proto::CbtPersistence::WriteAhead,
+                _ => blksnap_proto::CbtPersistence::CleanStop,
+            });
+            let info = client.attach_with_args(blksnap_proto::AttachArgs {
+                device: absolute(device, "device")?,
+                name: name.clone(),
+                loop_device: want_loop,
+                cbt_persistence,
+            })?;
             if json {
                 print_json(&info);
             } else {
@@ -317,6 +328,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                         d.snapshot.map_or("-".into(), |s| s.to_string())
                     );
                 }
+                for m in &list.missing {
+                    println!("missing={} path={} reason={}", m.name, m.path, m.reason);
+                }
                 for s in &list.snapshots {
                     println!(
                         "snapshot={} taken={} devices={} storage_used={} storage_total={}",
@@ -339,6 +353,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 println!("block_count={}", i.block_count);
                 println!("generation_id={}", i.generation_id);
                 println!("changes_number={}", i.changes_number);
+                println!("generation_reason={}", i.generation_reason);
             }
         }
         Command::Readcbtmap { device, file } => {
@@ -499,6 +514,11 @@ fn print_event(event: Option<&Event>) {
             println!("device={device}");
             println!("errno={errno}");
             println!("error={}", errno_name(*errno));
+        }
+        Some(Event::CbtReset { device, reason }) => {
+            println!("event=cbt_reset");
+            println!("device={device}");
+            println!("generation_reason={reason}");
         }
     }
 }

@@ -45,7 +45,7 @@ fn whole_command_set() {
 
     let info = d.ok(&["cbtinfo", "--device", "a.img"]);
     let l = lines(&info);
-    assert_eq!(l.len(), 5, "{info}");
+    assert_eq!(l.len(), 6, "{info}");
     assert_eq!(l[0], "block_size=65536");
     assert_eq!(l[1], format!("device_capacity={}", 8 * MIB));
     assert_eq!(l[2], "block_count=128");
@@ -55,6 +55,7 @@ fn whole_command_set() {
         4
     );
     assert_eq!(l[4], "changes_number=0");
+    assert_eq!(l[5], "generation_reason=attached");
     // --device by absolute path, or through a symlink, is the same device
     std::os::unix::fs::symlink(&b, d.path("link.img")).unwrap();
     let by_link = d.ok(&["cbtinfo", "--device", "link.img", "--json"]);

@@ -151,11 +151,17 @@ impl Client {
         name: Option<&str>,
         loop_device: Option<bool>,
     ) -> Result<DeviceInfo> {
-        self.typed(Request::Attach(proto::AttachArgs {
+        self.attach_with_args(proto::AttachArgs {
             device: device.into(),
             name: name.map(Into::into),
             loop_device,
-        }))
+            cbt_persistence: None,
+        })
+    }
+
+    /// Attach with every option of the request.
+    pub fn attach_with_args(&mut self, args: proto::AttachArgs) -> Result<DeviceInfo> {
+        self.typed(Request::Attach(args))
     }
 
     /// Asks the daemon to stop; refused (EBUSY) while loop devices are in

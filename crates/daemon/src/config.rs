@@ -27,6 +27,9 @@ pub struct DaemonConfig {
     /// Freeze (FIFREEZE) filesystems mounted on our loop devices around a
     /// snapshot take.
     pub freeze_on_take: bool,
+    /// How change maps persist, for devices attached without
+    /// `--cbt-persistence`: `clean-stop` or `write-ahead`.
+    pub cbt_persistence: blksnap_proto::CbtPersistence,
 }
 
 /// Keys whose values are sizes: bytes, or a string with a K/M/G suffix.
@@ -40,6 +43,7 @@ impl Default for DaemonConfig {
             nbd_tcp_allow_remote: false,
             attach_loop: false,
             freeze_on_take: true,
+            cbt_persistence: blksnap_proto::CbtPersistence::CleanStop,
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The blksnap daemon as a library: configuration ([`config`]), the control
 //! service that maps protocol requests onto the engine ([`service`]), and
-//! the control socket server ([`control`]). The `blksnapd` binary wires them
+//! the control socket server ([`control`]), and the persistent state
+//! ([`state`]: attached devices and change maps in the state dir). The `blksnapd` binary wires them
 //! together with signal handling; tests can run a daemon in-process.
 
 pub mod config;
 pub mod control;
 pub mod freeze;
 pub mod service;
+pub mod state;

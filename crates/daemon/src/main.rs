@@ -9,6 +9,7 @@ use std::sync::Arc;
 use blksnap_daemon::config::DaemonConfig;
 use blksnap_daemon::control::{ControlServer, DaemonLock};
 use blksnap_daemon::service::Service;
+use blksnap_daemon::state::Persistence;
 use blksnap_engine::Engine;
 use blksnap_fuse::LocalDevices;
 use blksnap_nbd::NbdServer;
@@ -72,12 +73,10 @@ fn run(options: Options) -> Result<(), String> {
         Some(path) => DaemonConfig::load(path)?,
         None => DaemonConfig::default(),
     };
-    std::fs::create_dir_all(&options.state_dir).map_err(|e| {
-        format!(
-            "cannot create state directory {}: {e}",
-            options.state_dir.display()
-        )
-    })?;
+    let persistence = Arc::new(Persistence::open(
+        &options.state_dir,
+        config.cbt_persistence,
+    )?);
     let engine = Arc::new(Engine::new(config.engine.clone()).map_err(|e| e.to_string())?);
     // Signals are caught from before the sockets exist: a stop asked for
     // during start-up is still a clean stop.
@@ -97,13 +96,8 @@ fn run(options: Options) -> Result<(), String> {
     // every frontend ready.
     let lock = DaemonLock::acquire(&options.control)?;
     let nbd = NbdServer::new(engine.clone());
-    nbd.listen_unix(&nbd_socket)
-        .map_err(|e| format!("cannot serve NBD on {}: {e}", nbd_socket.display()))?;
-    if let Some(addr) = &nbd_tcp {
-        nbd.listen_tcp(addr)
-            .map_err(|e| format!("cannot serve NBD on {addr}: {e}"))?;
-    }
-    let mut service = Service::new(engine.clone(), Some(nbd_socket.clone()));
+    let mut service =
+        Service::new(engine.clone(), Some(nbd_socket.clone())).with_persistence(persistence);
     let local = match &options.fuse_dir {
         Some(dir) => {
             let local = LocalDevices::mount(engine.clone(), dir)
@@ -127,6 +121,15 @@ fn run(options: Options) -> Result<(), String> {
         }
         None => None,
     };
+    // Every recorded device is back, with its loop device, before a client
+    // can reach it over NBD or the control socket.
+    service.restore_devices();
+    nbd.listen_unix(&nbd_socket)
+        .map_err(|e| format!("cannot serve NBD on {}: {e}", nbd_socket.display()))?;
+    if let Some(addr) = &nbd_tcp {
+        nbd.listen_tcp(addr)
+            .map_err(|e| format!("cannot serve NBD on {addr}: {e}"))?;
+    }
     let service = Arc::new(service);
     let server = ControlServer::bind(lock, config.control_group.as_deref(), service.clone())?;
     let stopper = server.shutdown_handle();
@@ -173,6 +176,8 @@ fn run(options: Options) -> Result<(), String> {
         }
         local.shutdown();
     }
+    // Nothing writes any more: the final change maps.
+    service.save_all();
     tracing::info!("blksnapd stopped");
     Ok(())
 }

@@ -14,6 +14,8 @@ use std::time::Duration;
 use blksnap_engine::volume::{image_device, image_name};
 use blksnap_engine::{DeviceIdentity, Engine, SectorRange, SnapshotOptions, StorageSpec};
 use blksnap_fuse::LocalDevices;
+
+use crate::state::Persistence;
 use blksnap_proto as proto;
 use proto::{ErrorReply, Request};
 
@@ -38,6 +40,8 @@ pub struct Service {
     freeze_on_take: bool,
     stopper: OnceLock<Stopper>,
     forced_stop: AtomicBool,
+    /// The state dir, when the daemon persists tracking.
+    persistence: Option<Arc<Persistence>>,
 }
 
 fn invalid(message: impl Into<String>) -> ErrorReply {
@@ -95,7 +99,14 @@ impl Service {
             freeze_on_take: true,
             stopper: OnceLock::new(),
             forced_stop: AtomicBool::new(false),
+            persistence: None,
         }
+    }
+
+    /// Records attached devices and their change maps in the state dir.
+    pub fn with_persistence(mut self, persistence: Arc<Persistence>) -> Self {
+        self.persistence = Some(persistence);
+        self
     }
 
     /// Serves volumes as local block devices too: loop devices by default
@@ -177,20 +188,113 @@ impl Service {
 
     fn attach(&self, a: proto::AttachArgs) -> Reply<proto::DeviceInfo> {
         let path = absolute(&a.device, "device")?;
-        let device = self.engine.attach_path(path, a.name.as_deref())?;
-        if a.loop_device.unwrap_or(self.attach_loop) {
-            if let Err(err) = self.add_loop(device.name()) {
+        let want_loop = a.loop_device.unwrap_or(self.attach_loop);
+        let name =
+            self.attach_device(path, a.name.as_deref(), want_loop, a.cbt_persistence, false)?;
+        self.device_info(&name)
+    }
+
+    /// Attaches `path` (with its loop device when `want_loop`), starting
+    /// its tracking from the state dir's record when there is one; at start
+    /// (`restoring`) a recorded device that is gone or another one is not
+    /// attached. All or nothing. Returns the device's name.
+    pub fn attach_device(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        want_loop: bool,
+        mode: Option<proto::CbtPersistence>,
+        restoring: bool,
+    ) -> Reply<String> {
+        let Some(persistence) = &self.persistence else {
+            let device = self.engine.attach_path(path, name)?;
+            self.finish_attach(device.name(), want_loop)?;
+            return Ok(device.name().to_string());
+        };
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| invalid(format!("{} has no file name", path.display())))?,
+        };
+        let mut prepared = persistence
+            .prepare(path, &name, mode, restoring)
+            .map_err(|why| ErrorReply::new(libc::ENODEV, format!("{name}: {why}")))?;
+        let start = std::mem::take(&mut prepared.start);
+        let restoring_state = start.restore.is_some();
+        let device = match self.engine.attach_path_with(path, Some(&name), start) {
+            Err(blksnap_engine::Error::InvalidArgument(why)) if restoring_state => {
+                tracing::error!(device = %name, %why, "saved change maps refused (record-corrupt)");
+                self.engine
+                    .attach_path_with(path, Some(&name), prepared.corrupt_start())?
+            }
+            other => other?,
+        };
+        self.finish_attach(device.name(), want_loop)?;
+        if let Err(why) = persistence.attached(prepared, &self.engine, &device, want_loop) {
+            self.remove_loop(device.name());
+            let _ = self.engine.detach(device.name());
+            return Err(ErrorReply::new(libc::EIO, why));
+        }
+        Ok(name)
+    }
+
+    /// The loop device asked for, or no attach at all.
+    fn finish_attach(&self, name: &str, want_loop: bool) -> Reply<()> {
+        if want_loop {
+            if let Err(err) = self.add_loop(name) {
                 // All or nothing: no device attached without the loop device
                 // that was asked for.
-                let _ = self.engine.detach(device.name());
+                let _ = self.engine.detach(name);
                 return Err(err);
             }
         }
-        self.device_info(device.name())
+        Ok(())
+    }
+
+    /// Attaches every device the state dir records, before any client can
+    /// connect; the ones that cannot be are listed as missing.
+    pub fn restore_devices(&self) {
+        let Some(persistence) = &self.persistence else {
+            return;
+        };
+        for (name, path, want_loop) in persistence.recorded_devices() {
+            match self.attach_device(&path, Some(&name), want_loop, None, true) {
+                Ok(_) => tracing::info!(device = %name, path = %path.display(), "re-attached"),
+                Err(e) => {
+                    tracing::error!(device = %name, path = %path.display(), error = %e.message, "not re-attached")
+                }
+            }
+        }
+    }
+
+    /// At stop, after the frontends: every device stops and its change maps
+    /// are saved.
+    pub fn save_all(&self) {
+        let devices = self.engine.close_all();
+        if let Some(persistence) = &self.persistence {
+            for device in devices {
+                persistence.save(&device, true);
+            }
+        }
     }
 
     fn detach(&self, key: &str) -> Reply<proto::Empty> {
-        let name = self.engine.device(key)?.name().to_string();
+        let name = match self.engine.device(key) {
+            Ok(device) => device.name().to_string(),
+            Err(e) => {
+                let forgot = self
+                    .persistence
+                    .as_ref()
+                    .is_some_and(|p| p.forget_missing(key));
+                return if forgot {
+                    Ok(proto::Empty {})
+                } else {
+                    Err(e.into())
+                };
+            }
+        };
         if let Some(local) = &self.local {
             if local.loop_in_use(&name) {
                 let path = self.loop_path(&name).unwrap_or_default();
@@ -201,8 +305,11 @@ impl Service {
         }
         // The engine refuses a device in a snapshot; only a detached device
         // loses its (unused) loop device.
-        self.engine.detach(&name)?;
+        let device = self.engine.detach(&name)?;
         self.remove_loop(&name);
+        if let Some(persistence) = &self.persistence {
+            persistence.save(&device, false);
+        }
         Ok(proto::Empty {})
     }
 
@@ -239,7 +346,16 @@ impl Service {
             .iter()
             .filter_map(|id| self.snapshot_info(id).ok())
             .collect();
-        Ok(proto::ListResult { devices, snapshots })
+        let missing = self
+            .persistence
+            .as_ref()
+            .map(|p| p.missing())
+            .unwrap_or_default();
+        Ok(proto::ListResult {
+            devices,
+            snapshots,
+            missing,
+        })
     }
 
     fn cbtinfo(&self, key: &str) -> Reply<proto::CbtInfo> {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::cbt::{CbtInfo, ChangeTracker};
+use crate::cbt::{CbtInfo, CbtState, ChangeJournal, ChangeTracker, GenerationReason};
 use crate::config::{Config, SnapshotOptions};
 use crate::copier::{CopierPool, COPIER_THREADS};
 use crate::device::{BlockDevice, DeviceIdentity, FileDevice};
@@ -86,6 +86,19 @@ struct Snapshot {
 }
 
 /// What `snapshot_info` reports about one image.
+/// How a device's change tracking starts at attach.
+#[derive(Debug, Default)]
+pub struct TrackingStart {
+    /// Go on from this saved state (generation reason `restored`); the
+    /// attach is refused when it does not fit the device.
+    pub restore: Option<CbtState>,
+    /// Without a state: the reason the new generation begins (default
+    /// `attached`).
+    pub reason: Option<GenerationReason>,
+    /// Told of every change from the first write on.
+    pub journal: Option<Arc<dyn ChangeJournal>>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
     pub device: String,
@@ -179,12 +192,23 @@ impl Engine {
 
     /// Starts tracking `origin` under `name`.
     pub fn attach(&self, name: &str, origin: Arc<dyn BlockDevice>) -> Result<Arc<TrackedDevice>> {
-        self.attach_inner(name, None, origin)
+        self.attach_inner(name, None, origin, TrackingStart::default())
     }
 
     /// Opens `path` (regular file or block device) exclusively and tracks it;
     /// its name is `name`, or else the path's file name.
     pub fn attach_path(&self, path: &Path, name: Option<&str>) -> Result<Arc<TrackedDevice>> {
+        self.attach_path_with(path, name, TrackingStart::default())
+    }
+
+    /// Attaches by path, with change tracking starting as `start` says
+    /// (a restored state, or a new generation for a reason, and a journal).
+    pub fn attach_path_with(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        start: TrackingStart,
+    ) -> Result<Arc<TrackedDevice>> {
         let shown = path.display().to_string();
         let key = DeviceKey::new(&shown);
         if let Ok(existing) = self.registry().find(&key) {
@@ -209,7 +233,7 @@ impl Engine {
         }
         let device = FileDevice::open(path)?;
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        self.attach_inner(&name, Some(&canonical), Arc::new(device))
+        self.attach_inner(&name, Some(&canonical), Arc::new(device), start)
     }
 
     fn attach_inner(
@@ -217,6 +241,7 @@ impl Engine {
         name: &str,
         path: Option<&Path>,
         origin: Arc<dyn BlockDevice>,
+        start: TrackingStart,
     ) -> Result<Arc<TrackedDevice>> {
         check_device_name(name)?;
         if origin.size() == 0 {
@@ -245,7 +270,21 @@ impl Engine {
                 )));
             }
         }
-        let cbt = ChangeTracker::new(origin.size(), &self.config);
+        let cbt = match start.restore {
+            Some(state) => {
+                ChangeTracker::restore(origin.size(), &self.config, state).map_err(|why| {
+                    Error::InvalidArgument(format!(
+                        "the saved change tracking state of {name} does not fit: {why}"
+                    ))
+                })?
+            }
+            None => ChangeTracker::new(
+                origin.size(),
+                &self.config,
+                start.reason.unwrap_or(GenerationReason::Attached),
+            ),
+        }
+        .with_journal(start.journal);
         let device = Arc::new(TrackedDevice::new(
             name.to_string(),
             path.map(Path::to_path_buf),
@@ -258,7 +297,9 @@ impl Engine {
     }
 
     /// Stops tracking; refused while the device is in a snapshot.
-    pub fn detach(&self, key: &str) -> Result<()> {
+    /// Returns the device, whose writes have drained, so that its final
+    /// tracking state can be saved.
+    pub fn detach(&self, key: &str) -> Result<Arc<TrackedDevice>> {
         let key = DeviceKey::new(key);
         let mut registry = self.registry();
         let device = registry.find(&key)?.clone();
@@ -273,7 +314,7 @@ impl Engine {
         device.mark_detached();
         device.flush()?;
         tracing::info!(device = device.name(), "detached");
-        Ok(())
+        Ok(device)
     }
 
     pub fn device(&self, key: &str) -> Result<Arc<TrackedDevice>> {
@@ -308,6 +349,34 @@ impl Engine {
 
     pub fn read_cbt_map(&self, key: &str) -> Result<Vec<u8>> {
         Ok(self.device(key)?.change_tracker().readable_map())
+    }
+
+    /// Runs `f` on the device's whole tracking state with its writes held,
+    /// so that no write changes the maps between the copy and what `f`
+    /// makes of it (the daemon writes it to its state dir).
+    pub fn with_cbt_state<T>(&self, key: &str, f: impl FnOnce(CbtState) -> T) -> Result<T> {
+        let device = self.device(key)?;
+        let _held = device.hold_writes();
+        Ok(f(device.change_tracker().state()))
+    }
+
+    /// For a stop: every device stops taking requests (in-flight writes
+    /// drain) and leaves the engine; returned so their final states can be
+    /// saved. Snapshots go with them.
+    pub fn close_all(&self) -> Vec<Arc<TrackedDevice>> {
+        let mut registry = self.registry();
+        let ids: Vec<Uuid> = registry.snapshots.keys().copied().collect();
+        drop(registry);
+        for id in ids {
+            let _ = self.snapshot_destroy(&id);
+        }
+        registry = self.registry();
+        let devices = std::mem::take(&mut registry.devices);
+        drop(registry);
+        for device in &devices {
+            device.mark_detached();
+        }
+        devices
     }
 
     /// Marks sector ranges changed, so the next incremental backup includes
@@ -498,15 +567,37 @@ impl Engine {
             })
             .collect();
         let mut held: Vec<_> = snapshot.devices.iter().map(|d| d.hold_writes()).collect();
+        let mut resets = Vec::new();
         for ((gate, device), taken) in held
             .iter_mut()
             .zip(&snapshot.devices)
             .zip(&device_snapshots)
         {
-            device.change_tracker().switch();
+            let tracker = device.change_tracker();
+            let before = tracker.info();
+            tracker.switch();
+            let after = tracker.info();
+            // The first take of a generation that replaced an earlier one
+            // (not a first attach) tells the watcher why: consumers must
+            // make a full backup.
+            let replaced = !matches!(
+                after.generation_reason,
+                GenerationReason::Attached | GenerationReason::Restored
+            );
+            let first_take =
+                after.generation_id != before.generation_id || before.changes_number == 0;
+            if replaced && first_take {
+                resets.push(Event::CbtReset {
+                    device: device.name().to_string(),
+                    reason: after.generation_reason,
+                });
+            }
             **gate = Some(taken.clone());
         }
         drop(held);
+        for event in resets {
+            snapshot.events.push(event);
+        }
         registry
             .snapshots
             .get_mut(id)

@@ -1,10 +1,11 @@
 //! The event queue of one snapshot: `no_space` and `corrupted`, as the
-//! original's `snapshot_waitevent` reports them. Producers are the difference
+//! original's `snapshot_waitevent` reports them, and `cbt_reset`. Producers are the difference
 //! storage and the copy-on-write path; consumers are control-plane waiters.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::cbt::GenerationReason;
 use crate::sync::{wait_until, Condvar, Mutex};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +16,12 @@ pub enum Event {
     /// The image of `device` became invalid; `errno` says why (ENOSPC for an
     /// overflow, EIO for an I/O error, ETIMEDOUT for a copy timeout).
     Corrupted { device: String, errno: i32 },
+    /// The take is the first of a new change-tracking generation of
+    /// `device`: an incremental backup against an earlier one is impossible.
+    CbtReset {
+        device: String,
+        reason: GenerationReason,
+    },
 }
 
 #[derive(Debug, Default)]

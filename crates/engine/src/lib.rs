@@ -26,11 +26,11 @@ mod sync;
 mod tracked;
 pub mod volume;
 
-pub use cbt::{CbtInfo, ChangeTracker};
+pub use cbt::{CbtInfo, CbtState, Change, ChangeJournal, ChangeTracker, GenerationReason};
 pub use config::{Config, CopyErrorPolicy, SnapshotOptions};
 pub use device::{BlockDevice, DeviceIdentity, Extent, FileDevice, MemDevice};
 pub use diff_storage::{StorageSpec, StorageStats};
-pub use engine::{Engine, ImageInfo, SnapshotInfo};
+pub use engine::{Engine, ImageInfo, SnapshotInfo, TrackingStart};
 pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;

@@ -23,6 +23,7 @@ impl From<engine::CbtInfo> for CbtInfo {
             generation_id: i.generation_id,
             changes_number: i.changes_number,
             current_number: i.current_number,
+            generation_reason: i.generation_reason.to_string(),
         }
     }
 }
@@ -32,6 +33,10 @@ impl From<engine::Event> for Event {
         match e {
             engine::Event::NoSpace { requested_sectors } => Event::NoSpace { requested_sectors },
             engine::Event::Corrupted { device, errno } => Event::Corrupted { device, errno },
+            engine::Event::CbtReset { device, reason } => Event::CbtReset {
+                device,
+                reason: reason.to_string(),
+            },
         }
     }
 }

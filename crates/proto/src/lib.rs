@@ -50,6 +50,33 @@ pub struct AttachArgs {
     /// daemon's `attach_loop` setting.
     #[serde(default, rename = "loop", skip_serializing_if = "Option::is_none")]
     pub loop_device: Option<bool>,
+    /// How the device's change maps persist; absent: the daemon's
+    /// `cbt_persistence` setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cbt_persistence: Option<CbtPersistence>,
+}
+
+/// How a device's change maps survive the daemon (docs/blksnapd.md,
+/// "Persistence").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CbtPersistence {
+    /// Saved at every clean stop and detach; a crash starts a new
+    /// generation (`unclean-stop`).
+    #[default]
+    CleanStop,
+    /// Also every first write to a block under the current change number
+    /// is durable before it is acknowledged: a crash keeps the generation.
+    WriteAhead,
+}
+
+impl CbtPersistence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CleanStop => "clean-stop",
+            Self::WriteAhead => "write-ahead",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,6 +319,10 @@ pub struct CbtInfo {
     pub generation_id: Uuid,
     pub changes_number: u8,
     pub current_number: u8,
+    /// Why the generation began: `attached`, `restored`, `unclean-stop`,
+    /// `changed-while-detached`, `unverifiable`, `wrap`, `record-corrupt`.
+    #[serde(default)]
+    pub generation_reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -382,13 +413,36 @@ pub struct SnapshotInfo {
 pub struct ListResult {
     pub devices: Vec<DeviceInfo>,
     pub snapshots: Vec<SnapshotInfo>,
+    /// Devices recorded in the state dir that could not be attached again
+    /// at start; each stays recorded until it is detached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<MissingDevice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingDevice {
+    pub name: String,
+    pub path: String,
+    /// Why it was not attached (path gone, identity changed, ...).
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    NoSpace { requested_sectors: u64 },
-    Corrupted { device: String, errno: i32 },
+    NoSpace {
+        requested_sectors: u64,
+    },
+    Corrupted {
+        device: String,
+        errno: i32,
+    },
+    /// This take began a new change-tracking generation of `device`
+    /// (`reason` as in `generation_reason`): back it up in full.
+    CbtReset {
+        device: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,223 @@
+//! [`Journal`]: the engine's [`ChangeJournal`] for one device, keeping the
+//! device's files in the state dir true to what was acknowledged.
+//!
+//! - Every mode: the first write after a save creates `<id>.dirty`
+//!   durably (file and directory fsynced) before that write reaches the
+//!   origin; a save removes it. A dirty file at start means the daemon
+//!   stopped without saving: the maps on disk are stale.
+//! - Write-ahead mode: every change is also appended to `<id>.journal`
+//!   before it is visible, and a write waits until the changes it relies on
+//!   are on disk. Concurrent waiters share one `fdatasync` (group commit):
+//!   whoever finds no sync running syncs everything appended so far, the
+//!   others wait for it.
+//!
+//! A journal that cannot write (full disk, I/O error) never fails a write:
+//! it removes the saved state and the journal, so the next start begins a
+//! new generation (`record-corrupt`) instead of trusting an incomplete map.
+//!
+//! Invariants: `durable <= appended`; records are written in ticket order
+//! (both under `wal`). Callers: the engine's change tracker (record, wait,
+//! under the device's write gate) and [`super::StateDir::save`] (with the
+//! device's writes held).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use blksnap_engine::{CbtState, Change, ChangeJournal};
+use blksnap_proto::CbtPersistence;
+
+use super::format;
+use super::DeviceFiles;
+
+#[derive(Debug)]
+pub struct Journal {
+    device: String,
+    mode: CbtPersistence,
+    pub(super) files: DeviceFiles,
+    /// Set by the first save: before it nothing is promised (the device is
+    /// not recorded yet) and the save itself holds every change so far.
+    begun: AtomicBool,
+    /// `<id>.dirty` exists durably.
+    dirty: AtomicBool,
+    dirty_lock: Mutex<()>,
+    /// The files were given up after a write error.
+    broken: AtomicBool,
+    /// Write-ahead: the journal file and where the next record goes.
+    wal: Mutex<Option<(Arc<File>, u64)>>,
+    appended: AtomicU64,
+    durable: AtomicU64,
+    /// Whether a group commit is running.
+    syncing: Mutex<bool>,
+    synced: Condvar,
+}
+
+impl Journal {
+    pub(super) fn new(device: &str, mode: CbtPersistence, files: DeviceFiles) -> Self {
+        Self {
+            device: device.to_string(),
+            mode,
+            files,
+            begun: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            dirty_lock: Mutex::new(()),
+            broken: AtomicBool::new(false),
+            wal: Mutex::new(None),
+            appended: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            syncing: Mutex::new(false),
+            synced: Condvar::new(),
+        }
+    }
+
+    pub fn mode(&self) -> CbtPersistence {
+        self.mode
+    }
+
+    /// Writes `state` as the device's saved state (a new epoch), starts an
+    /// empty journal for it and clears the dirty mark. Called with the
+    /// device's writes held (or drained), so `state` is every change.
+    pub fn save(&self, state: &CbtState) -> io::Result<()> {
+        let mut wal = self.wal.lock().unwrap();
+        let epoch = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap());
+        self.files
+            .write_atomic("cbt", &format::encode_state(state, epoch))?;
+        *wal = None;
+        match self.mode {
+            CbtPersistence::WriteAhead => {
+                self.files
+                    .write_atomic("journal", &format::encode_journal_header(epoch))?;
+                let file = self.files.open_existing("journal")?;
+                *wal = Some((Arc::new(file), format::JOURNAL_HEADER as u64));
+            }
+            CbtPersistence::CleanStop => self.files.remove("journal")?,
+        }
+        let done = self.appended.load(Ordering::SeqCst);
+        self.durable.fetch_max(done, Ordering::SeqCst);
+        drop(wal);
+        {
+            let _guard = self.dirty_lock.lock().unwrap();
+            self.files.remove("dirty")?;
+            self.dirty.store(false, Ordering::SeqCst);
+        }
+        self.broken.store(false, Ordering::SeqCst);
+        self.begun.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Creates the dirty mark durably, once per save.
+    fn mark_dirty(&self) {
+        let _guard = self.dirty_lock.lock().unwrap();
+        if self.dirty.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = self.files.create_durably("dirty") {
+            self.give_up("cannot mark the saved change maps dirty", &e);
+        }
+        self.dirty.store(true, Ordering::SeqCst);
+    }
+
+    /// After a write error: the files can no longer be trusted, so none is
+    /// left that a restart could trust. Waiters are released.
+    fn give_up(&self, what: &str, error: &io::Error) {
+        if self.broken.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(
+            device = %self.device,
+            error = %error,
+            "{what}: its change tracking will restart (record-corrupt) at the next start unless a clean stop saves it"
+        );
+        for ext in ["cbt", "journal"] {
+            if let Err(e) = self.files.remove(ext) {
+                tracing::error!(device = %self.device, error = %e, "cannot remove the saved state either");
+            }
+        }
+        self.durable.store(u64::MAX, Ordering::SeqCst);
+        let _guard = self.syncing.lock().unwrap();
+        self.synced.notify_all();
+    }
+
+    /// One fdatasync for every record appended so far, shared by every
+    /// waiter that arrives meanwhile.
+    fn commit(&self, target: u64) {
+        let mut syncing = self.syncing.lock().unwrap();
+        loop {
+            if self.durable.load(Ordering::SeqCst) >= target {
+                return;
+            }
+            if *syncing {
+                syncing = self.synced.wait(syncing).unwrap();
+                continue;
+            }
+            *syncing = true;
+            drop(syncing);
+            let (file, upto) = {
+                let wal = self.wal.lock().unwrap();
+                (
+                    wal.as_ref().map(|(f, _)| f.clone()),
+                    self.appended.load(Ordering::SeqCst),
+                )
+            };
+            if let Some(file) = file {
+                match file.sync_data() {
+                    Ok(()) => {
+                        self.durable.fetch_max(upto, Ordering::SeqCst);
+                    }
+                    Err(e) => self.give_up("cannot sync the change journal", &e),
+                }
+            } else {
+                self.durable.fetch_max(upto, Ordering::SeqCst);
+            }
+            syncing = self.syncing.lock().unwrap();
+            *syncing = false;
+            self.synced.notify_all();
+        }
+    }
+}
+
+impl ChangeJournal for Journal {
+    fn record(&self, change: Change) -> u64 {
+        if self.mode != CbtPersistence::WriteAhead || !self.begun.load(Ordering::SeqCst) {
+            return 0;
+        }
+        let mut wal = self.wal.lock().unwrap();
+        let Some((file, offset)) = wal.as_mut() else {
+            return 0;
+        };
+        if let Err(e) = file.write_all_at(&format::encode_record(&change), *offset) {
+            drop(wal);
+            self.give_up("cannot append to the change journal", &e);
+            return 0;
+        }
+        *offset += format::RECORD as u64;
+        self.appended.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn wait(&self, ticket: Option<u64>) {
+        if !self.begun.load(Ordering::SeqCst) {
+            return;
+        }
+        if !self.dirty.load(Ordering::SeqCst) {
+            self.mark_dirty();
+        }
+        if self.mode == CbtPersistence::WriteAhead {
+            let target = ticket.unwrap_or_else(|| self.appended.load(Ordering::SeqCst));
+            if self.durable.load(Ordering::SeqCst) < target {
+                self.commit(target);
+            }
+        }
+    }
+}
+
+/// Opens a file of ours for appending records, never through a symlink.
+pub(super) fn open_nofollow(path: &PathBuf, write: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
