@@ -4,7 +4,8 @@
 //! here: the busy case is in claims_local.rs); `control_group` (mode 0660,
 //! the socket's group); a start over the socket and lock file a killed
 //! daemon left behind; SIGTERM during start-up; `attach_loop = true`
-//! without `--fuse-dir`; reserved device names. No root needed (image files, sockets in the
+//! without `--fuse-dir`; reserved device names; the systemd readiness
+//! notification after the recorded devices are back. No root needed (image files, sockets in the
 //! test's temporary directory).
 
 mod common;
@@ -336,4 +337,52 @@ fn reserved_device_names_are_refused() {
         d.ok(&["list", "--json"]),
         "{\"devices\":[],\"snapshots\":[]}\n"
     );
+}
+
+/// Under systemd (`Type=notify`), READY=1 comes once the recorded devices
+/// are attached again and the control socket answers: units ordered after
+/// blksnapd.service (mounts on our loop devices) find their devices.
+#[test]
+fn readiness_is_notified_after_recorded_devices_are_back() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let (control, state) = (dir.path().join("c.sock"), dir.path().join("state"));
+    let image = dir.path().join("r.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    // A first daemon records the device and stops cleanly.
+    let mut first = blksnapd_command(&control, &state).spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || UnixStream::connect(
+        &control
+    )
+    .is_ok()));
+    let cli = |args: &[&str]| {
+        let out = Command::new(common::blksnap())
+            .args(args)
+            .env("BLKSNAP_CONTROL", &control)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    cli(&["attach", "--device", image.to_str().unwrap()]);
+    cli(&["shutdown"]);
+    assert!(first.wait().unwrap().success());
+
+    let notify = dir.path().join("notify.sock");
+    let listener = UnixDatagram::bind(&notify).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut second = blksnapd_command(&control, &state)
+        .env("NOTIFY_SOCKET", &notify)
+        .spawn()
+        .unwrap();
+    let mut message = [0u8; 64];
+    let n = listener.recv(&mut message).expect("no READY=1 within 20 s");
+    assert_eq!(&message[..n], b"READY=1");
+    // At that moment the device is back and the control socket answers.
+    let list = cli(&["list"]);
+    assert!(list.starts_with("device=r.img "), "{list}");
+    cli(&["shutdown"]);
+    assert!(second.wait().unwrap().success());
 }

@@ -371,3 +371,62 @@ impl Drop for Daemon {
 pub fn exists(path: &Path) -> bool {
     path.symlink_metadata().is_ok()
 }
+
+// ---------------------------------------------------------------------------
+// Restarts over the same directory (persistence tests).
+
+impl Daemon {
+    /// The daemon's directory, handed over once the daemon has stopped
+    /// (by [`Self::stop`] or [`Self::stop_or_status`]), for
+    /// [`Self::start_in`].
+    pub fn take_dir(&mut self) -> tempfile::TempDir {
+        assert!(self.child.is_none(), "take_dir of a running daemon");
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// Clean stop by SIGTERM (exit status 0 asserted); hands over the
+    /// directory.
+    pub fn stop_keep_dir(&mut self) -> tempfile::TempDir {
+        let status = self.stop();
+        assert!(status.success(), "blksnapd: {status}\n{}", self.log());
+        self.take_dir()
+    }
+
+    /// Clean stop by `blksnap shutdown` (exit status 0 asserted); hands
+    /// over the directory.
+    pub fn shutdown_keep_dir(&mut self) -> tempfile::TempDir {
+        self.ok(&["shutdown"]);
+        let status = self.stop_or_status();
+        assert!(status.success(), "blksnapd: {status}\n{}", self.log());
+        self.take_dir()
+    }
+
+    /// The `key=value` lines of a successful CLI command, as a map.
+    pub fn ok_fields(&self, args: &[&str]) -> std::collections::BTreeMap<String, String> {
+        self.ok(args)
+            .lines()
+            .map(|l| {
+                let (k, v) = l
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("blksnap {args:?}: not key=value: {l:?}"));
+                (k.to_string(), v.to_string())
+            })
+            .collect()
+    }
+
+    /// `blksnap readcbtmap --device D`: the readable change map.
+    pub fn cbt_map(&self, device: &str) -> Vec<u8> {
+        let file = self.path("readcbtmap.out");
+        let _ = std::fs::remove_file(&file);
+        self.ok(&[
+            "readcbtmap",
+            "--device",
+            device,
+            "--file",
+            file.to_str().unwrap(),
+        ]);
+        let map = std::fs::read(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        map
+    }
+}
