@@ -99,4 +99,20 @@ mod tests {
         assert!(err.contains("chunk"), "{err}");
         assert!(DaemonConfig::parse("diff_storage_minimum = \"lots\"").is_err());
     }
+
+    #[test]
+    fn cbt_persistence_modes() {
+        use blksnap_proto::CbtPersistence;
+        assert_eq!(
+            DaemonConfig::parse("").unwrap().cbt_persistence,
+            CbtPersistence::CleanStop
+        );
+        let c = DaemonConfig::parse("cbt_persistence = \"write-ahead\"").unwrap();
+        assert_eq!(c.cbt_persistence, CbtPersistence::WriteAhead);
+        let err = DaemonConfig::parse("cbt_persistence = \"sometimes\"").unwrap_err();
+        assert!(
+            err.contains("sometimes") && err.contains("write-ahead"),
+            "{err}"
+        );
+    }
 }

@@ -27,7 +27,8 @@ struct Options {
         default_value = "/run/blksnap/control.sock"
     )]
     control: PathBuf,
-    /// Directory for the daemon's persistent state.
+    /// Directory for the daemon's persistent state: the attached devices and
+    /// their change maps, attached again at every start (created 0700).
     #[arg(long, default_value = "/var/lib/blksnap")]
     state_dir: PathBuf,
     /// Configuration file (TOML); every key is optional, unknown keys are an
@@ -95,6 +96,7 @@ fn run(options: Options) -> Result<(), String> {
     // mounts; the control socket last, so a client that can connect finds
     // every frontend ready.
     let lock = DaemonLock::acquire(&options.control)?;
+    persistence.start_heartbeat();
     let nbd = NbdServer::new(engine.clone());
     let mut service =
         Service::new(engine.clone(), Some(nbd_socket.clone())).with_persistence(persistence);
@@ -159,6 +161,7 @@ fn run(options: Options) -> Result<(), String> {
         }
     });
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "blksnapd started");
+    notify_ready();
     server.serve();
     nbd.shutdown();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -180,6 +183,27 @@ fn run(options: Options) -> Result<(), String> {
     service.save_all();
     tracing::info!("blksnapd stopped");
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) that the daemon is ready: every recorded
+/// device is attached again, with its loop device, and the sockets are
+/// open. Units ordered after blksnapd.service (the mounts of filesystems on
+/// our loop devices) start only then. Without `$NOTIFY_SOCKET`, nothing.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(b"READY=1", &addr));
+    if let Err(e) = sent {
+        tracing::warn!(socket = ?path, error = %e, "cannot notify systemd of readiness");
+    }
 }
 
 /// NBD has no authentication: serve TCP on loopback unless told otherwise.

@@ -43,7 +43,10 @@ struct FrozenState {
     readable: Vec<u8>,
     previous: u8,
     generation: Uuid,
-    reason: GenerationReason,
+    /// Why the generation began (never `Restored`).
+    began: GenerationReason,
+    /// Whether it was restored from a saved state since.
+    restored: bool,
 }
 
 /// Why the current generation began: what a backup consumer reads to choose
@@ -108,6 +111,9 @@ pub struct CbtState {
     pub block_size: u32,
     pub capacity: u64,
     pub generation: Uuid,
+    /// Why the generation began (never `Restored`): kept so that its first
+    /// take still tells the watcher after a restart.
+    pub began: GenerationReason,
     pub previous: u8,
     pub current: u8,
     pub live: Vec<u8>,
@@ -177,6 +183,7 @@ impl CbtState {
                     self.readable.fill(0);
                     self.previous = 0;
                     self.current = 1;
+                    self.began = GenerationReason::Wrap;
                 } else {
                     if generation != self.generation {
                         return Err(format!(
@@ -222,8 +229,11 @@ pub struct CbtInfo {
     pub changes_number: u8,
     /// The change number that writes are marked with now.
     pub current_number: u8,
-    /// Why this generation began.
+    /// Why the tracking goes on in this generation now: why it began, or
+    /// `Restored` when it was restored from a saved state since.
     pub generation_reason: GenerationReason,
+    /// Why the generation began, restored or not (never `Restored`).
+    pub generation_began: GenerationReason,
 }
 
 impl ChangeTracker {
@@ -241,7 +251,8 @@ impl ChangeTracker {
                 readable: vec![0; count],
                 previous: 0,
                 generation: Uuid::new_v4(),
-                reason,
+                began: reason,
+                restored: false,
             }),
             journal: None,
         }
@@ -277,6 +288,11 @@ impl ChangeTracker {
                 state.readable.len()
             ));
         }
+        if state.began == GenerationReason::Restored {
+            return Err(
+                "the generation's reason is 'restored', which no generation begins with".into(),
+            );
+        }
         let numbers_ok = state.current >= 1
             && (state.previous < state.current || (state.previous, state.current) == (0, 1));
         if !numbers_ok {
@@ -306,7 +322,8 @@ impl ChangeTracker {
                 readable: state.readable,
                 previous: state.previous,
                 generation: state.generation,
-                reason: GenerationReason::Restored,
+                began: state.began,
+                restored: true,
             }),
             journal: None,
         })
@@ -327,6 +344,7 @@ impl ChangeTracker {
             block_size: self.block_size(),
             capacity: self.capacity,
             generation: frozen.generation,
+            began: frozen.began,
             previous: frozen.previous,
             current: self.current.load(Ordering::Relaxed),
             live: self
@@ -427,7 +445,8 @@ impl ChangeTracker {
             frozen.readable.fill(0);
             frozen.previous = 0;
             frozen.generation = Uuid::new_v4();
-            frozen.reason = GenerationReason::Wrap;
+            frozen.began = GenerationReason::Wrap;
+            frozen.restored = false;
             self.current.store(1, Ordering::Relaxed);
         } else {
             for (dst, src) in frozen.readable.iter_mut().zip(self.live.iter()) {
@@ -462,7 +481,12 @@ impl ChangeTracker {
             generation_id: frozen.generation,
             changes_number: frozen.previous,
             current_number: self.current.load(Ordering::Relaxed),
-            generation_reason: frozen.reason,
+            generation_reason: if frozen.restored {
+                GenerationReason::Restored
+            } else {
+                frozen.began
+            },
+            generation_began: frozen.began,
         }
     }
 }

@@ -577,19 +577,21 @@ impl Engine {
             let before = tracker.info();
             tracker.switch();
             let after = tracker.info();
-            // The first take of a generation that replaced an earlier one
-            // (not a first attach) tells the watcher why: consumers must
-            // make a full backup.
-            let replaced = !matches!(
-                after.generation_reason,
-                GenerationReason::Attached | GenerationReason::Restored
-            );
-            let first_take =
-                after.generation_id != before.generation_id || before.changes_number == 0;
-            if replaced && first_take {
+            // The take from which a consumer must make its full backup of a
+            // generation that replaced an earlier one (not a first attach)
+            // tells the watcher why: the wrap's own take, or the first take
+            // of a generation begun at attach (a crash, a change while
+            // detached, ...), restarts in between or not.
+            let wrapped = after.generation_id != before.generation_id;
+            let first_of_attach = before.changes_number == 0
+                && !matches!(
+                    before.generation_began,
+                    GenerationReason::Attached | GenerationReason::Wrap
+                );
+            if wrapped || first_of_attach {
                 resets.push(Event::CbtReset {
                     device: device.name().to_string(),
-                    reason: after.generation_reason,
+                    reason: after.generation_began,
                 });
             }
             **gate = Some(taken.clone());

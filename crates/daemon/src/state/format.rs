@@ -12,7 +12,7 @@
 //! Callers: [`super::StateDir`] (save and load) and [`super::Journal`]
 //! (records).
 
-use blksnap_engine::{CbtState, Change};
+use blksnap_engine::{CbtState, Change, GenerationReason};
 use uuid::Uuid;
 
 pub const STATE_MAGIC: &[u8; 8] = b"BLKSNAPS";
@@ -22,6 +22,21 @@ pub const VERSION: u32 = 1;
 const STATE_HEADER: usize = 8 + 4 + 4 + 8 + 16 + 1 + 1 + 6 + 8 + 8;
 pub const JOURNAL_HEADER: usize = 8 + 4 + 4 + 8 + 4 + 4;
 pub const RECORD: usize = 32;
+
+/// A generation reason as one byte: its place in [`GenerationReason::ALL`].
+fn reason_code(reason: GenerationReason) -> u8 {
+    GenerationReason::ALL
+        .iter()
+        .position(|&r| r == reason)
+        .expect("every reason is in ALL") as u8
+}
+
+fn reason_of(code: u8) -> Result<GenerationReason, String> {
+    GenerationReason::ALL
+        .get(usize::from(code))
+        .copied()
+        .ok_or_else(|| format!("unknown generation reason code {code}"))
+}
 
 fn crc(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
@@ -46,7 +61,8 @@ pub fn encode_state(state: &CbtState, epoch: u64) -> Vec<u8> {
     b.extend_from_slice(state.generation.as_bytes());
     b.push(state.previous);
     b.push(state.current);
-    b.extend_from_slice(&[0; 6]);
+    b.push(reason_code(state.began));
+    b.extend_from_slice(&[0; 5]);
     b.extend_from_slice(&epoch.to_le_bytes());
     b.extend_from_slice(&(count as u64).to_le_bytes());
     b.extend_from_slice(&state.live);
@@ -90,6 +106,7 @@ pub fn decode_state(b: &[u8]) -> Result<(CbtState, u64), String> {
         block_size: u32_at(b, 12),
         capacity: u64_at(b, 16),
         generation: Uuid::from_bytes(b[24..40].try_into().unwrap()),
+        began: reason_of(b[42])?,
         previous: b[40],
         current: b[41],
         live: maps[..count].to_vec(),
@@ -203,6 +220,7 @@ mod tests {
             block_size: 65536,
             capacity: 5 * 65536 - 512,
             generation: Uuid::new_v4(),
+            began: GenerationReason::UncleanStop,
             previous: 3,
             current: 4,
             live: vec![0, 4, 2, 3, 1],

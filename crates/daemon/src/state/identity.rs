@@ -42,12 +42,26 @@ impl std::fmt::Display for Identity {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
     pub size: u64,
-    /// Regular files: mtime and ctime, as seconds.nanoseconds.
+    /// Regular files: mtime and ctime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub times: Option<String>,
+    pub times: Option<FileTimes>,
     /// Block devices: what the filesystem's superblock says, if we know it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filesystem: Option<String>,
+}
+
+/// A regular file's mtime and ctime, in nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileTimes {
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl FileTimes {
+    /// The later of the two.
+    pub fn latest_ns(self) -> i64 {
+        self.mtime_ns.max(self.ctime_ns)
+    }
 }
 
 impl Fingerprint {
@@ -84,13 +98,10 @@ pub fn probe(path: &Path) -> io::Result<(Identity, Fingerprint)> {
             },
             Fingerprint {
                 size: meta.len(),
-                times: Some(format!(
-                    "mtime={}.{:09} ctime={}.{:09}",
-                    meta.mtime(),
-                    meta.mtime_nsec(),
-                    meta.ctime(),
-                    meta.ctime_nsec()
-                )),
+                times: Some(FileTimes {
+                    mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                    ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+                }),
                 filesystem: None,
             },
         ))

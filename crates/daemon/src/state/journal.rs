@@ -50,6 +50,10 @@ pub struct Journal {
     wal: Mutex<Option<(Arc<File>, u64)>>,
     appended: AtomicU64,
     durable: AtomicU64,
+    /// Write-ahead: written since the last heartbeat; and whether the
+    /// heartbeat still owes a look after the writes stopped.
+    written: AtomicBool,
+    quiet_due: AtomicBool,
     /// Whether a group commit is running.
     syncing: Mutex<bool>,
     synced: Condvar,
@@ -68,6 +72,8 @@ impl Journal {
             wal: Mutex::new(None),
             appended: AtomicU64::new(0),
             durable: AtomicU64::new(0),
+            written: AtomicBool::new(false),
+            quiet_due: AtomicBool::new(false),
             syncing: Mutex::new(false),
             synced: Condvar::new(),
         }
@@ -75,6 +81,20 @@ impl Journal {
 
     pub fn mode(&self) -> CbtPersistence {
         self.mode
+    }
+
+    /// Whether the heartbeat should look at the device now: it was written
+    /// since the last look, or has gone quiet since (one last look).
+    pub fn heartbeat_due(&self) -> bool {
+        if self.mode != CbtPersistence::WriteAhead {
+            return false;
+        }
+        if self.written.swap(false, Ordering::Relaxed) {
+            self.quiet_due.store(true, Ordering::Relaxed);
+            true
+        } else {
+            self.quiet_due.swap(false, Ordering::Relaxed)
+        }
     }
 
     /// Writes `state` as the device's saved state (a new epoch), starts an
@@ -205,6 +225,10 @@ impl ChangeJournal for Journal {
             self.mark_dirty();
         }
         if self.mode == CbtPersistence::WriteAhead {
+            // A load first: the store only once per heartbeat.
+            if !self.written.load(Ordering::Relaxed) {
+                self.written.store(true, Ordering::Relaxed);
+            }
             let target = ticket.unwrap_or_else(|| self.appended.load(Ordering::SeqCst));
             if self.durable.load(Ordering::SeqCst) < target {
                 self.commit(target);

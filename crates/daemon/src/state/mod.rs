@@ -10,7 +10,10 @@
 //! - `<id>.cbt`: the saved tracking state ([`format`]), with a checksum;
 //! - `<id>.journal`: write-ahead mode, the changes since that state;
 //! - `<id>.dirty`: present from the first write after a save to the next
-//!   save: at start it means an unclean stop.
+//!   save: at start it means an unclean stop;
+//! - `<id>.seen`: write-ahead mode, what the heartbeat last saw of the
+//!   device ([`Seen`]), to tell our own last writes from later ones after
+//!   a crash.
 //!
 //! Every file is replaced atomically: temp file, fsync, rename, fsync dir.
 //!
@@ -92,6 +95,21 @@ impl DeviceFiles {
         self.sync_dir()
     }
 
+    /// Replaces `<id>.<ext>` by a rename, without fsync.
+    fn write_unsynced(&self, ext: &str, bytes: &[u8]) -> io::Result<()> {
+        let tmp = self.dir.join(format!(".{}.{ext}.tmp", self.id));
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        drop(file);
+        std::fs::rename(&tmp, self.path(ext))
+    }
+
     pub(crate) fn create_durably(&self, ext: &str) -> io::Result<()> {
         let file = OpenOptions::new()
             .write(true)
@@ -124,6 +142,49 @@ impl DeviceFiles {
 
     fn exists(&self, ext: &str) -> bool {
         std::fs::symlink_metadata(self.path(ext)).is_ok()
+    }
+}
+
+/// What the heartbeat last saw of a write-ahead device (`<id>.seen`): its
+/// fingerprint and when. After a crash, the maps are trusted only if the
+/// device is as seen then, or (a regular file) was changed no later than a
+/// heartbeat after it: by our own last writes, not by someone after the
+/// crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Seen {
+    fingerprint: Fingerprint,
+    at_ns: i64,
+}
+
+/// How often the heartbeat looks at write-ahead devices.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+/// A change to a file this long after the last heartbeat cannot be ours.
+const SEEN_WINDOW_NS: i64 = 2 * HEARTBEAT.as_nanos() as i64 + 500_000_000;
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+impl Seen {
+    fn now(fingerprint: Fingerprint) -> Self {
+        Self {
+            fingerprint,
+            at_ns: now_ns(),
+        }
+    }
+
+    fn explains(&self, now: &Fingerprint) -> bool {
+        if now == &self.fingerprint {
+            return true;
+        }
+        match (now.times, self.fingerprint.times) {
+            (Some(t), Some(_)) => {
+                now.size == self.fingerprint.size && t.latest_ns() <= self.at_ns + SEEN_WINDOW_NS
+            }
+            _ => false,
+        }
     }
 }
 
@@ -251,12 +312,65 @@ impl Persistence {
     }
 
     fn remove_record(&self, id: Uuid) {
+        self.missing.lock().unwrap().retain(|_, (m, _)| *m != id);
         let files = self.files(id);
-        for ext in ["json", "cbt", "journal", "dirty"] {
+        for ext in ["json", "cbt", "journal", "dirty", "seen"] {
             if let Err(e) = files.remove(ext) {
                 tracing::warn!(record = %id, error = %e, "cannot remove a state file");
             }
         }
+    }
+
+    fn seen(&self, id: Uuid) -> Option<Seen> {
+        let bytes = self.files(id).read("seen").ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Records what a device looks like now (no fsync: after a power loss
+    /// an older view only makes the check stricter).
+    fn write_seen(&self, files: &DeviceFiles, path: &Path) {
+        let written = identity::probe(path).and_then(|(_, fingerprint)| {
+            let bytes = serde_json::to_vec(&Seen::now(fingerprint)).map_err(io::Error::other)?;
+            files.write_unsynced("seen", &bytes)
+        });
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "heartbeat: cannot record the device");
+        }
+    }
+
+    /// One heartbeat: every write-ahead device written since the last one,
+    /// or gone quiet since, is looked at again.
+    pub fn heartbeat(&self) {
+        let Ok(_serial) = self.serial.try_lock() else {
+            return;
+        };
+        let due: Vec<(DeviceFiles, PathBuf)> = self
+            .tracked
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|t| t.journal.heartbeat_due())
+            .map(|t| (self.files(t.id), t.record.path.clone()))
+            .collect();
+        for (files, path) in due {
+            self.write_seen(&files, &path);
+        }
+    }
+
+    /// Runs [`Persistence::heartbeat`] every [`HEARTBEAT`] for as long as
+    /// the daemon runs.
+    pub fn start_heartbeat(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || loop {
+                std::thread::sleep(HEARTBEAT);
+                match me.upgrade() {
+                    Some(p) => p.heartbeat(),
+                    None => break,
+                }
+            })
+            .expect("spawn the heartbeat thread");
     }
 
     /// The saved state of a record, with its journal replayed in
@@ -321,20 +435,24 @@ impl Persistence {
             Ok(state) => state,
             Err(e) => return new(GenerationReason::RecordCorrupt, e),
         };
-        // After a crash in write-ahead mode the journal is complete but the
-        // times are not those of the save: only size and identity count.
-        let unchanged = if dirty {
-            fingerprint.size == record.fingerprint.size
+        // After a crash in write-ahead mode the journal is complete, and
+        // the device is compared with what the heartbeat last saw of it.
+        let (unchanged, against) = if dirty {
+            let seen = self.seen(id).unwrap_or(Seen {
+                fingerprint: record.fingerprint.clone(),
+                at_ns: 0,
+            });
+            (seen.explains(&fingerprint), format!("{seen:?}"))
         } else {
-            fingerprint == record.fingerprint
+            (
+                fingerprint == record.fingerprint,
+                format!("saved with {:?}", record.fingerprint),
+            )
         };
         if !unchanged {
             return new(
                 GenerationReason::ChangedWhileDetached,
-                format!(
-                    "saved with {:?}, found {:?}",
-                    record.fingerprint, fingerprint
-                ),
+                format!("{against}, found {fingerprint:?}"),
             );
         }
         if !fingerprint.verifiable(&identity) {
@@ -394,8 +512,19 @@ impl Persistence {
     ) -> Result<Prepared<'_>, String> {
         let serial = self.serial.lock().unwrap();
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        // The record of a device attached now is never touched here (the
+        // engine refuses a second attach of its name or of itself).
+        let in_use: Vec<Uuid> = self
+            .tracked
+            .lock()
+            .unwrap()
+            .values()
+            .map(|t| t.id)
+            .collect();
         let existing = self.records().into_iter().find_map(|(id, r)| match r {
-            Ok(r) if r.name == name || r.path == canonical => Some((id, r)),
+            Ok(r) if !in_use.contains(&id) && (r.name == name || r.path == canonical) => {
+                Some((id, r))
+            }
             _ => None,
         });
         let (id, plan, old_mode) = match existing {
@@ -484,6 +613,9 @@ impl Persistence {
         };
         self.write_record(prepared.id, &record)
             .map_err(|e| format!("cannot write the record of {}: {e}", device.name()))?;
+        if record.cbt_persistence == CbtPersistence::WriteAhead {
+            self.write_seen(&self.files(prepared.id), &record.path);
+        }
         self.missing.lock().unwrap().remove(device.name());
         self.tracked.lock().unwrap().insert(
             device.name().to_string(),
@@ -509,7 +641,13 @@ impl Persistence {
             tracked.record.identity = identity;
             tracked.record.fingerprint = fingerprint;
             tracked.record.attached = keep_attached;
-            self.write_record(tracked.id, &tracked.record)
+            self.write_record(tracked.id, &tracked.record)?;
+            if tracked.record.cbt_persistence == CbtPersistence::WriteAhead {
+                self.write_seen(&self.files(tracked.id), &tracked.record.path);
+            } else {
+                self.files(tracked.id).remove("seen")?;
+            }
+            Ok(())
         });
         match saved {
             Ok(()) => tracing::info!(device = device.name(), "change maps saved"),
@@ -525,7 +663,22 @@ impl Persistence {
     /// detach. True when there was one.
     pub fn forget_missing(&self, name: &str) -> bool {
         let _serial = self.serial.lock().unwrap();
-        match self.missing.lock().unwrap().remove(name) {
+        // By name, or by the recorded path (as given, or resolved: the CLI
+        // sends the absolute path of an existing file).
+        let resolved = std::fs::canonicalize(name).ok();
+        let removed = {
+            let mut missing = self.missing.lock().unwrap();
+            let key = missing
+                .iter()
+                .find(|(k, (_, m))| {
+                    k.as_str() == name
+                        || m.path == name
+                        || resolved.as_deref() == Some(Path::new(&m.path))
+                })
+                .map(|(k, _)| k.clone());
+            key.and_then(|k| missing.remove(&k))
+        };
+        match removed {
             Some((id, _)) => {
                 self.remove_record(id);
                 tracing::info!(device = name, "record of a missing device removed");
@@ -653,6 +806,23 @@ mod tests {
                 CbtPersistence::WriteAhead => {
                     assert_eq!(reason, GenerationReason::Restored);
                     assert_eq!(after, live, "the journal holds every acknowledged write");
+                    // Another crash after a write, then the file is
+                    // changed later than any heartbeat could explain: not
+                    // trusted.
+                    e.device("d").unwrap().write(&[3; 512], 20 << 16).unwrap();
+                    assert!(dirty.exists());
+                    drop(e);
+                    drop(p);
+                    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                    f.set_modified(
+                        std::time::SystemTime::now() + std::time::Duration::from_secs(60),
+                    )
+                    .unwrap();
+                    drop(f);
+                    let p = Persistence::open(&state, mode).unwrap();
+                    let e = engine();
+                    let e2 = attach(&p, &e, &path, mode, true);
+                    assert_eq!(e2, Ok(GenerationReason::ChangedWhileDetached));
                 }
             }
         }
