@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.parse
 
@@ -347,8 +348,11 @@ class Ours(Server):
         self.sock = os.path.join(d, "nbd.sock")
         self.storage = os.path.join(self.work, "diff")
         os.makedirs(self.storage, exist_ok=True)
+        # A state dir of its own per start: a start must not re-attach the
+        # images of an earlier phase (the daemon restores its records).
+        state = tempfile.mkdtemp(prefix="state.", dir=d)
         args = [os.path.join(self.bindir, "blksnapd"), "--control", self.ctl_path,
-                "--nbd-socket", self.sock, "--state-dir", os.path.join(d, "state")]
+                "--nbd-socket", self.sock, "--state-dir", state]
         if self.config:
             args += ["--config", self.config]
         self.log = open(os.path.join(self.work, "blksnapd.log"), "a")
