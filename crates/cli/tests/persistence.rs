@@ -1293,3 +1293,97 @@ fn the_first_take_of_an_unclean_stop_generation_queues_cbt_reset_even_after_a_cl
         "cbtinfo after the clean restart: {restarted:?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Bad state directories (root: a tmpfs of our own, read-only or tiny).
+
+/// A tmpfs mounted for one test, unmounted (lazily) on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, options: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(at));
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn root_ready(test: &str) -> bool {
+    if !is_root() {
+        skip_or_fail(test, "needs root (tmpfs mounts)");
+        return false;
+    }
+    true
+}
+
+/// A state directory on a read-only filesystem stops the start, with one
+/// line naming it: never a daemon that runs without persisting.
+#[test]
+fn a_state_dir_on_a_read_only_filesystem_refuses_the_start() {
+    if !root_ready("a_state_dir_on_a_read_only_filesystem_refuses_the_start") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let _fs = Tmpfs::mount(&state, "ro,size=1m");
+    let out = common::blksnapd_command(&dir.path().join("c.sock"), &state)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("blksnapd: "))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(
+        line.contains(state.to_str().unwrap()) && line.contains("Read-only file system"),
+        "{line}"
+    );
+}
+
+/// A full state filesystem at the stop: the save fails with a clear log
+/// line, the stop is still clean, and since the dirty mark stays, the next
+/// start does not trust stale maps (`unclean-stop`).
+#[test]
+fn a_full_state_dir_at_stop_is_logged_and_the_next_start_is_unclean_stop() {
+    if !(root_ready("a_full_state_dir_at_stop_is_logged_and_the_next_start_is_unclean_stop")
+        && have("qemu-io"))
+    {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let _fs = Tmpfs::mount(&work.path().join("state"), "size=256k");
+    let mut d = Daemon::start_in(work, &[]);
+    d.image("f.img", SIZE);
+    d.ok(&["attach", "--device", "f.img"]);
+    take_quietly(&d, &["f.img"]);
+    nbd_write(&d, "f.img", &[(0, 4 * KIB)], 0x41);
+    let before = cbtinfo(&d, "f.img");
+    // Fill the state filesystem.
+    let filler = d.path("state/filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while f.write_all(&[0u8; 16 * 1024]).is_ok() {}
+    drop(f);
+    let dir = d.stop_keep_dir();
+    std::fs::remove_file(dir.path().join("state/filler")).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cannot save the change maps")
+                && l.contains("f.img")
+                && l.contains("No space left on device")),
+        "{log}"
+    );
+    let d = Daemon::start_in(dir, &[]);
+    let after = cbtinfo(&d, "f.img");
+    assert_ne!(after.generation, before.generation);
+    assert_eq!(after.reason, "unclean-stop");
+}
