@@ -154,7 +154,7 @@ fn state_devices(dir: &Path) -> PathBuf {
 }
 
 /// The state directory's files by extension (`json`, `cbt`, `journal`,
-/// `dirty`): how many of each.
+/// `clean`): how many of each.
 fn state_files(dir: &Path) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(state_devices(dir)).unwrap() {
@@ -312,8 +312,11 @@ fn clean_stop_restores_both_devices_with_their_generation_and_maps() {
     let mut d = Daemon::start();
     let before = two_devices_written(&d, &p);
     let dir = d.shutdown_keep_dir();
-    // Saved: a record and maps each, nothing dirty, no journal.
-    assert_eq!(state_files(dir.path()), counts(&[("cbt", 2), ("json", 2)]));
+    // Saved: a record, maps and the clean mark each, no journal.
+    assert_eq!(
+        state_files(dir.path()),
+        counts(&[("cbt", 2), ("clean", 2), ("json", 2)])
+    );
     for (name, (_, record)) in records(dir.path()) {
         assert_eq!(record["attached"], true, "{name}: {record}");
         assert_eq!(record["cbt_persistence"], "clean-stop", "{name}: {record}");
@@ -378,7 +381,10 @@ fn sigterm_saves_the_maps_too() {
     let mut d = Daemon::start();
     let before = two_devices_written(&d, &p);
     let dir = d.stop_keep_dir();
-    assert_eq!(state_files(dir.path()), counts(&[("cbt", 2), ("json", 2)]));
+    assert_eq!(
+        state_files(dir.path()),
+        counts(&[("cbt", 2), ("clean", 2), ("json", 2)])
+    );
     let d = Daemon::start_in(dir, &[]);
     for (name, (info, map)) in DEVICES.iter().zip(&before) {
         assert_eq!(
@@ -400,10 +406,10 @@ fn kill_9_starts_a_new_generation_unclean_stop_and_the_take_queues_cbt_reset() {
     let p = phases();
     let mut d = Daemon::start();
     let before = two_devices_written(&d, &p);
-    // Written since the last save (at attach): marked dirty.
+    // Attached and running: not marked clean.
     assert_eq!(
         state_files(d.dir.path()),
-        counts(&[("cbt", 2), ("dirty", 2), ("json", 2)])
+        counts(&[("cbt", 2), ("json", 2)])
     );
     let dir = d.kill();
     let d = Daemon::start_in(dir, &[]);
@@ -592,13 +598,7 @@ fn write_ahead_keeps_the_generation_and_every_acknowledged_write_across_20_kills
         if round == 0 {
             assert_eq!(
                 state_files(dir.path()),
-                counts(&[
-                    ("cbt", 1),
-                    ("dirty", 1),
-                    ("journal", 1),
-                    ("json", 1),
-                    ("seen", 1)
-                ])
+                counts(&[("cbt", 1), ("journal", 1), ("json", 1), ("seen", 1)])
             );
             let (_, record) = records(dir.path()).remove("w.img").unwrap();
             assert_eq!(record["cbt_persistence"], "write-ahead", "{record}");
@@ -1143,7 +1143,7 @@ fn detach_and_attach_again_of_an_unchanged_file_restores_its_maps() {
     assert_eq!(record["attached"], false, "{record}");
     assert_eq!(
         state_files(d.dir.path()),
-        counts(&[("cbt", 1), ("json", 1)])
+        counts(&[("cbt", 1), ("clean", 1), ("json", 1)])
     );
     let dir = d.stop_keep_dir();
     let d = Daemon::start_in(dir, &[]);
@@ -1350,7 +1350,7 @@ fn a_state_dir_on_a_read_only_filesystem_refuses_the_start() {
 }
 
 /// A full state filesystem at the stop: the save fails with a clear log
-/// line, the stop is still clean, and since the dirty mark stays, the next
+/// line, the stop is still clean, and since no clean mark is made, the next
 /// start does not trust stale maps (`unclean-stop`).
 #[test]
 fn a_full_state_dir_at_stop_is_logged_and_the_next_start_is_unclean_stop() {

@@ -96,7 +96,7 @@ fn run(options: Options) -> Result<(), String> {
     // mounts; the control socket last, so a client that can connect finds
     // every frontend ready.
     let lock = DaemonLock::acquire(&options.control)?;
-    persistence.start_heartbeat();
+    persistence.start_heartbeat(engine.clone());
     let nbd = NbdServer::new(engine.clone());
     let mut service =
         Service::new(engine.clone(), Some(nbd_socket.clone())).with_persistence(persistence);

@@ -263,7 +263,8 @@ impl Service {
             match self.attach_device(&path, Some(&name), want_loop, None, true) {
                 Ok(_) => tracing::info!(device = %name, path = %path.display(), "re-attached"),
                 Err(e) => {
-                    tracing::error!(device = %name, path = %path.display(), error = %e.message, "not re-attached")
+                    tracing::error!(device = %name, path = %path.display(), error = %e.message, "not re-attached");
+                    persistence.report_missing(&name, &path, &e.message);
                 }
             }
         }
@@ -305,11 +306,17 @@ impl Service {
         }
         // The engine refuses a device in a snapshot; only a detached device
         // loses its (unused) loop device.
-        let device = self.engine.detach(&name)?;
-        self.remove_loop(&name);
-        if let Some(persistence) = &self.persistence {
-            persistence.save(&device, false);
+        let device = self.engine.device(&name)?;
+        let detached = self.engine.detach(&name);
+        // Out of the engine (a failed flush included): its writes have
+        // drained, so its final maps are saved whatever the flush said.
+        if detached.is_ok() || self.engine.device(&name).is_err() {
+            self.remove_loop(&name);
+            if let Some(persistence) = &self.persistence {
+                persistence.save(&device, false);
+            }
         }
+        detached?;
         Ok(proto::Empty {})
     }
 

@@ -9,7 +9,8 @@
 //! - regular files: device and inode; size, mtime and ctime;
 //! - block devices: the serial or WWN from sysfs (a loop device: its
 //!   backing file's device and inode; a partition: its disk's, plus the
-//!   partition number); size; for ext4, the superblock's `s_wtime`,
+//!   partition number); size; a loop device's backing file's mtime and
+//!   ctime; for ext4, the superblock's `s_wtime`,
 //!   `s_mtime`, `s_mnt_count` and `s_kbytes_written`; for xfs, a checksum of
 //!   the primary superblock sector (its counters and, on v5, `sb_lsn`).
 //!
@@ -65,12 +66,12 @@ impl FileTimes {
 }
 
 impl Fingerprint {
-    /// Whether anything allows telling that the device is unchanged:
-    /// times, a known filesystem or, at least, a serial.
-    pub fn verifiable(&self, identity: &Identity) -> bool {
-        self.times.is_some()
-            || self.filesystem.is_some()
-            || matches!(identity, Identity::Block { serial: Some(_) })
+    /// Whether anything shows that the device is unchanged: file times
+    /// (of a file, or of a loop device's backing file) or a known
+    /// filesystem. A serial proves which device it is, not that nobody
+    /// wrote to it.
+    pub fn verifiable(&self) -> bool {
+        self.times.is_some() || self.filesystem.is_some()
     }
 }
 
@@ -86,7 +87,7 @@ pub fn probe(path: &Path) -> io::Result<(Identity, Fingerprint)> {
             },
             Fingerprint {
                 size,
-                times: None,
+                times: loop_backing_times(meta.rdev()),
                 filesystem: filesystem(&file)?,
             },
         ))
@@ -98,10 +99,7 @@ pub fn probe(path: &Path) -> io::Result<(Identity, Fingerprint)> {
             },
             Fingerprint {
                 size: meta.len(),
-                times: Some(FileTimes {
-                    mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-                    ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-                }),
+                times: Some(file_times(&meta)),
                 filesystem: None,
             },
         ))
@@ -111,6 +109,23 @@ pub fn probe(path: &Path) -> io::Result<(Identity, Fingerprint)> {
             "neither a block device nor a regular file",
         ))
     }
+}
+
+fn file_times(meta: &std::fs::Metadata) -> FileTimes {
+    FileTimes {
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+    }
+}
+
+/// A loop device's backing file times: any write through the loop device
+/// or to the file changes them.
+fn loop_backing_times(rdev: u64) -> Option<FileTimes> {
+    let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    let backing = read_trimmed(Path::new(&format!(
+        "/sys/dev/block/{major}:{minor}/loop/backing_file"
+    )))?;
+    std::fs::metadata(backing).ok().map(|m| file_times(&m))
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -195,7 +210,7 @@ mod tests {
         std::fs::write(&path, [1u8; 4096]).unwrap();
         let (id, fp) = probe(&path).unwrap();
         assert!(matches!(id, Identity::File { .. }));
-        assert!(fp.verifiable(&id));
+        assert!(fp.verifiable());
         std::thread::sleep(std::time::Duration::from_millis(20));
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[2], 0).unwrap();

@@ -1,9 +1,10 @@
 //! [`Journal`]: the engine's [`ChangeJournal`] for one device, keeping the
 //! device's files in the state dir true to what was acknowledged.
 //!
-//! - Every mode: the first write after a save creates `<id>.dirty`
-//!   durably (file and directory fsynced) before that write reaches the
-//!   origin; a save removes it. A dirty file at start means the daemon
+//! - Every mode: a save at detach or clean stop ends with `<id>.clean`,
+//!   made durably; the first save of an attach removes it durably before
+//!   the device takes a write (so no runtime write ever has to succeed for
+//!   a crash to be detected). No `.clean` at start means the daemon
 //!   stopped without saving: the maps on disk are stale.
 //! - Write-ahead mode: every change is also appended to `<id>.journal`
 //!   before it is visible, and a write waits until the changes it relies on
@@ -13,7 +14,11 @@
 //!
 //! A journal that cannot write (full disk, I/O error) never fails a write:
 //! it removes the saved state and the journal, so the next start begins a
-//! new generation (`record-corrupt`) instead of trusting an incomplete map.
+//! new generation (`record-corrupt`) instead of trusting an incomplete map;
+//! if even that fails, the missing `.clean` still makes it `unclean-stop`
+//! in clean-stop mode (in write-ahead mode the journal is then short, which
+//! is the one case this cannot catch: a state filesystem that fails both a
+//! write and an unlink).
 //!
 //! Invariants: `durable <= appended`; records are written in ticket order
 //! (both under `wal`). Callers: the engine's change tracker (record, wait,
@@ -41,9 +46,8 @@ pub struct Journal {
     /// Set by the first save: before it nothing is promised (the device is
     /// not recorded yet) and the save itself holds every change so far.
     begun: AtomicBool,
-    /// `<id>.dirty` exists durably.
-    dirty: AtomicBool,
-    dirty_lock: Mutex<()>,
+    /// Bytes of the saved state, for the checkpoint rule.
+    state_len: AtomicU64,
     /// The files were given up after a write error.
     broken: AtomicBool,
     /// Write-ahead: the journal file and where the next record goes.
@@ -66,8 +70,7 @@ impl Journal {
             mode,
             files,
             begun: AtomicBool::new(false),
-            dirty: AtomicBool::new(false),
-            dirty_lock: Mutex::new(()),
+            state_len: AtomicU64::new(0),
             broken: AtomicBool::new(false),
             wal: Mutex::new(None),
             appended: AtomicU64::new(0),
@@ -97,14 +100,20 @@ impl Journal {
         }
     }
 
-    /// Writes `state` as the device's saved state (a new epoch), starts an
-    /// empty journal for it and clears the dirty mark. Called with the
-    /// device's writes held (or drained), so `state` is every change.
-    pub fn save(&self, state: &CbtState) -> io::Result<()> {
+    /// Writes `state` as the device's saved state (a new epoch) and starts
+    /// an empty journal for it; `clean` (detach, stop: nothing writes any
+    /// more) then marks it clean, else (attach, checkpoint) the clean mark
+    /// is removed first. Called with the device's writes held (or
+    /// drained), so `state` is every change.
+    pub fn save(&self, state: &CbtState, clean: bool) -> io::Result<()> {
         let mut wal = self.wal.lock().unwrap();
+        if !clean {
+            self.files.remove("clean")?;
+        }
         let epoch = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap());
-        self.files
-            .write_atomic("cbt", &format::encode_state(state, epoch))?;
+        let bytes = format::encode_state(state, epoch);
+        self.state_len.store(bytes.len() as u64, Ordering::Relaxed);
+        self.files.write_atomic("cbt", &bytes)?;
         *wal = None;
         match self.mode {
             CbtPersistence::WriteAhead => {
@@ -118,26 +127,19 @@ impl Journal {
         let done = self.appended.load(Ordering::SeqCst);
         self.durable.fetch_max(done, Ordering::SeqCst);
         drop(wal);
-        {
-            let _guard = self.dirty_lock.lock().unwrap();
-            self.files.remove("dirty")?;
-            self.dirty.store(false, Ordering::SeqCst);
+        if clean {
+            self.files.create_durably("clean")?;
         }
         self.broken.store(false, Ordering::SeqCst);
         self.begun.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Creates the dirty mark durably, once per save.
-    fn mark_dirty(&self) {
-        let _guard = self.dirty_lock.lock().unwrap();
-        if self.dirty.load(Ordering::SeqCst) {
-            return;
-        }
-        if let Err(e) = self.files.create_durably("dirty") {
-            self.give_up("cannot mark the saved change maps dirty", &e);
-        }
-        self.dirty.store(true, Ordering::SeqCst);
+    /// Whether the journal has grown past four saved states (and 1 MiB):
+    /// time to fold it into a new saved state.
+    pub fn checkpoint_due(&self) -> bool {
+        let len = self.wal.lock().unwrap().as_ref().map_or(0, |(_, at)| *at);
+        len > 4 * self.state_len.load(Ordering::Relaxed) + (1 << 20)
     }
 
     /// After a write error: the files can no longer be trusted, so none is
@@ -220,9 +222,6 @@ impl ChangeJournal for Journal {
     fn wait(&self, ticket: Option<u64>) {
         if !self.begun.load(Ordering::SeqCst) {
             return;
-        }
-        if !self.dirty.load(Ordering::SeqCst) {
-            self.mark_dirty();
         }
         if self.mode == CbtPersistence::WriteAhead {
             // A load first: the store only once per heartbeat.

@@ -9,8 +9,9 @@
 //!   whether the device is to be attached again at start;
 //! - `<id>.cbt`: the saved tracking state ([`format`]), with a checksum;
 //! - `<id>.journal`: write-ahead mode, the changes since that state;
-//! - `<id>.dirty`: present from the first write after a save to the next
-//!   save: at start it means an unclean stop;
+//! - `<id>.clean`: made by the save at detach and clean stop, removed
+//!   before the device takes a write again: without it at start, the
+//!   daemon stopped uncleanly;
 //! - `<id>.seen`: write-ahead mode, what the heartbeat last saw of the
 //!   device ([`Seen`]), to tell our own last writes from later ones after
 //!   a crash.
@@ -180,8 +181,13 @@ impl Seen {
             return true;
         }
         match (now.times, self.fingerprint.times) {
-            (Some(t), Some(_)) => {
-                now.size == self.fingerprint.size && t.latest_ns() <= self.at_ns + SEEN_WINDOW_NS
+            (Some(t), Some(seen)) => {
+                // Later than what was seen (a clock set back after a power
+                // loss must not make a foreign write look old enough), and
+                // no later than our own last writes can explain.
+                now.size == self.fingerprint.size
+                    && t.latest_ns() >= seen.latest_ns()
+                    && t.latest_ns() <= self.at_ns + SEEN_WINDOW_NS
             }
             _ => false,
         }
@@ -214,6 +220,9 @@ pub struct Persistence {
     /// Attaches and detaches one at a time: a record is looked up, used
     /// and written without another attach of the same device in between.
     serial: Mutex<()>,
+    /// `.seen` files are written by one thread at a time (they share a
+    /// temporary name); never held with `serial` wanted.
+    seen_lock: Mutex<()>,
 }
 
 impl Persistence {
@@ -261,6 +270,7 @@ impl Persistence {
             tracked: Mutex::default(),
             missing: Mutex::default(),
             serial: Mutex::new(()),
+            seen_lock: Mutex::new(()),
         })
     }
 
@@ -314,7 +324,7 @@ impl Persistence {
     fn remove_record(&self, id: Uuid) {
         self.missing.lock().unwrap().retain(|_, (m, _)| *m != id);
         let files = self.files(id);
-        for ext in ["json", "cbt", "journal", "dirty", "seen"] {
+        for ext in ["json", "cbt", "journal", "clean", "seen"] {
             if let Err(e) = files.remove(ext) {
                 tracing::warn!(record = %id, error = %e, "cannot remove a state file");
             }
@@ -340,33 +350,51 @@ impl Persistence {
 
     /// One heartbeat: every write-ahead device written since the last one,
     /// or gone quiet since, is looked at again.
-    pub fn heartbeat(&self) {
-        let Ok(_serial) = self.serial.try_lock() else {
-            return;
-        };
-        let due: Vec<(DeviceFiles, PathBuf)> = self
+    /// A journal grown too long is folded into a new saved state (its
+    /// device's writes held for that save).
+    pub fn heartbeat(&self, engine: &blksnap_engine::Engine) {
+        let _seen = self.seen_lock.lock().unwrap();
+        let due: Vec<(String, DeviceFiles, PathBuf, Arc<Journal>)> = self
             .tracked
             .lock()
             .unwrap()
-            .values()
-            .filter(|t| t.journal.heartbeat_due())
-            .map(|t| (self.files(t.id), t.record.path.clone()))
+            .iter()
+            .filter(|(_, t)| t.journal.mode() == CbtPersistence::WriteAhead)
+            .map(|(name, t)| {
+                (
+                    name.clone(),
+                    self.files(t.id),
+                    t.record.path.clone(),
+                    t.journal.clone(),
+                )
+            })
             .collect();
-        for (files, path) in due {
-            self.write_seen(&files, &path);
+        for (name, files, path, journal) in due {
+            if journal.heartbeat_due() {
+                self.write_seen(&files, &path);
+            }
+            if journal.checkpoint_due() {
+                match engine.with_cbt_state(&name, |state| journal.save(&state, false)) {
+                    Ok(Ok(())) => tracing::info!(device = %name, "change journal checkpointed"),
+                    Ok(Err(e)) => {
+                        tracing::error!(device = %name, error = %e, "cannot checkpoint the change journal")
+                    }
+                    Err(_) => {} // detached meanwhile
+                }
+            }
         }
     }
 
     /// Runs [`Persistence::heartbeat`] every [`HEARTBEAT`] for as long as
     /// the daemon runs.
-    pub fn start_heartbeat(self: &Arc<Self>) {
+    pub fn start_heartbeat(self: &Arc<Self>, engine: Arc<blksnap_engine::Engine>) {
         let me = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || loop {
                 std::thread::sleep(HEARTBEAT);
                 match me.upgrade() {
-                    Some(p) => p.heartbeat(),
+                    Some(p) => p.heartbeat(&engine),
                     None => break,
                 }
             })
@@ -382,22 +410,35 @@ impl Persistence {
             .map_err(|e| format!("{}: {e}", files.path("cbt").display()))?;
         let (mut state, epoch) = format::decode_state(&bytes)
             .map_err(|e| format!("{}: {e}", files.path("cbt").display()))?;
-        if mode == CbtPersistence::WriteAhead && files.exists("dirty") {
+        if mode == CbtPersistence::WriteAhead && !files.exists("clean") {
             let journal = files
                 .read("journal")
                 .map_err(|e| format!("{}: {e}", files.path("journal").display()))?;
             let at = |e: String| format!("{}: {e}", files.path("journal").display());
             let journal_epoch = format::decode_journal_header(&journal).map_err(at)?;
             if journal_epoch == epoch {
+                let records: Vec<&[u8]> = journal[format::JOURNAL_HEADER..]
+                    .chunks(format::RECORD)
+                    .collect();
                 let mut replayed = 0;
-                for record in journal[format::JOURNAL_HEADER..].chunks(format::RECORD) {
-                    // A torn or partial last record was never acknowledged.
+                for (n, record) in records.iter().enumerate() {
                     let Some(change) = format::decode_record(record) else {
+                        // Torn records after the last sync were never
+                        // acknowledged; a bad record with good ones after it
+                        // is damage, not a crash.
+                        if records[n + 1..]
+                            .iter()
+                            .any(|r| format::decode_record(r).is_some())
+                        {
+                            return Err(at(format!(
+                                "record {n} is damaged and valid records follow it"
+                            )));
+                        }
                         break;
                     };
                     state
                         .apply(&change)
-                        .map_err(|e| at(format!("record {replayed}: {e}")))?;
+                        .map_err(|e| at(format!("record {n}: {e}")))?;
                     replayed += 1;
                 }
                 tracing::info!(record = %id, replayed, "change journal replayed");
@@ -423,7 +464,7 @@ impl Persistence {
                 why,
             })
         };
-        let dirty = self.files(id).exists("dirty");
+        let dirty = !self.files(id).exists("clean");
         let write_ahead = record.cbt_persistence == CbtPersistence::WriteAhead;
         if dirty && !write_ahead {
             return new(
@@ -455,10 +496,10 @@ impl Persistence {
                 format!("{against}, found {fingerprint:?}"),
             );
         }
-        if !fingerprint.verifiable(&identity) {
+        if !fingerprint.verifiable() {
             return new(
                 GenerationReason::Unverifiable,
-                "a block device with no serial and no known filesystem: nothing shows it is unchanged"
+                "a block device with no known filesystem (and not a loop device): nothing shows it is unchanged"
                     .into(),
             );
         }
@@ -529,7 +570,17 @@ impl Persistence {
         });
         let (id, plan, old_mode) = match existing {
             Some((id, record)) => match self.plan(id, &record, &canonical) {
-                Ok(plan) => (id, plan, Some(record.cbt_persistence)),
+                Ok(plan) => {
+                    // From here on the device may take writes: its saved
+                    // state is no longer the last word until saved again.
+                    self.files(id).remove("clean").map_err(|e| {
+                        format!(
+                            "cannot mark the saved state of {name} in use ({}): {e}",
+                            self.files(id).path("clean").display()
+                        )
+                    })?;
+                    (id, plan, Some(record.cbt_persistence))
+                }
                 Err(why) if restoring => {
                     tracing::error!(device = name, path = %canonical.display(), %why, "recorded device not attached; `blksnap detach --device {name}` forgets it");
                     self.missing.lock().unwrap().insert(
@@ -569,11 +620,13 @@ impl Persistence {
                 None,
             ),
         };
+        let fresh = old_mode.is_none();
         let mode = mode.or(old_mode).unwrap_or(self.default_mode);
         tracing::info!(device = name, reason = %plan.reason, why = %plan.why, mode = mode.as_str(), "change tracking starts");
         let journal = Arc::new(Journal::new(name, mode, self.files(id)));
         Ok(Prepared {
             id,
+            fresh,
             start: TrackingStart {
                 restore: plan.start,
                 reason: Some(plan.reason),
@@ -593,12 +646,28 @@ impl Persistence {
         device: &TrackedDevice,
         loop_device: bool,
     ) -> Result<(), String> {
+        let (id, fresh) = (prepared.id, prepared.fresh);
+        let done = self.record_attached(prepared, engine, device, loop_device);
+        if done.is_err() && fresh {
+            // Nothing of a failed first attach stays behind.
+            self.remove_record(id);
+        }
+        done
+    }
+
+    fn record_attached(
+        &self,
+        prepared: Prepared<'_>,
+        engine: &blksnap_engine::Engine,
+        device: &TrackedDevice,
+        loop_device: bool,
+    ) -> Result<(), String> {
         let path = device.path().unwrap_or(Path::new("")).to_path_buf();
         let (identity, fingerprint) =
             identity::probe(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let journal = prepared.journal.clone();
         engine
-            .with_cbt_state(device.name(), |state| journal.save(&state))
+            .with_cbt_state(device.name(), |state| journal.save(&state, false))
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot save the change maps of {}: {e}", device.name()))?;
         let record = DeviceRecord {
@@ -614,6 +683,7 @@ impl Persistence {
         self.write_record(prepared.id, &record)
             .map_err(|e| format!("cannot write the record of {}: {e}", device.name()))?;
         if record.cbt_persistence == CbtPersistence::WriteAhead {
+            let _seen = self.seen_lock.lock().unwrap();
             self.write_seen(&self.files(prepared.id), &record.path);
         }
         self.missing.lock().unwrap().remove(device.name());
@@ -636,13 +706,14 @@ impl Persistence {
             return;
         };
         let state = device.change_tracker().state();
-        let saved = tracked.journal.save(&state).and_then(|()| {
+        let saved = tracked.journal.save(&state, true).and_then(|()| {
             let (identity, fingerprint) = identity::probe(&tracked.record.path)?;
             tracked.record.identity = identity;
             tracked.record.fingerprint = fingerprint;
             tracked.record.attached = keep_attached;
             self.write_record(tracked.id, &tracked.record)?;
             if tracked.record.cbt_persistence == CbtPersistence::WriteAhead {
+                let _seen = self.seen_lock.lock().unwrap();
                 self.write_seen(&self.files(tracked.id), &tracked.record.path);
             } else {
                 self.files(tracked.id).remove("seen")?;
@@ -654,9 +725,33 @@ impl Persistence {
             Err(e) => tracing::error!(
                 device = device.name(),
                 error = %e,
-                "cannot save the change maps: the next start begins a new generation"
+                "cannot save the change maps: the next start will not trust the saved ones (unclean-stop, or a journal replay in write-ahead mode)"
             ),
         }
+    }
+
+    /// A recorded device whose attach at start failed after its checks
+    /// (open, loop device, save): listed missing like the others.
+    pub fn report_missing(&self, name: &str, path: &Path, reason: &str) {
+        let Some((id, _)) = self
+            .records()
+            .into_iter()
+            .find(|(_, r)| r.as_ref().is_ok_and(|r| r.name == name))
+        else {
+            return;
+        };
+        self.missing
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_insert((
+                id,
+                MissingDevice {
+                    name: name.to_string(),
+                    path: path.display().to_string(),
+                    reason: reason.to_string(),
+                },
+            ));
     }
 
     /// A recorded device that could not be attached again, forgotten by a
@@ -705,6 +800,8 @@ impl Persistence {
 /// [`Persistence::attached`] or its drop.
 pub struct Prepared<'a> {
     id: Uuid,
+    /// A new record (no files of it existed before this attach).
+    fresh: bool,
     pub start: TrackingStart,
     journal: Arc<Journal>,
     _serial: std::sync::MutexGuard<'a, ()>,
@@ -767,18 +864,15 @@ mod tests {
                 Ok(GenerationReason::Attached)
             );
             let d = e.device("d").unwrap();
-            let dirty = p.tracked.lock().unwrap()["d"].journal.files.path("dirty");
-            assert!(!dirty.exists(), "no write yet");
+            let clean = p.tracked.lock().unwrap()["d"].journal.files.path("clean");
+            assert!(!clean.exists(), "attached: not clean");
             d.write(&[1; 512], 3 << 16).unwrap();
-            assert!(
-                dirty.exists(),
-                "{mode:?}: the first write marks the record dirty"
-            );
             let before = d.change_tracker().state();
             // A clean stop...
             for device in e.close_all() {
                 p.save(&device, true);
             }
+            assert!(clean.exists(), "{mode:?}: a clean stop marks it clean");
             drop((d, e, p));
             let p = Persistence::open(&state, mode).unwrap();
             assert_eq!(p.recorded_devices().len(), 1);
@@ -810,7 +904,7 @@ mod tests {
                     // changed later than any heartbeat could explain: not
                     // trusted.
                     e.device("d").unwrap().write(&[3; 512], 20 << 16).unwrap();
-                    assert!(dirty.exists());
+                    assert!(!clean.exists());
                     drop(e);
                     drop(p);
                     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
@@ -824,6 +918,47 @@ mod tests {
                     let e2 = attach(&p, &e, &path, mode, true);
                     assert_eq!(e2, Ok(GenerationReason::ChangedWhileDetached));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_damaged_journal_record_before_good_ones_is_record_corrupt_a_torn_tail_is_not() {
+        for (damage, want) in [
+            (0usize, GenerationReason::RecordCorrupt),
+            (2, GenerationReason::Restored),
+        ] {
+            let (dir, path) = setup();
+            let state = dir.path().join("state");
+            let mode = CbtPersistence::WriteAhead;
+            let p = Persistence::open(&state, mode).unwrap();
+            let e = engine();
+            attach(&p, &e, &path, mode, false).unwrap();
+            let journal = p.tracked.lock().unwrap()["d"].journal.files.path("journal");
+            let d = e.device("d").unwrap();
+            for block in [1u64, 5, 9] {
+                d.write(&[1; 512], block << 16).unwrap();
+            }
+            drop((d, e, p));
+            // Damage record `damage` of the three (the last one: a torn tail).
+            let mut bytes = std::fs::read(&journal).unwrap();
+            assert_eq!(bytes.len(), format::JOURNAL_HEADER + 3 * format::RECORD);
+            bytes[format::JOURNAL_HEADER + damage * format::RECORD + 9] ^= 0x40;
+            std::fs::write(&journal, &bytes).unwrap();
+            let p = Persistence::open(&state, mode).unwrap();
+            let e = engine();
+            assert_eq!(
+                attach(&p, &e, &path, mode, true),
+                Ok(want),
+                "damage at {damage}"
+            );
+            if want == GenerationReason::Restored {
+                let live = e.device("d").unwrap().change_tracker().state().live;
+                assert_eq!(
+                    (live[1], live[5], live[9]),
+                    (1, 1, 0),
+                    "the torn record is dropped"
+                );
             }
         }
     }
