@@ -164,6 +164,7 @@ unsafe fn create(
             on_copy_error,
             copy_timeout_ms: (options.copy_timeout_ms > 0).then_some(options.copy_timeout_ms),
             storage_wait_ms: None,
+            auto_destroy: false,
         };
         check_request_size(Request::SnapshotCreate(args.clone()))?;
         let id = client.snapshot_create(args)?;

@@ -400,6 +400,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 }),
                 copy_timeout_ms: *copy_timeout,
                 storage_wait_ms: *storage_wait,
+                auto_destroy: false,
             })?;
             if json {
                 print_json(&serde_json::json!({ "id": id }));

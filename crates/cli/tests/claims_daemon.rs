@@ -386,3 +386,53 @@ fn readiness_is_notified_after_recorded_devices_are_back() {
     cli(&["shutdown"]);
     assert!(second.wait().unwrap().success());
 }
+
+/// A snapshot created with `auto_destroy` lives as long as the control
+/// connection that created it: a backup process that dies (its socket
+/// closed by the kernel) leaves no snapshot behind. Others are untouched.
+#[test]
+fn auto_destroy_snapshots_go_with_their_connection() {
+    let d = Daemon::start();
+    d.image("a.img", 1 << 20);
+    d.ok(&["attach", "--device", "a.img"]);
+    let keep = d.create("a.img");
+    d.ok(&["snapshot_destroy", "--id", &keep]);
+    let mut conn = served_connection(&d);
+    let storage = d.path("");
+    let request = serde_json::json!({
+        "id": 1,
+        "command": "snapshot_create",
+        "args": {"devices": ["a.img"], "storage": storage, "auto_destroy": true},
+    });
+    conn.get_mut()
+        .write_all(format!("{request}\n").as_bytes())
+        .unwrap();
+    let mut line = String::new();
+    conn.read_line(&mut line).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(reply["ok"], true, "{line}");
+    let owned = reply["result"]["id"].as_str().unwrap().to_string();
+    d.ok(&["snapshot_take", "--id", &owned]);
+    // A plain snapshot of another device, made meanwhile, must survive.
+    d.image("b.img", 1 << 20);
+    d.ok(&["attach", "--device", "b.img"]);
+    let plain = d.create("b.img");
+    assert_eq!(
+        d.ok(&["snapshot_collect"]).lines().count(),
+        2,
+        "both snapshots exist while the owner is connected"
+    );
+    drop(conn);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            d.ok(&["snapshot_collect"]).trim() == plain
+        }),
+        "the owned snapshot outlived its connection: {}",
+        d.ok(&["snapshot_collect"])
+    );
+    assert!(
+        d.log_lines(&["destroyed with the connection that owned it", &owned])
+            .len()
+            == 1
+    );
+}

@@ -128,6 +128,7 @@ fn rust_client_full_cycle() {
             on_copy_error: None,
             copy_timeout_ms: None,
             storage_wait_ms: None,
+            auto_destroy: false,
         })
         .unwrap();
     c.snapshot_take(id).unwrap();

@@ -295,6 +295,14 @@ fn error_reply(id: Option<u64>, error: ErrorReply) -> ReplyMessage {
 
 /// Answers one client's requests, in order, until it hangs up.
 fn serve_connection(service: &Service, stream: UnixStream) -> io::Result<()> {
+    /// Destroys the connection's auto-destroy snapshots however it ends.
+    struct Owned<'a>(&'a Service, Vec<uuid::Uuid>);
+    impl Drop for Owned<'_> {
+        fn drop(&mut self) {
+            self.0.destroy_owned(&self.1);
+        }
+    }
+    let mut owned = Owned(service, Vec::new());
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
@@ -314,7 +322,7 @@ fn serve_connection(service: &Service, stream: UnixStream) -> io::Result<()> {
         let reply = match RequestMessage::parse(&line) {
             Ok(message) => {
                 tracing::debug!(request = ?message.request, "request");
-                match service.handle(message.request) {
+                match service.handle_owned(message.request, &mut owned.1) {
                     Ok(result) => ReplyMessage {
                         id: message.id,
                         ok: true,

@@ -152,6 +152,46 @@ impl Service {
         &self.engine
     }
 
+    /// Answers one request of a control connection; the snapshots it
+    /// creates with `auto_destroy` are added to `owned`, which the
+    /// connection hands to [`Service::destroy_owned`] when it closes.
+    pub fn handle_owned(
+        &self,
+        request: Request,
+        owned: &mut Vec<Uuid>,
+    ) -> Reply<serde_json::Value> {
+        let auto_destroy = matches!(&request, Request::SnapshotCreate(a) if a.auto_destroy);
+        let reply = self.handle(request)?;
+        if auto_destroy {
+            if let Some(id) = reply
+                .get("id")
+                .and_then(|v| v.as_str())
+                .and_then(|s| s.parse().ok())
+            {
+                owned.push(id);
+            }
+        }
+        Ok(reply)
+    }
+
+    /// The connection that created these snapshots closed: they go too
+    /// (the ones already destroyed are skipped).
+    pub fn destroy_owned(&self, owned: &[Uuid]) {
+        for id in owned {
+            if self.engine.snapshot_info(id).is_err() {
+                continue;
+            }
+            match self.snapshot_destroy(id) {
+                Ok(_) => {
+                    tracing::info!(snapshot = %id, "snapshot destroyed with the connection that owned it")
+                }
+                Err(e) => {
+                    tracing::error!(snapshot = %id, error = %e.message, "cannot destroy the snapshot of a closed connection")
+                }
+            }
+        }
+    }
+
     /// Answers one request.
     pub fn handle(&self, mut request: Request) -> Reply<serde_json::Value> {
         for key in device_keys(&mut request) {

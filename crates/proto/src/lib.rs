@@ -138,6 +138,10 @@ pub struct SnapshotCreateArgs {
     /// daemon's `storage_wait_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_wait_ms: Option<u64>,
+    /// Destroy the snapshot when the control connection that created it
+    /// closes (a backup that dies leaves no snapshot behind).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_destroy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
