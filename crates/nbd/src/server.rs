@@ -1,0 +1,297 @@
+//! The NBD server ([`NbdServer`]): listeners, connections and their
+//! lifetime, over an [`Engine`]. Behind the `server` feature (default), so
+//! that clients (the backup tool) use [`crate::client`] without linking the
+//! engine.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use blksnap_engine::Engine;
+
+/// A stream the server can serve on.
+pub trait Conn: Read + Write + Send + 'static {
+    fn try_clone_conn(&self) -> io::Result<Self>
+    where
+        Self: Sized;
+    fn shutdown_conn(&self, how: Shutdown);
+}
+
+impl Conn for UnixStream {
+    fn try_clone_conn(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_conn(&self, how: Shutdown) {
+        let _ = self.shutdown(how);
+    }
+}
+
+impl Conn for TcpStream {
+    fn try_clone_conn(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_conn(&self, how: Shutdown) {
+        let _ = self.shutdown(how);
+    }
+}
+
+/// A listening socket as [`NbdServer::shutdown`] needs it: a duplicate of
+/// its descriptor to shut down, and for a Unix socket the file to remove.
+///
+/// The duplicate is typed as a stream because std offers shutdown(2) only on
+/// stream types; the call is the same on a listening socket, where Linux
+/// makes a blocked accept fail (EINVAL) and refuses new connections.
+enum Listening {
+    Unix {
+        socket: UnixStream,
+        /// The socket file as bound, as (path, device, inode): `None` if
+        /// it could not be stat'ed, and then it is left alone.
+        file: Option<(PathBuf, u64, u64)>,
+    },
+    Tcp(TcpStream),
+}
+
+impl Listening {
+    fn stop(&self) {
+        let (shut, kind) = match self {
+            Listening::Unix { socket, .. } => (socket.shutdown(Shutdown::Both), "Unix"),
+            Listening::Tcp(socket) => (socket.shutdown(Shutdown::Both), "TCP"),
+        };
+        if let Err(e) = shut {
+            tracing::error!(error = %e, "cannot shut the NBD {kind} listener down: its accept loop may not end");
+        }
+        if let Listening::Unix {
+            file: Some((path, dev, ino)),
+            ..
+        } = self
+        {
+            // Only our own file: after a cleanup removed it, the path may be
+            // another server's socket. (A replacement between this check and
+            // the unlink is still possible; there is no unlink by inode.)
+            let still_ours =
+                std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (*dev, *ino));
+            if still_ours {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// A pause after a failed accept (out of descriptors, say), so a failure
+/// that repeats does not spin a core and flood the log.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+
+/// Shuts down one direction of a client connection.
+type CloseFn = Box<dyn Fn(Shutdown) + Send>;
+
+pub struct NbdServer {
+    engine: Arc<Engine>,
+    stopping: AtomicBool,
+    next_id: AtomicU64,
+    connections: Mutex<HashMap<u64, CloseFn>>,
+    listening: Mutex<Vec<Listening>>,
+}
+
+/// The URI a client uses for export `name` on the Unix socket `socket`.
+pub fn unix_uri(socket: &Path, name: &str) -> String {
+    format!("nbd+unix:///{name}?socket={}", socket.display())
+}
+
+impl NbdServer {
+    pub fn new(engine: Arc<Engine>) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            stopping: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+            connections: Mutex::new(HashMap::new()),
+            listening: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Creates the Unix socket (replacing a stale one) and serves it on a
+    /// new thread.
+    pub fn listen_unix(self: &Arc<Self>, path: &Path) -> io::Result<JoinHandle<()>> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(path)?;
+        // Right after the bind, so it is the file we created (the socket's
+        // own descriptor cannot tell: fstat shows the socket, not the file).
+        let file = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (path.to_path_buf(), m.dev(), m.ino()));
+        let socket = UnixStream::from(OwnedFd::from(listener.try_clone()?));
+        self.add_listening(Listening::Unix { socket, file });
+        tracing::info!(socket = %path.display(), "NBD server listening");
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if this.stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match stream {
+                        Ok(s) => this.spawn_connection(s),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "NBD accept failed");
+                            std::thread::sleep(ACCEPT_RETRY);
+                        }
+                    }
+                }
+            })
+    }
+
+    /// Listens on a TCP address and serves it on a new thread; returns the
+    /// bound address (port 0 picks a free one).
+    pub fn listen_tcp(self: &Arc<Self>, addr: &str) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+        let listener = TcpListener::bind(addr)?;
+        let local = listener.local_addr()?;
+        let socket = TcpStream::from(OwnedFd::from(listener.try_clone()?));
+        self.add_listening(Listening::Tcp(socket));
+        tracing::info!(address = %local, "NBD server listening");
+        let this = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("nbd-accept-tcp".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if this.stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match stream {
+                        Ok(s) => {
+                            let _ = s.set_nodelay(true);
+                            this.spawn_connection(s)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "NBD accept failed");
+                            std::thread::sleep(ACCEPT_RETRY);
+                        }
+                    }
+                }
+            })?;
+        Ok((local, handle))
+    }
+
+    /// Registers a listener for [`Self::shutdown`]; one added after the
+    /// shutdown is stopped at once, so its accept loop ends too.
+    fn add_listening(&self, listening: Listening) {
+        let mut all = self.listening.lock().unwrap();
+        if self.stopping.load(Ordering::SeqCst) {
+            listening.stop();
+        } else {
+            all.push(listening);
+        }
+    }
+
+    fn spawn_connection<S: Conn>(self: &Arc<Self>, stream: S) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(clone) = stream.try_clone_conn() {
+            self.connections
+                .lock()
+                .unwrap()
+                .insert(id, Box::new(move |how| clone.shutdown_conn(how)));
+        }
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-{id}"))
+            .spawn(move || {
+                if let Err(e) = this.serve(stream) {
+                    tracing::info!(connection = id, error = %e, "NBD connection ended");
+                }
+                this.connections.lock().unwrap().remove(&id);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start an NBD connection thread");
+        }
+    }
+
+    fn serve<S: Conn>(&self, mut stream: S) -> io::Result<()> {
+        let Some(session) = crate::negotiate::negotiate(&mut stream, &self.engine)? else {
+            return Ok(());
+        };
+        tracing::debug!(
+            size = session.export.size(),
+            structured = session.structured,
+            "NBD client in transmission"
+        );
+        crate::transmission::transmit(stream, session)
+    }
+
+    /// Number of open client connections.
+    pub fn connection_count(&self) -> usize {
+        self.connections.lock().unwrap().len()
+    }
+
+    /// Stops accepting; every connection stops reading requests, finishes
+    /// and answers the ones it has, then closes.
+    pub fn shutdown(&self) {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for close in self.connections.lock().unwrap().values() {
+            close(Shutdown::Read);
+        }
+        // Dropped once stopped: the accept loop closes its own descriptor
+        // as it ends, and nothing then holds the socket (or its TCP port).
+        for listening in std::mem::take(&mut *self.listening.lock().unwrap()) {
+            listening.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blksnap_engine::Config;
+    use std::time::Instant;
+
+    /// Issue 12: shutdown ends both accept loops though the Unix socket
+    /// file was removed, and neither connects to nor removes the socket
+    /// another server has put at its path since.
+    #[test]
+    fn shutdown_ends_the_accept_loops_without_the_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = NbdServer::new(Arc::new(Engine::new(Config::default()).unwrap()));
+        let path = dir.path().join("nbd.sock");
+        let unix = server.listen_unix(&path).unwrap();
+        let (tcp_addr, tcp) = server.listen_tcp("127.0.0.1:0").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let stand_in = UnixListener::bind(&path).unwrap();
+        stand_in.set_nonblocking(true).unwrap();
+
+        server.shutdown();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(unix.is_finished() && tcp.is_finished()) {
+            assert!(
+                Instant::now() < deadline,
+                "accept loops still running 10 s after shutdown (Unix finished: {}, TCP finished: {})",
+                unix.is_finished(),
+                tcp.is_finished()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(path.exists(), "shutdown removed a socket file not its own");
+        assert!(
+            stand_in.accept().is_err(),
+            "shutdown connected to another server's socket"
+        );
+        assert!(
+            TcpStream::connect(tcp_addr).is_err(),
+            "TCP still accepts after shutdown"
+        );
+    }
+}
