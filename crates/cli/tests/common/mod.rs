@@ -430,3 +430,20 @@ impl Daemon {
         map
     }
 }
+
+/// The `blksnap-backup` of the profile under test, built like [`blksnapd`].
+pub fn blksnap_backup() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = cargo_build_same_profile()
+                .args(["-p", "blksnap-backup", "--bin", "blksnap-backup"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "building blksnap-backup failed");
+            let path = target_dir().join("blksnap-backup");
+            assert!(path.exists(), "{} missing", path.display());
+            path
+        })
+        .clone()
+}

@@ -1,0 +1,480 @@
+//! The backup repository ([`Repository`]): content-addressed chunks and one
+//! manifest per backup, in a directory (`docs/backup-format.md`).
+//!
+//! Layout:
+//! - `blksnap-backup.json`: what this directory is (format version);
+//! - `chunks/<2 hex>/<64 hex>`: one chunk, named by the BLAKE3 hash of its
+//!   plain data, stored zstd-compressed behind a small header;
+//! - `manifests/<id>.json`: one backup: its devices and, for each, the
+//!   ordered list of chunk hashes (`null` for a chunk that reads as zeroes),
+//!   followed by a line with the BLAKE3 of everything before it;
+//! - `tmp/`: files being written.
+//!
+//! Invariants: a manifest exists only once every chunk it names is on disk
+//! (chunks are fsynced and renamed into place, their directories fsynced,
+//! before the manifest is renamed into `manifests/`); files are never
+//! changed once in place, so readers need no lock while a backup runs. A
+//! backup that dies leaves at most unreferenced chunks and files in `tmp/`.
+//! Every chunk and manifest checks itself: a chunk by its name, a manifest
+//! by its last line.
+//!
+//! Callers: the `create`, `list`, `verify` and `restore` commands.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The repository's marker file.
+const MARKER: &str = "blksnap-backup.json";
+pub const FORMAT: u32 = 1;
+/// Chunk file header: magic, format, plain length.
+const CHUNK_MAGIC: &[u8; 4] = b"BSCK";
+const CHUNK_HEADER: usize = 4 + 4 + 8;
+/// zstd level: fast, still a good ratio on file system data.
+const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no backup {0} in this repository")]
+    NoSuchBackup(String),
+}
+
+pub type Result<T> = std::result::Result<T, RepoError>;
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RepoError + '_ {
+    move |source| RepoError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A chunk's name: the BLAKE3 of its plain data, in hex.
+pub type ChunkId = String;
+
+pub fn chunk_id(data: &[u8]) -> ChunkId {
+    blake3::hash(data).to_hex().to_string()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Marker {
+    format: u32,
+}
+
+/// One backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: String,
+    /// Seconds since the epoch at the take.
+    pub time: u64,
+    pub host: String,
+    pub devices: Vec<DeviceBackup>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceBackup {
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub generation_id: Uuid,
+    /// The readable map's change number at the take: the next backup can
+    /// read only the blocks whose byte is above it.
+    pub changes_number: u8,
+    /// `full` or `incremental`, and why.
+    pub mode: String,
+    pub reason: String,
+    pub chunk_size: u64,
+    /// One entry per chunk, in order; `None`: reads as zeroes.
+    pub chunks: Vec<Option<ChunkId>>,
+}
+
+impl DeviceBackup {
+    /// Bytes of chunk `i` (the last one may be short).
+    pub fn chunk_len(&self, i: usize) -> u64 {
+        let start = i as u64 * self.chunk_size;
+        self.chunk_size.min(self.size - start)
+    }
+}
+
+/// What damage `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Damage {
+    pub backup: String,
+    pub device: Option<String>,
+    /// Byte range of the device (offset, length).
+    pub range: Option<(u64, u64)>,
+    pub what: String,
+}
+
+#[derive(Debug)]
+pub struct Repository {
+    root: PathBuf,
+}
+
+impl Repository {
+    /// Opens the repository at `root`, creating it when `create` and the
+    /// directory is missing or empty. Anything else (a file, a directory
+    /// with other content, another format) is refused, naming it.
+    pub fn open(root: &Path, create: bool) -> Result<Repository> {
+        let marker = root.join(MARKER);
+        match fs::symlink_metadata(root) {
+            Ok(m) if !m.is_dir() => {
+                return Err(RepoError::Invalid(format!(
+                    "repository {} is not a directory",
+                    root.display()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                fs::create_dir_all(root).map_err(io_at(root))?;
+            }
+            Err(e) => return Err(io_at(root)(e)),
+        }
+        let repo = Repository {
+            root: root.to_path_buf(),
+        };
+        if !marker.exists() {
+            let empty = fs::read_dir(root).map_err(io_at(root))?.next().is_none();
+            if !(create && empty) {
+                return Err(RepoError::Invalid(format!(
+                    "{} is not a blksnap-backup repository (no {MARKER}){}",
+                    root.display(),
+                    if create { " and not empty" } else { "" }
+                )));
+            }
+            for dir in ["chunks", "manifests", "tmp"] {
+                fs::create_dir_all(root.join(dir)).map_err(io_at(root))?;
+            }
+            let bytes = serde_json::to_vec(&Marker { format: FORMAT }).expect("plain struct");
+            repo.write_durably(&marker, &bytes)?;
+        }
+        let bytes = fs::read(&marker).map_err(io_at(&marker))?;
+        let m: Marker = serde_json::from_slice(&bytes).map_err(|e| {
+            RepoError::Invalid(format!(
+                "{}: not a repository marker: {e}",
+                marker.display()
+            ))
+        })?;
+        if m.format != FORMAT {
+            return Err(RepoError::Invalid(format!(
+                "{}: format {}, this tool reads {FORMAT}",
+                marker.display(),
+                m.format
+            )));
+        }
+        Ok(repo)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn chunk_path(&self, id: &str) -> PathBuf {
+        self.root.join("chunks").join(&id[..2]).join(id)
+    }
+
+    fn tmp_file(&self) -> PathBuf {
+        self.root.join("tmp").join(Uuid::new_v4().to_string())
+    }
+
+    /// Writes `bytes` to a temp file, fsyncs it and renames it to `path`.
+    fn write_in_place(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let tmp = self.tmp_file();
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_at(&tmp))?;
+        f.write_all(bytes).map_err(io_at(&tmp))?;
+        f.sync_all().map_err(io_at(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_at(path))
+    }
+
+    /// [`Repository::write_in_place`], then fsyncs `path`'s directory.
+    fn write_durably(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        self.write_in_place(path, bytes)?;
+        sync_dir(path.parent().expect("a file in a directory"))
+    }
+
+    pub fn has_chunk(&self, id: &str) -> bool {
+        self.chunk_path(id).exists()
+    }
+
+    /// Stores a chunk unless it is there already; returns whether it was
+    /// new and its stored size. Its directory is fsynced by
+    /// [`Repository::sync_chunks`] before any manifest names it.
+    pub fn put_chunk(&self, id: &str, data: &[u8]) -> Result<Option<u64>> {
+        let path = self.chunk_path(id);
+        if path.exists() {
+            return Ok(None);
+        }
+        let dir = path.parent().expect("chunks/xx");
+        fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).map_err(io_at(&path))?;
+        let mut bytes = Vec::with_capacity(CHUNK_HEADER + compressed.len());
+        bytes.extend_from_slice(CHUNK_MAGIC);
+        bytes.extend_from_slice(&FORMAT.to_le_bytes());
+        bytes.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&compressed);
+        self.write_in_place(&path, &bytes)?;
+        Ok(Some(bytes.len() as u64))
+    }
+
+    /// Makes the renames of new chunks durable (their directories).
+    pub fn sync_chunks(&self, ids: &BTreeSet<String>) -> Result<()> {
+        let dirs: BTreeSet<&str> = ids.iter().map(|id| &id[..2]).collect();
+        for d in dirs {
+            sync_dir(&self.root.join("chunks").join(d))?;
+        }
+        Ok(())
+    }
+
+    /// A chunk's plain data, checked against its name and length.
+    pub fn get_chunk(&self, id: &str, len: u64) -> Result<Vec<u8>> {
+        let path = self.chunk_path(id);
+        let bytes = fs::read(&path).map_err(io_at(&path))?;
+        let bad = |what: &str| RepoError::Invalid(format!("chunk {}: {what}", path.display()));
+        if bytes.len() < CHUNK_HEADER || &bytes[..4] != CHUNK_MAGIC {
+            return Err(bad("not a chunk file"));
+        }
+        let plain = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+        if plain != len {
+            return Err(bad(&format!(
+                "holds {plain} bytes, the manifest says {len}"
+            )));
+        }
+        let data = zstd::bulk::decompress(&bytes[CHUNK_HEADER..], len as usize)
+            .map_err(|e| bad(&format!("cannot decompress: {e}")))?;
+        if data.len() as u64 != len || chunk_id(&data) != id {
+            return Err(bad("content does not match its hash"));
+        }
+        Ok(data)
+    }
+
+    /// Writes a manifest, making it visible only once it is durable.
+    pub fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(manifest).expect("plain struct");
+        bytes.push(b'\n');
+        let sum = blake3::hash(&bytes).to_hex().to_string();
+        bytes.extend_from_slice(format!("blake3 {sum}\n").as_bytes());
+        let path = self.manifest_path(&manifest.id);
+        self.write_durably(&path, &bytes)
+    }
+
+    fn manifest_path(&self, id: &str) -> PathBuf {
+        self.root.join("manifests").join(format!("{id}.json"))
+    }
+
+    /// A manifest, checked against its own checksum line.
+    pub fn manifest(&self, id: &str) -> Result<Manifest> {
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return Err(RepoError::NoSuchBackup(id.to_string()));
+        }
+        let path = self.manifest_path(id);
+        let mut bytes = Vec::new();
+        match File::open(&path) {
+            Ok(mut f) => f.read_to_end(&mut bytes).map_err(io_at(&path))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(RepoError::NoSuchBackup(id.to_string()))
+            }
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let bad = |what: String| RepoError::Invalid(format!("manifest {}: {what}", path.display()));
+        let text = std::str::from_utf8(&bytes).map_err(|_| bad("not text".into()))?;
+        let body_end = text
+            .trim_end_matches('\n')
+            .rfind('\n')
+            .map(|i| i + 1)
+            .ok_or_else(|| bad("no checksum line (truncated?)".into()))?;
+        let (body, last) = text.split_at(body_end);
+        let sum = last
+            .trim_end()
+            .strip_prefix("blake3 ")
+            .ok_or_else(|| bad("no checksum line (truncated?)".into()))?;
+        if blake3::hash(body.as_bytes()).to_hex().as_str() != sum {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let m: Manifest =
+            serde_json::from_str(body).map_err(|e| bad(format!("unreadable: {e}")))?;
+        if m.format != FORMAT || m.id != id {
+            return Err(bad(format!("format {} id {}", m.format, m.id)));
+        }
+        Ok(m)
+    }
+
+    /// Backup ids, oldest first (ids sort by time).
+    pub fn backup_ids(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("manifests");
+        let mut ids: Vec<String> = fs::read_dir(&dir)
+            .map_err(io_at(&dir))?
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".json")
+                    .map(str::to_string)
+            })
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// The newest readable backup holding `device`.
+    pub fn last_backup_of(&self, device: &str) -> Option<(Manifest, usize)> {
+        let ids = self.backup_ids().ok()?;
+        ids.iter().rev().find_map(|id| {
+            let m = self.manifest(id).ok()?;
+            let i = m.devices.iter().position(|d| d.name == device)?;
+            Some((m, i))
+        })
+    }
+
+    /// Re-reads every chunk the backups reference (`ids`, or all) and
+    /// checks it; returns what is damaged.
+    pub fn verify(&self, ids: &[String]) -> Result<Vec<Damage>> {
+        let mut damage = Vec::new();
+        let mut good = BTreeSet::new();
+        for id in ids {
+            let manifest = match self.manifest(id) {
+                Ok(m) => m,
+                Err(e) => {
+                    damage.push(Damage {
+                        backup: id.clone(),
+                        device: None,
+                        range: None,
+                        what: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            for d in &manifest.devices {
+                for (i, chunk) in d.chunks.iter().enumerate() {
+                    let Some(chunk) = chunk else { continue };
+                    let len = d.chunk_len(i);
+                    if good.contains(&(chunk.clone(), len)) {
+                        continue;
+                    }
+                    match self.get_chunk(chunk, len) {
+                        Ok(_) => {
+                            good.insert((chunk.clone(), len));
+                        }
+                        Err(e) => damage.push(Damage {
+                            backup: id.clone(),
+                            device: Some(d.name.clone()),
+                            range: Some((i as u64 * d.chunk_size, len)),
+                            what: e.to_string(),
+                        }),
+                    }
+                }
+            }
+        }
+        Ok(damage)
+    }
+
+    /// Removes what a dead backup left in `tmp/`.
+    pub fn clean_tmp(&self) {
+        if let Ok(entries) = fs::read_dir(self.root.join("tmp")) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_at(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(id: &str, chunks: Vec<Option<ChunkId>>) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            id: id.into(),
+            time: 1,
+            host: "h".into(),
+            devices: vec![DeviceBackup {
+                name: "d".into(),
+                size: 3 * 1024 - 100,
+                block_size: 512,
+                generation_id: Uuid::new_v4(),
+                changes_number: 1,
+                mode: "full".into(),
+                reason: "first backup".into(),
+                chunk_size: 1024,
+                chunks,
+            }],
+        }
+    }
+
+    #[test]
+    fn chunks_and_manifests_round_trip_and_damage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&dir.path().join("r"), true).unwrap();
+        let a = vec![7u8; 1024];
+        let b = vec![9u8; 1024 - 100];
+        let (ia, ib) = (chunk_id(&a), chunk_id(&b));
+        assert!(repo.put_chunk(&ia, &a).unwrap().is_some());
+        assert!(repo.put_chunk(&ia, &a).unwrap().is_none(), "deduplicated");
+        repo.put_chunk(&ib, &b).unwrap();
+        let m = manifest(
+            "20260101T000000Z-0001",
+            vec![Some(ia.clone()), None, Some(ib.clone())],
+        );
+        repo.put_manifest(&m).unwrap();
+        assert_eq!(repo.manifest(&m.id).unwrap(), m);
+        assert_eq!(repo.get_chunk(&ib, 924).unwrap(), b);
+        assert!(repo.verify(std::slice::from_ref(&m.id)).unwrap().is_empty());
+        // A flipped byte in a chunk: named with its device and range.
+        let path = repo.chunk_path(&ib);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let damage = repo.verify(std::slice::from_ref(&m.id)).unwrap();
+        assert_eq!(damage.len(), 1);
+        assert_eq!(damage[0].range, Some((2048, 924)));
+        // A truncated manifest.
+        let mpath = repo.manifest_path(&m.id);
+        let text = fs::read(&mpath).unwrap();
+        fs::write(&mpath, &text[..text.len() - 10]).unwrap();
+        assert!(matches!(repo.manifest(&m.id), Err(RepoError::Invalid(_))));
+        assert!(matches!(
+            repo.manifest("nope"),
+            Err(RepoError::NoSuchBackup(_))
+        ));
+    }
+
+    #[test]
+    fn only_empty_directories_become_repositories() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"x").unwrap();
+        let e = Repository::open(&file, true).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        let full = dir.path().join("full");
+        fs::create_dir(&full).unwrap();
+        fs::write(full.join("other"), b"x").unwrap();
+        let e = Repository::open(&full, true).unwrap_err().to_string();
+        assert!(e.contains("not a blksnap-backup repository"), "{e}");
+        let e = Repository::open(&dir.path().join("missing"), false).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+}
