@@ -70,6 +70,12 @@ enum Command {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Keep the newest N backups; remove the others and every chunk only
+    /// they used (refused while a backup runs).
+    Prune {
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        keep_last: u64,
+    },
     /// Restore one device of a backup to a new file or an unused block
     /// device.
     Restore {
@@ -138,6 +144,18 @@ fn run(o: &Options) -> Result<(), Failure> {
             *connections,
         ),
         Command::List => list(o, &Repository::open(repo_path, false)?),
+        Command::Prune { keep_last } => {
+            let stats = Repository::open(repo_path, false)?.prune(*keep_last as usize)?;
+            if o.json {
+                println!("{}", json!({"ok": true, "stats": stats}));
+            } else {
+                println!(
+                    "removed {} backups and {} chunks ({} bytes)",
+                    stats.backups_removed, stats.chunks_removed, stats.bytes_freed
+                );
+            }
+            Ok(())
+        }
         Command::Verify { id } => verify(o, &Repository::open(repo_path, false)?, id.as_deref()),
         Command::Restore { id, device, to } => {
             let repo = Repository::open(repo_path, false)?;
@@ -234,7 +252,8 @@ fn create(
 ) -> Result<(), Failure> {
     let started = Instant::now();
     let repo = Repository::open(repo_path, true)?;
-    repo.clean_tmp();
+    // Shared with other backups, never with prune.
+    let _lock = repo.lock(false)?;
     let storage = match storage {
         Some(s) => s.to_path_buf(),
         None => std::fs::canonicalize(repo.root())?.join("tmp"),

@@ -8,7 +8,10 @@
 //! - `manifests/<id>.json`: one backup: its devices and, for each, the
 //!   ordered list of chunk hashes (`null` for a chunk that reads as zeroes),
 //!   followed by a line with the BLAKE3 of everything before it;
-//! - `tmp/`: files being written.
+//! - `tmp/`: files being written (a dead backup's are removed by prune);
+//! - `lock`: `flock`ed shared by every backup, exclusively by `prune`, so
+//!   that prune never removes a chunk that a running backup has found
+//!   already stored and is about to name.
 //!
 //! Invariants: a manifest exists only once every chunk it names is on disk
 //! (chunks are fsynced and renamed into place, their directories fsynced,
@@ -106,6 +109,14 @@ impl DeviceBackup {
         let start = i as u64 * self.chunk_size;
         self.chunk_size.min(self.size - start)
     }
+}
+
+/// What `prune` removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct PruneStats {
+    pub backups_removed: usize,
+    pub chunks_removed: usize,
+    pub bytes_freed: u64,
 }
 
 /// What damage `verify` found.
@@ -384,6 +395,89 @@ impl Repository {
         Ok(damage)
     }
 
+    /// Holds the repository's lock, shared (a backup) or exclusive
+    /// (prune), until the returned file is dropped. Never waits: a busy
+    /// repository is an error naming why.
+    pub fn lock(&self, exclusive: bool) -> Result<File> {
+        let path = self.root.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        let mode = if exclusive {
+            rustix::fs::FlockOperation::NonBlockingLockExclusive
+        } else {
+            rustix::fs::FlockOperation::NonBlockingLockShared
+        };
+        rustix::fs::flock(&file, mode).map_err(|e| {
+            if e == rustix::io::Errno::WOULDBLOCK {
+                RepoError::Invalid(format!(
+                    "repository {} is busy: {}",
+                    self.root.display(),
+                    if exclusive {
+                        "a backup is running"
+                    } else {
+                        "prune is running"
+                    }
+                ))
+            } else {
+                io_at(&path)(e.into())
+            }
+        })?;
+        Ok(file)
+    }
+
+    /// Keeps the newest `keep` backups: removes the other manifests, then
+    /// every chunk no remaining manifest names. Crash-safe: manifests go
+    /// first (durably), so an interruption leaves only unreferenced chunks.
+    /// Refused while a backup runs, or when a remaining manifest is
+    /// unreadable (its chunks cannot be told apart).
+    pub fn prune(&self, keep: usize) -> Result<PruneStats> {
+        let _lock = self.lock(true)?;
+        let ids = self.backup_ids()?;
+        let cut = ids.len().saturating_sub(keep);
+        let (old, kept) = ids.split_at(cut);
+        let mut referenced = BTreeSet::new();
+        for id in kept {
+            let m = self.manifest(id).map_err(|e| {
+                RepoError::Invalid(format!("not pruning: backup {id} is damaged ({e})"))
+            })?;
+            for d in &m.devices {
+                referenced.extend(d.chunks.iter().flatten().cloned());
+            }
+        }
+        for id in old {
+            let path = self.manifest_path(id);
+            fs::remove_file(&path).map_err(io_at(&path))?;
+        }
+        sync_dir(&self.root.join("manifests"))?;
+        let mut stats = PruneStats {
+            backups_removed: old.len(),
+            ..PruneStats::default()
+        };
+        let chunks = self.root.join("chunks");
+        for dir in fs::read_dir(&chunks).map_err(io_at(&chunks))?.flatten() {
+            let Ok(entries) = fs::read_dir(dir.path()) else {
+                continue;
+            };
+            for chunk in entries.flatten() {
+                let name = chunk.file_name().to_string_lossy().into_owned();
+                if referenced.contains(&name) {
+                    continue;
+                }
+                let len = chunk.metadata().map_or(0, |m| m.len());
+                fs::remove_file(chunk.path()).map_err(io_at(&chunk.path()))?;
+                stats.chunks_removed += 1;
+                stats.bytes_freed += len;
+            }
+        }
+        self.clean_tmp();
+        Ok(stats)
+    }
+
     /// Removes what a dead backup left in `tmp/`.
     pub fn clean_tmp(&self) {
         if let Ok(entries) = fs::read_dir(self.root.join("tmp")) {
@@ -460,6 +554,29 @@ mod tests {
             repo.manifest("nope"),
             Err(RepoError::NoSuchBackup(_))
         ));
+    }
+
+    #[test]
+    fn prune_waits_for_no_backup_and_keeps_what_is_referenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&dir.path().join("r"), true).unwrap();
+        let (a, b) = (vec![1u8; 1024], vec![2u8; 1024]);
+        let (ia, ib) = (chunk_id(&a), chunk_id(&b));
+        repo.put_chunk(&ia, &a).unwrap();
+        repo.put_chunk(&ib, &b).unwrap();
+        repo.put_manifest(&manifest("1", vec![Some(ia.clone()), None, None]))
+            .unwrap();
+        repo.put_manifest(&manifest("2", vec![Some(ib.clone()), None, None]))
+            .unwrap();
+        let backup = repo.lock(false).unwrap();
+        let e = repo.prune(1).unwrap_err().to_string();
+        assert!(e.contains("a backup is running"), "{e}");
+        drop(backup);
+        let stats = repo.prune(1).unwrap();
+        assert_eq!((stats.backups_removed, stats.chunks_removed), (1, 1));
+        assert_eq!(repo.backup_ids().unwrap(), ["2"]);
+        assert!(repo.has_chunk(&ib) && !repo.has_chunk(&ia));
+        assert!(repo.verify(&["2".into()]).unwrap().is_empty());
     }
 
     #[test]

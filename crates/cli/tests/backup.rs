@@ -398,3 +398,55 @@ fn bad_input_is_refused_clearly() {
     );
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
 }
+
+#[test]
+fn prune_keeps_the_newest_backups_and_only_the_chunks_they_use() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = Daemon::start();
+    let repo = d.path("repo");
+    let path = device(&d, "p.img", 16 * MIB, 6);
+    let count_chunks = || walk_files(&repo.join("chunks"));
+    for round in 0..3u8 {
+        nbd_write(
+            &d,
+            "p.img",
+            &[(u64::from(round) * 4096, 4096)],
+            0x30 + round,
+        );
+        ok(&d, &repo, &["create", "--device", "p.img"]);
+    }
+    let last = std::fs::read(&path).unwrap();
+    let before = count_chunks();
+    let r = ok(&d, &repo, &["prune", "--keep-last", "1"]);
+    assert_eq!(r["stats"]["backups_removed"], 2);
+    // Chunk 0 changed in every round: the two older versions go.
+    assert_eq!(r["stats"]["chunks_removed"], 2);
+    assert_eq!(count_chunks(), before - 2);
+    let list = ok(&d, &repo, &["list"]);
+    let backups = list["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 1);
+    ok(&d, &repo, &["verify"]);
+    let id = backups[0]["id"].as_str().unwrap().to_string();
+    restores_to(&d, &repo, &id, "p.img", &last);
+    // The next backup is still incremental against the one kept.
+    nbd_write(&d, "p.img", &[(8 * MIB, 4096)], 0x40);
+    let r = ok(&d, &repo, &["create", "--device", "p.img"]);
+    assert_eq!(device_result(&r, "p.img")["mode"], "incremental");
+}
+
+/// Regular files under `dir`, recursively.
+fn walk_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            if e.file_type().unwrap().is_dir() {
+                walk_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
