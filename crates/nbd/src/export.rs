@@ -78,10 +78,13 @@ impl Export {
     }
 
     /// Preferred I/O size: a chunk for images (whole-chunk copies), the
-    /// device's minimum I/O size (at least 4 KiB) otherwise.
+    /// device's minimum I/O size otherwise, rounded up to a power of two
+    /// (the NBD spec requires one) and kept within 4 KiB..=`MAX_PAYLOAD`.
     pub fn preferred_block(&self) -> u32 {
         match &self.volume {
-            Volume::Device(d) => d.min_io_size().max(4096),
+            // MAX_PAYLOAD is a power of two, so clamping first keeps the
+            // rounded size within it (and clear of u32 overflow).
+            Volume::Device(d) => d.min_io_size().clamp(4096, MAX_PAYLOAD).next_power_of_two(),
             Volume::Image(i) => i.chunk_size().min(MAX_PAYLOAD as u64) as u32,
         }
     }

@@ -255,11 +255,19 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result
                     continue;
                 };
                 let chosen: Vec<(String, Context)> = if set {
+                    // Each context once, in the order first asked for: a
+                    // repeated name must not select it (and its id) twice.
                     let all = export.contexts();
-                    queries
-                        .iter()
-                        .filter_map(|q| all.iter().find(|(n, _)| n == q).cloned())
-                        .collect()
+                    let mut chosen: Vec<(String, Context)> = Vec::new();
+                    for q in &queries {
+                        if chosen.iter().any(|(n, _)| n == q) {
+                            continue;
+                        }
+                        if let Some(found) = all.iter().find(|(n, _)| n == q) {
+                            chosen.push(found.clone());
+                        }
+                    }
+                    chosen
                 } else if queries.is_empty() {
                     export.contexts()
                 } else {

@@ -1537,6 +1537,87 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     fx.check_all_closed();
 }
 
+/// SET_META_CONTEXT's raw replies: every `NBD_REP_META_CONTEXT` as
+/// `(id, name)`, in arrival order, up to the ACK.
+fn set_meta_context_replies(
+    s: &mut UnixStream,
+    export: &str,
+    queries: &[&str],
+) -> Vec<(u32, String)> {
+    send_option(s, OPT_SET_META_CONTEXT, &meta_payload(export, queries));
+    let mut replies = Vec::new();
+    loop {
+        let r = read_opt_reply(s);
+        assert_eq!(r.option, OPT_SET_META_CONTEXT);
+        match r.kind {
+            REP_META_CONTEXT => replies.push((
+                be32(&r.data, 0),
+                String::from_utf8(r.data[4..].to_vec()).unwrap(),
+            )),
+            REP_ACK => return replies,
+            kind => panic!("SET_META_CONTEXT failed: {kind:#x}"),
+        }
+    }
+}
+
+#[test]
+fn repeated_context_names_select_each_context_once() {
+    let size = 4 * MIB;
+    let fx = Fixture::new(size);
+    let storage = StorageSpec::Device(Arc::new(MemDevice::new(16 * MIB)));
+    let id = fx
+        .engine
+        .snapshot_create(storage, SnapshotOptions::default())
+        .unwrap();
+    fx.engine.snapshot_add(&id, DISK).unwrap();
+    fx.engine.snapshot_take(&id).unwrap();
+    let image = format!("snapshot/{DISK}");
+    let since0 = "qemu:dirty-bitmap:since-0";
+    for (export, queries, expected) in [
+        (
+            DISK,
+            vec!["base:allocation", "base:allocation"],
+            vec![(1, "base:allocation")],
+        ),
+        (
+            image.as_str(),
+            vec![since0, "base:allocation", since0, "base:allocation", since0],
+            vec![(256, since0), (1, "base:allocation")],
+        ),
+    ] {
+        let mut s = greeted(&fx.socket);
+        expect_opt_reply(&mut s, OPT_STRUCTURED_REPLY, &[], REP_ACK);
+        // One reply per distinct context, in the order first asked for.
+        let replies = set_meta_context_replies(&mut s, export, &queries);
+        let expected: Vec<(u32, String)> =
+            expected.iter().map(|&(i, n)| (i, n.to_string())).collect();
+        assert_eq!(
+            replies, expected,
+            "SET_META_CONTEXT {queries:?} on {export}"
+        );
+        let mut c = Client::go(s, export, true, replies.into_iter().collect());
+        // BLOCK_STATUS: exactly one chunk per selected context, in the
+        // order they were selected.
+        for flags in [0, CMD_FLAG_REQ_ONE] {
+            let r = c.request(flags, CMD_BLOCK_STATUS, 0, size as u32, &[]);
+            assert_eq!(r.error, 0, "block status on {export}: {r:?}");
+            let ids: Vec<u32> = r
+                .chunks
+                .iter()
+                .map(|(_, chunk)| match chunk {
+                    Chunk::Status { id, .. } => *id,
+                    other => panic!("unexpected chunk in a block status reply: {other:?}"),
+                })
+                .collect();
+            let want: Vec<u32> = expected.iter().map(|e| e.0).collect();
+            assert_eq!(ids, want, "status chunks on {export} (flags {flags:#x})");
+            assert_eq!(status_chunks(&r).len(), expected.len());
+        }
+        c.disconnect();
+    }
+    fx.check_all_closed();
+}
+
 // ---------------------------------------------------------------------------
 // Block sizes.
 
@@ -1582,6 +1663,14 @@ fn block_sizes_are_what_the_documentation_promises() {
             Arc::new(MemDevice::with_min_io(64 * MIB, 64 * MIB as u32)),
         )
         .unwrap();
+    // A device with a minimum I/O size that is no power of two: the
+    // preferred size is rounded up to one, as the NBD spec requires.
+    fx.engine
+        .attach(
+            "odd-io",
+            Arc::new(MemDevice::with_min_io(8 * MIB, 6 * KIB as u32)),
+        )
+        .unwrap();
     let max = MAX_PAYLOAD;
     assert_eq!(max, 32 << 20);
     for option in [OPT_INFO, OPT_GO] {
@@ -1591,6 +1680,12 @@ fn block_sizes_are_what_the_documentation_promises() {
             block_sizes(&fx.socket, "big-io", option),
             (1, MIB as u32, max)
         );
+        assert_eq!(
+            block_sizes(&fx.socket, "odd-io", option),
+            (1, 8 * KIB as u32, max)
+        );
+        // Never over the maximum payload.
+        assert_eq!(block_sizes(&fx.socket, "huge-io", option), (1, max, max));
     }
     for (device, storage) in [
         (DISK, 16 * MIB),
