@@ -59,6 +59,11 @@ enum Command {
         /// Largest size of the difference storage (K/M/G suffixes).
         #[arg(long)]
         limit: Option<String>,
+        /// Read the images over NBD on TCP at HOST:PORT (blksnapd
+        /// --nbd-tcp) instead of the daemon's Unix socket, e.g. from
+        /// another host (with the control socket forwarded).
+        #[arg(long, value_name = "HOST:PORT")]
+        nbd_tcp: Option<String>,
         /// NBD connections per device.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
         connections: u8,
@@ -134,6 +139,7 @@ fn run(o: &Options) -> Result<(), Failure> {
             devices,
             storage,
             limit,
+            nbd_tcp,
             connections,
         } => create(
             o,
@@ -141,6 +147,7 @@ fn run(o: &Options) -> Result<(), Failure> {
             devices,
             storage.as_deref(),
             limit.as_deref(),
+            nbd_tcp.as_deref(),
             *connections,
         ),
         Command::List => list(o, &Repository::open(repo_path, false)?),
@@ -248,8 +255,20 @@ fn create(
     devices: &[String],
     storage: Option<&Path>,
     limit: Option<&str>,
+    nbd_tcp: Option<&str>,
     connections: u8,
 ) -> Result<(), Failure> {
+    let nbd_tcp = nbd_tcp
+        .map(|a| {
+            let (host, port) = a
+                .rsplit_once(':')
+                .ok_or_else(|| fail(format!("--nbd-tcp {a}: not HOST:PORT")))?;
+            let port: u16 = port
+                .parse()
+                .map_err(|_| fail(format!("--nbd-tcp {a}: bad port")))?;
+            Ok::<_, Failure>((host.trim_matches(['[', ']']).to_string(), port))
+        })
+        .transpose()?;
     let started = Instant::now();
     let repo = Repository::open(repo_path, true)?;
     // Shared with other backups, never with prune.
@@ -277,7 +296,7 @@ fn create(
         for w in &take.warnings {
             eprintln!("blksnap-backup: warning: {w}");
         }
-        back_up(o, &repo, &mut client, id, connections)
+        back_up(o, &repo, &mut client, id, nbd_tcp.as_ref(), connections)
     });
     let destroyed = client.snapshot_destroy(id);
     let manifest = result?;
@@ -294,6 +313,7 @@ fn back_up(
     repo: &Repository,
     client: &mut Client,
     id: uuid::Uuid,
+    nbd_tcp: Option<&(String, u16)>,
     connections: u8,
 ) -> Result<Summary, Failure> {
     let info = client.snapshot_info(id)?;
@@ -339,7 +359,14 @@ fn back_up(
                 image.device
             ))
         })?;
-        let address = NbdAddress::parse(uri)?;
+        let address = match (NbdAddress::parse(uri)?, nbd_tcp) {
+            (local, Some((host, port))) => NbdAddress::Tcp {
+                host: host.clone(),
+                port: *port,
+                export: local.export().to_string(),
+            },
+            (local, None) => local,
+        };
         let sources = (0..connections)
             .map(|_| {
                 NbdClient::connect(&address, &["base:allocation"])

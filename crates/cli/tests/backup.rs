@@ -450,3 +450,34 @@ fn walk_files(dir: &Path) -> usize {
         })
         .sum()
 }
+
+/// The images read over NBD on TCP (`--nbd-tcp`), as from another host.
+#[test]
+fn images_can_be_read_over_tcp() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&["--nbd-tcp", &addr]);
+    let repo = d.path("repo");
+    let path = device(&d, "t.img", 12 * MIB, 7);
+    // Without the Unix socket, only TCP reaches the images.
+    std::fs::remove_file(&d.nbd).unwrap();
+    fails(&d, &repo, &["create", "--device", "t.img"], &["nbd.sock"]);
+    let r = ok(
+        &d,
+        &repo,
+        &["create", "--device", "t.img", "--nbd-tcp", &addr],
+    );
+    assert_eq!(device_result(&r, "t.img")["mode"], "full");
+    let id = r["id"].as_str().unwrap().to_string();
+    restores_to(&d, &repo, &id, "t.img", &std::fs::read(&path).unwrap());
+    fails(
+        &d,
+        &repo,
+        &["create", "--device", "t.img", "--nbd-tcp", "nowhere"],
+        &["not HOST:PORT"],
+    );
+}
