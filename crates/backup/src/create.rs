@@ -104,8 +104,9 @@ pub struct Stats {
     pub chunks_zero: u64,
 }
 
-/// Reports progress: bytes of the device done so far.
-pub type Progress<'a> = &'a (dyn Fn(u64) + Sync);
+/// Reports progress: bytes done so far of the bytes this backup must look
+/// at (the chunks it does not take from the previous backup).
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
 /// Backs up one device image. `sources` are independent readers (one per
 /// thread); `map` is the readable change map when `plan` is incremental.
@@ -142,6 +143,7 @@ pub fn backup_device(
         }
     }
     let todo: Vec<usize> = (0..count).filter(|&c| !reuse[c]).collect();
+    let total: u64 = todo.iter().map(|&c| cs.min(now.size - c as u64 * cs)).sum();
     let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
     let results = Mutex::new(Vec::new());
@@ -172,7 +174,7 @@ pub fn backup_device(
                             break;
                         }
                     }
-                    progress(done.fetch_add(len, Ordering::Relaxed) + len);
+                    progress(done.fetch_add(len, Ordering::Relaxed) + len, total);
                 }
                 results.lock().unwrap().push((local, out));
             });
@@ -314,7 +316,7 @@ mod tests {
                     })
                     .collect();
                 let p = plan(prev, now);
-                backup_device(&repo, "d", now, &p, prev, map, sources, &|_| {}).unwrap()
+                backup_device(&repo, "d", now, &p, prev, map, sources, &|_, _| {}).unwrap()
             };
         let (full, stats, _) = run(&data, &tracking(size, generation, 1), None, None);
         assert_eq!(full.mode, "full");

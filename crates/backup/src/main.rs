@@ -5,7 +5,7 @@
 //! docs/backup.md.
 
 use std::collections::BTreeSet;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -386,26 +386,34 @@ fn back_up(
                 plan.reason
             );
         }
+        let bar = (!o.json && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(image.device.clone());
+            bar
+        });
         let last = Mutex::new(Instant::now() - Duration::from_secs(1));
-        let progress = |done: u64| {
+        let progress = |done: u64, total: u64| {
+            if let Some(bar) = &bar {
+                bar.set_length(total);
+                bar.set_position(done);
+                return;
+            }
             let mut last = last.lock().unwrap();
-            if last.elapsed() < Duration::from_millis(500) {
+            if !o.json || last.elapsed() < Duration::from_millis(500) {
                 return;
             }
             *last = Instant::now();
-            if o.json {
-                println!(
-                    "{}",
-                    json!({"event": "progress", "device": image.device, "bytes_done": done, "bytes_total": image.size})
-                );
-            } else if std::io::stderr().is_terminal() {
-                eprint!(
-                    "\r{}: {:5.1} %",
-                    image.device,
-                    done as f64 * 100.0 / image.size as f64
-                );
-                let _ = std::io::stderr().flush();
-            }
+            println!(
+                "{}",
+                json!({"event": "progress", "device": image.device, "bytes_done": done, "bytes_total": total})
+            );
         };
         let (backup, stats, fresh) = create::backup_device(
             repo,
@@ -417,8 +425,8 @@ fn back_up(
             sources,
             &progress,
         )?;
-        if !o.json && std::io::stderr().is_terminal() {
-            eprintln!();
+        if let Some(bar) = bar {
+            bar.finish();
         }
         new.extend(fresh);
         manifest.devices.push(backup);
