@@ -178,7 +178,10 @@ fn run(o: &Options) -> Result<(), Failure> {
                     ))
                 })?;
             let started = Instant::now();
-            let written = restore::restore(&repo, d, to)?;
+            let threads = std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .max(2);
+            let written = restore::restore(&repo, d, to, threads)?;
             let seconds = started.elapsed().as_secs_f64();
             if o.json {
                 println!(

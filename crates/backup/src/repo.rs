@@ -35,11 +35,14 @@ use uuid::Uuid;
 /// The repository's marker file.
 const MARKER: &str = "blksnap-backup.json";
 pub const FORMAT: u32 = 1;
-/// Chunk file header: magic, format, plain length.
+/// Chunk file header: magic, version (1 byte), codec (1 byte), 2 zero
+/// bytes, plain length (8 bytes).
 const CHUNK_MAGIC: &[u8; 4] = b"BSCK";
-const CHUNK_HEADER: usize = 4 + 4 + 8;
-/// zstd level: fast, still a good ratio on file system data.
-const ZSTD_LEVEL: i32 = 3;
+const CHUNK_HEADER: usize = 4 + 1 + 1 + 2 + 8;
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+/// zstd level: the fastest; file system data still compresses well.
+const ZSTD_LEVEL: i32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -200,8 +203,9 @@ impl Repository {
         self.root.join("tmp").join(Uuid::new_v4().to_string())
     }
 
-    /// Writes `bytes` to a temp file, fsyncs it and renames it to `path`.
-    fn write_in_place(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+    /// Writes `bytes` to a temp file, fsyncs it (when `sync`) and renames
+    /// it to `path`.
+    fn write_in_place(&self, path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
         let tmp = self.tmp_file();
         let mut f = OpenOptions::new()
             .write(true)
@@ -210,13 +214,15 @@ impl Repository {
             .open(&tmp)
             .map_err(io_at(&tmp))?;
         f.write_all(bytes).map_err(io_at(&tmp))?;
-        f.sync_all().map_err(io_at(&tmp))?;
+        if sync {
+            f.sync_all().map_err(io_at(&tmp))?;
+        }
         fs::rename(&tmp, path).map_err(io_at(path))
     }
 
     /// [`Repository::write_in_place`], then fsyncs `path`'s directory.
     fn write_durably(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        self.write_in_place(path, bytes)?;
+        self.write_in_place(path, bytes, true)?;
         sync_dir(path.parent().expect("a file in a directory"))
     }
 
@@ -225,8 +231,10 @@ impl Repository {
     }
 
     /// Stores a chunk unless it is there already; returns whether it was
-    /// new and its stored size. Its directory is fsynced by
-    /// [`Repository::sync_chunks`] before any manifest names it.
+    /// new and its stored size. It is made durable by
+    /// [`Repository::sync_chunks`] (one `syncfs` for all the chunks of a
+    /// backup) before any manifest names it. Data that zstd cannot shrink
+    /// by 1/32 is stored as it is.
     pub fn put_chunk(&self, id: &str, data: &[u8]) -> Result<Option<u64>> {
         let path = self.chunk_path(id);
         if path.exists() {
@@ -235,17 +243,28 @@ impl Repository {
         let dir = path.parent().expect("chunks/xx");
         fs::create_dir_all(dir).map_err(io_at(dir))?;
         let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).map_err(io_at(&path))?;
-        let mut bytes = Vec::with_capacity(CHUNK_HEADER + compressed.len());
+        let (codec, body) = if compressed.len() < data.len() - data.len() / 32 {
+            (CODEC_ZSTD, &compressed[..])
+        } else {
+            (CODEC_RAW, data)
+        };
+        let mut bytes = Vec::with_capacity(CHUNK_HEADER + body.len());
         bytes.extend_from_slice(CHUNK_MAGIC);
-        bytes.extend_from_slice(&FORMAT.to_le_bytes());
+        bytes.extend_from_slice(&[FORMAT as u8, codec, 0, 0]);
         bytes.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&compressed);
-        self.write_in_place(&path, &bytes)?;
+        bytes.extend_from_slice(body);
+        self.write_in_place(&path, &bytes, false)?;
         Ok(Some(bytes.len() as u64))
     }
 
-    /// Makes the renames of new chunks durable (their directories).
+    /// Makes new chunks durable, their data and their renames: one
+    /// `syncfs` of the repository's filesystem, then their directories.
     pub fn sync_chunks(&self, ids: &BTreeSet<String>) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let root = File::open(&self.root).map_err(io_at(&self.root))?;
+        rustix::fs::syncfs(&root).map_err(|e| io_at(&self.root)(e.into()))?;
         let dirs: BTreeSet<&str> = ids.iter().map(|id| &id[..2]).collect();
         for d in dirs {
             sync_dir(&self.root.join("chunks").join(d))?;
@@ -267,8 +286,12 @@ impl Repository {
                 "holds {plain} bytes, the manifest says {len}"
             )));
         }
-        let data = zstd::bulk::decompress(&bytes[CHUNK_HEADER..], len as usize)
-            .map_err(|e| bad(&format!("cannot decompress: {e}")))?;
+        let data = match (bytes[4], bytes[5]) {
+            (1, CODEC_ZSTD) => zstd::bulk::decompress(&bytes[CHUNK_HEADER..], len as usize)
+                .map_err(|e| bad(&format!("cannot decompress: {e}")))?,
+            (1, CODEC_RAW) => bytes[CHUNK_HEADER..].to_vec(),
+            (v, c) => return Err(bad(&format!("version {v}, codec {c}: unknown"))),
+        };
         if data.len() as u64 != len || chunk_id(&data) != id {
             return Err(bad("content does not match its hash"));
         }

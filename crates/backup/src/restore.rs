@@ -13,6 +13,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crate::repo::{DeviceBackup, RepoError, Repository, Result};
 
@@ -64,34 +66,81 @@ fn open_target(to: &Path, size: u64) -> Result<(File, bool)> {
     }
 }
 
-/// Restores `device` into `to`; returns the bytes written.
-pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path) -> Result<u64> {
+/// Restores `device` into `to` with `threads` writers; returns the bytes
+/// written.
+pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path, threads: usize) -> Result<u64> {
     let (file, block) = open_target(to, device.size)?;
     let zeroes = vec![0u8; device.chunk_size as usize];
-    let mut written = 0;
-    for (i, chunk) in device.chunks.iter().enumerate() {
-        let at = i as u64 * device.chunk_size;
-        let len = device.chunk_len(i);
-        let data;
-        let bytes: &[u8] = match chunk {
-            Some(id) => {
-                data = repo.get_chunk(id, len).map_err(|e| {
-                    RepoError::Invalid(format!(
-                        "{}: bytes {at}..{} cannot be restored: {e}",
-                        device.name,
-                        at + len
-                    ))
-                })?;
-                &data
-            }
-            // A new file is sparse already; a device may hold old data.
-            None if block => &zeroes[..len as usize],
-            None => continue,
-        };
-        file.write_all_at(bytes, at)
-            .map_err(|e| target_error(to, e))?;
-        written += len;
+    let next = AtomicUsize::new(0);
+    let written = AtomicU64::new(0);
+    let failed = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                while failed.lock().unwrap().is_none() {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(chunk) = device.chunks.get(i) else {
+                        break;
+                    };
+                    match restore_chunk(
+                        repo,
+                        device,
+                        chunk.as_deref(),
+                        i,
+                        &file,
+                        block,
+                        &zeroes,
+                        to,
+                    ) {
+                        Ok(n) => {
+                            written.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            failed.lock().unwrap().get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap() {
+        return Err(e);
     }
     file.sync_all().map_err(|e| target_error(to, e))?;
-    Ok(written)
+    Ok(written.into_inner())
+}
+
+/// Chunk `i`: checked and written, or (a hole) skipped on a new file and
+/// zeroed on a device, which may hold old data.
+#[allow(clippy::too_many_arguments)]
+fn restore_chunk(
+    repo: &Repository,
+    device: &DeviceBackup,
+    chunk: Option<&str>,
+    i: usize,
+    file: &File,
+    block: bool,
+    zeroes: &[u8],
+    to: &Path,
+) -> Result<u64> {
+    let at = i as u64 * device.chunk_size;
+    let len = device.chunk_len(i);
+    let data;
+    let bytes: &[u8] = match chunk {
+        Some(id) => {
+            data = repo.get_chunk(id, len).map_err(|e| {
+                RepoError::Invalid(format!(
+                    "{}: bytes {at}..{} cannot be restored: {e}",
+                    device.name,
+                    at + len
+                ))
+            })?;
+            &data
+        }
+        None if block => &zeroes[..len as usize],
+        None => return Ok(0),
+    };
+    file.write_all_at(bytes, at)
+        .map_err(|e| target_error(to, e))?;
+    Ok(len)
 }
