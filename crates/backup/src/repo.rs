@@ -63,6 +63,11 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RepoError + '_ {
     }
 }
 
+thread_local! {
+    /// Each thread's buffer for a chunk's stored form (compressed or read).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A chunk's name: the BLAKE3 of its plain data, in hex.
 pub type ChunkId = String;
 
@@ -242,19 +247,40 @@ impl Repository {
         }
         let dir = path.parent().expect("chunks/xx");
         fs::create_dir_all(dir).map_err(io_at(dir))?;
-        let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).map_err(io_at(&path))?;
-        let (codec, body) = if compressed.len() < data.len() - data.len() / 32 {
-            (CODEC_ZSTD, &compressed[..])
-        } else {
-            (CODEC_RAW, data)
-        };
-        let mut bytes = Vec::with_capacity(CHUNK_HEADER + body.len());
-        bytes.extend_from_slice(CHUNK_MAGIC);
-        bytes.extend_from_slice(&[FORMAT as u8, codec, 0, 0]);
-        bytes.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(body);
-        self.write_in_place(&path, &bytes, false)?;
-        Ok(Some(bytes.len() as u64))
+        SCRATCH.with_borrow_mut(|compressed| {
+            // One buffer per thread, reused: no 4 MiB allocation (and its
+            // page faults) per chunk.
+            compressed.resize(zstd::zstd_safe::compress_bound(data.len()), 0);
+            let n = zstd::bulk::compress_to_buffer(data, compressed, ZSTD_LEVEL)
+                .map_err(io_at(&path))?;
+            let (codec, body) = if n < data.len() - data.len() / 32 {
+                (CODEC_ZSTD, &compressed[..n])
+            } else {
+                (CODEC_RAW, data)
+            };
+            let mut header = [0u8; CHUNK_HEADER];
+            header[..4].copy_from_slice(CHUNK_MAGIC);
+            header[4..8].copy_from_slice(&[FORMAT as u8, codec, 0, 0]);
+            header[8..].copy_from_slice(&(data.len() as u64).to_le_bytes());
+            self.write_parts(&path, &[&header, body])?;
+            Ok(Some((CHUNK_HEADER + body.len()) as u64))
+        })
+    }
+
+    /// Writes `parts` to a temp file and renames it to `path` (no fsync:
+    /// [`Repository::sync_chunks`] makes chunks durable together).
+    fn write_parts(&self, path: &Path, parts: &[&[u8]]) -> Result<()> {
+        let tmp = self.tmp_file();
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_at(&tmp))?;
+        for part in parts {
+            f.write_all(part).map_err(io_at(&tmp))?;
+        }
+        fs::rename(&tmp, path).map_err(io_at(path))
     }
 
     /// Makes new chunks durable, their data and their renames: one
@@ -274,8 +300,28 @@ impl Repository {
 
     /// A chunk's plain data, checked against its name and length.
     pub fn get_chunk(&self, id: &str, len: u64) -> Result<Vec<u8>> {
+        let mut data = Vec::new();
+        self.get_chunk_into(id, len, &mut data)?;
+        Ok(data)
+    }
+
+    /// [`Repository::get_chunk`] into `data`, whose buffer is reused.
+    pub fn get_chunk_into(&self, id: &str, len: u64, data: &mut Vec<u8>) -> Result<()> {
+        SCRATCH.with_borrow_mut(|bytes| self.read_chunk(id, len, bytes, data))
+    }
+
+    fn read_chunk(
+        &self,
+        id: &str,
+        len: u64,
+        bytes: &mut Vec<u8>,
+        data: &mut Vec<u8>,
+    ) -> Result<()> {
         let path = self.chunk_path(id);
-        let bytes = fs::read(&path).map_err(io_at(&path))?;
+        bytes.clear();
+        File::open(&path)
+            .and_then(|mut f| f.read_to_end(bytes))
+            .map_err(io_at(&path))?;
         let bad = |what: &str| RepoError::Invalid(format!("chunk {}: {what}", path.display()));
         if bytes.len() < CHUNK_HEADER || &bytes[..4] != CHUNK_MAGIC {
             return Err(bad("not a chunk file"));
@@ -286,16 +332,23 @@ impl Repository {
                 "holds {plain} bytes, the manifest says {len}"
             )));
         }
-        let data = match (bytes[4], bytes[5]) {
-            (1, CODEC_ZSTD) => zstd::bulk::decompress(&bytes[CHUNK_HEADER..], len as usize)
-                .map_err(|e| bad(&format!("cannot decompress: {e}")))?,
-            (1, CODEC_RAW) => bytes[CHUNK_HEADER..].to_vec(),
+        match (bytes[4], bytes[5]) {
+            (1, CODEC_ZSTD) => {
+                data.resize(len as usize, 0);
+                let n = zstd::bulk::decompress_to_buffer(&bytes[CHUNK_HEADER..], &mut data[..])
+                    .map_err(|e| bad(&format!("cannot decompress: {e}")))?;
+                data.truncate(n);
+            }
+            (1, CODEC_RAW) => {
+                data.clear();
+                data.extend_from_slice(&bytes[CHUNK_HEADER..]);
+            }
             (v, c) => return Err(bad(&format!("version {v}, codec {c}: unknown"))),
-        };
-        if data.len() as u64 != len || chunk_id(&data) != id {
+        }
+        if data.len() as u64 != len || chunk_id(data) != id {
             return Err(bad("content does not match its hash"));
         }
-        Ok(data)
+        Ok(())
     }
 
     /// Writes a manifest, making it visible only once it is durable.
@@ -381,6 +434,7 @@ impl Repository {
     pub fn verify(&self, ids: &[String]) -> Result<Vec<Damage>> {
         let mut damage = Vec::new();
         let mut good = BTreeSet::new();
+        let mut buf = Vec::new();
         for id in ids {
             let manifest = match self.manifest(id) {
                 Ok(m) => m,
@@ -401,7 +455,7 @@ impl Repository {
                     if good.contains(&(chunk.clone(), len)) {
                         continue;
                     }
-                    match self.get_chunk(chunk, len) {
+                    match self.get_chunk_into(chunk, len, &mut buf) {
                         Ok(_) => {
                             good.insert((chunk.clone(), len));
                         }

@@ -125,22 +125,26 @@ fn restore_chunk(
 ) -> Result<u64> {
     let at = i as u64 * device.chunk_size;
     let len = device.chunk_len(i);
-    let data;
-    let bytes: &[u8] = match chunk {
-        Some(id) => {
-            data = repo.get_chunk(id, len).map_err(|e| {
-                RepoError::Invalid(format!(
-                    "{}: bytes {at}..{} cannot be restored: {e}",
-                    device.name,
-                    at + len
-                ))
-            })?;
-            &data
-        }
-        None if block => &zeroes[..len as usize],
-        None => return Ok(0),
-    };
-    file.write_all_at(bytes, at)
-        .map_err(|e| target_error(to, e))?;
-    Ok(len)
+    thread_local! {
+        static DATA: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    DATA.with_borrow_mut(|data| {
+        let bytes: &[u8] = match chunk {
+            Some(id) => {
+                repo.get_chunk_into(id, len, data).map_err(|e| {
+                    RepoError::Invalid(format!(
+                        "{}: bytes {at}..{} cannot be restored: {e}",
+                        device.name,
+                        at + len
+                    ))
+                })?;
+                data
+            }
+            None if block => &zeroes[..len as usize],
+            None => return Ok(0),
+        };
+        file.write_all_at(bytes, at)
+            .map_err(|e| target_error(to, e))?;
+        Ok(len)
+    })
 }
