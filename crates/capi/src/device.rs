@@ -24,7 +24,7 @@ use crate::connection::{blksnap_client, call};
 use crate::failure::invalid;
 use crate::types::{
     blksnap_cbtinfo, blksnap_device_info, blksnap_range, BLKSNAP_ID_SIZE, BLKSNAP_NAME_MAX,
-    BLKSNAP_PATH_MAX,
+    BLKSNAP_PATH_MAX, BLKSNAP_REASON_MAX,
 };
 
 /// The daemon's version: its text (NUL-terminated) into `buf` of `len`
@@ -176,14 +176,17 @@ pub unsafe extern "C" fn blksnap_cbtinfo(
         // SAFETY: `device` NUL-terminated, `out` writable (contract).
         let (device, out) = unsafe { (arg_device(device)?, out_ptr(out, "out")?) };
         let i = client.cbtinfo(&device)?;
-        out.put(blksnap_cbtinfo {
+        let mut info = blksnap_cbtinfo {
             block_size: i.block_size,
             device_capacity: i.device_capacity,
             block_count: i.block_count,
             generation_id: i.generation_id.into_bytes(),
             changes_number: i.changes_number,
             current_number: i.current_number,
-        });
+            generation_reason: [0; BLKSNAP_REASON_MAX],
+        };
+        put_field(&mut info.generation_reason, &i.generation_reason);
+        out.put(info);
         Ok(())
     })
 }

@@ -20,6 +20,8 @@ pub const BLKSNAP_ID_STRING_SIZE: usize = 37;
 /// Size of the buffers for device names: the longest name (255 bytes) and
 /// its NUL.
 pub const BLKSNAP_NAME_MAX: usize = 256;
+/// Size of `blksnap_cbtinfo.generation_reason`, NUL included.
+pub const BLKSNAP_REASON_MAX: usize = 32;
 /// Size of the path fields of the structures, NUL included.
 pub const BLKSNAP_PATH_MAX: usize = 4096;
 /// Bytes of a sector: ranges count 512-byte sectors.
@@ -65,6 +67,10 @@ pub struct blksnap_cbtinfo {
     pub changes_number: u8,
     /// The change number that writes are marked with now.
     pub current_number: u8,
+    /// Why the generation began, NUL-terminated: "attached", "restored",
+    /// "unclean-stop", "changed-while-detached", "unverifiable", "wrap" or
+    /// "record-corrupt". Anything but "restored" means a full backup.
+    pub generation_reason: [c_char; BLKSNAP_REASON_MAX],
 }
 
 /// A range of 512-byte sectors.

@@ -149,6 +149,8 @@ int main(int argc, char **argv)
               (unsigned long long)cbt.block_count, (unsigned long long)cbt.device_capacity);
         CHECK(cbt.changes_number == 0 && cbt.current_number == 1, "changes %u current %u",
               cbt.changes_number, cbt.current_number);
+        CHECK(strcmp(cbt.generation_reason, "attached") == 0, "generation_reason %s",
+              cbt.generation_reason);
     }
     char generation[BLKSNAP_ID_STRING_SIZE];
     EXPECT(blksnap_id_to_string(cbt.generation_id, generation, sizeof generation), 0);
