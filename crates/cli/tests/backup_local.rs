@@ -1,0 +1,1167 @@
+//! blksnap-backup end to end on local block devices: `blksnapd --fuse-dir`,
+//! devices attached with loop devices, ext4 made and mounted on them, files
+//! written between backups and while a backup runs. The daemon freezes the
+//! mounted filesystems at the take; every restored point must be the
+//! device at its take, pass `fsck.ext4 -n -f`, and mount read-only with
+//! the files of its round.
+//!
+//! The device at its take is read from its loop device (direct I/O) right
+//! after the backup, with nothing writing in between. One thing did write:
+//! the thaw after the take (`ext4_unfreeze` commits the superblock again,
+//! setting the needs-recovery flag and updating the write time, the
+//! kilobytes written and the checksum). So those superblock fields are the
+//! only bytes allowed to differ, and the restored image must show the
+//! frozen state (no needs-recovery flag) where the device shows the thawed
+//! one ([`assert_equal_to_take`]).
+//!
+//! Needs root, /dev/fuse, /dev/loop-control and the tools in [`TOOLS`].
+//! Without them each test prints a loud `SKIPPED: <test>: <reason>` line and
+//! passes, unless the environment variable CI is set: then it fails.
+//!
+//! Safety, as in local.rs: every test owns an [`Env`] whose Drop (also on
+//! panic) stops the test's writer threads first (they are dropped before
+//! the Env), unmounts every mount point the test made (`umount`, then
+//! `umount -l`), detaches its own loop devices (`losetup -d`) and stops the
+//! daemon with `blksnap shutdown --force`; a wedged daemon gets its FUSE
+//! connection aborted before it is killed. A watchdog unmounts lazily and
+//! aborts the FUSE connection if a test runs far too long. Every external
+//! command runs under `timeout`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use blksnap_test_support::{is_root, sparse_file, Pattern};
+use common::Daemon;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+/// Longest any external command may run (seconds, for `timeout`).
+const COMMAND_TIMEOUT: &str = "120";
+/// A test still running after this is wedged: the watchdog unblocks it.
+const WATCHDOG: Duration = Duration::from_secs(400);
+/// Tools every test needs (found in PATH or an sbin directory).
+const TOOLS: &[&str] = &[
+    "timeout",
+    "losetup",
+    "mount",
+    "umount",
+    "mkfs.ext4",
+    "fsck.ext4",
+    "sync",
+    "dd",
+    "kill",
+];
+
+// ---------------------------------------------------------------------------
+// External commands, all under `timeout`.
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// `timeout -k 5 120 <prog>`: a hung command fails the test instead of
+/// hanging it.
+fn command(prog: &str) -> Command {
+    let mut c = Command::new(which("timeout").unwrap_or_else(|| "timeout".into()));
+    c.args(["-k", "5", COMMAND_TIMEOUT])
+        .arg(which(prog).unwrap_or_else(|| prog.into()))
+        .stdin(Stdio::null());
+    c
+}
+
+fn try_run(prog: &str, args: &[&str]) -> Option<Output> {
+    command(prog).args(args).output().ok()
+}
+
+fn run(prog: &str, args: &[&str]) -> Output {
+    command(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+}
+
+/// Runs a command, asserts success, returns stdout.
+fn run_ok(prog: &str, args: &[&str]) -> String {
+    let out = run(prog, args);
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// Straight to the test's stderr, past the test harness's capture.
+fn loud(message: &str) {
+    let _ = std::io::stderr().write_all(format!("\n{message}\n").as_bytes());
+}
+
+/// Whether the test can run here; prints a loud SKIPPED line when it cannot
+/// (and fails when CI is set: there the tests must run).
+fn ready(test: &str) -> bool {
+    let missing_tool = TOOLS.iter().find(|t| which(t).is_none());
+    let reason = if !is_root() {
+        Some("needs root".to_string())
+    } else if !Path::new("/dev/fuse").exists() {
+        Some("no /dev/fuse".to_string())
+    } else if !Path::new("/dev/loop-control").exists() {
+        Some("no /dev/loop-control (loop module)".to_string())
+    } else {
+        missing_tool.map(|t| format!("{t} not found"))
+    };
+    let Some(reason) = reason else {
+        return true;
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "{test}: {reason}; CI is set, so the local-device backup tests must run \
+             (as root, with /dev/fuse, losetup, mkfs.ext4 and fsck.ext4)"
+        );
+    }
+    loud(&format!(
+        "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+         SKIPPED: {test}: {reason}\n\
+         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+    ));
+    false
+}
+
+// ---------------------------------------------------------------------------
+// Mounts, loop devices, processes.
+
+/// (mount point, fstype, "major:minor") of every mount, from mountinfo.
+fn mounts() -> Vec<(PathBuf, String, String)> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            Some((
+                PathBuf::from(fields.get(4)?.replace("\\040", " ")),
+                fields.get(dash + 1)?.to_string(),
+                fields.get(2)?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn is_mounted(path: &Path) -> bool {
+    mounts().iter().any(|(mp, _, _)| mp == path)
+}
+
+/// `umount`, and `umount -l` when that fails; never panics.
+fn unmount(path: &Path) {
+    if !is_mounted(path) {
+        return;
+    }
+    let ok = try_run("umount", &[s(path)]).is_some_and(|o| o.status.success());
+    if !ok && is_mounted(path) {
+        loud(&format!(
+            "umount {} failed: unmounting lazily",
+            path.display()
+        ));
+        let _ = try_run("umount", &["-l", s(path)]);
+    }
+}
+
+/// Aborts the FUSE connection mounted on `dir` (pending and future requests
+/// fail at once), then unmounts it lazily. For a wedged daemon only.
+fn abort_fuse(dir: &Path) {
+    let connection = mounts()
+        .into_iter()
+        .find(|(mp, fstype, _)| mp == dir && fstype.starts_with("fuse"))
+        .and_then(|(_, _, dev)| dev.split(':').nth(1).map(str::to_string));
+    if let Some(minor) = connection {
+        let connections = Path::new("/sys/fs/fuse/connections");
+        if !connections.join(&minor).exists() {
+            let _ = try_run("mount", &["-t", "fusectl", "none", s(connections)]);
+        }
+        let abort = connections.join(&minor).join("abort");
+        match std::fs::write(&abort, "1") {
+            Ok(()) => loud(&format!("aborted FUSE connection {}", abort.display())),
+            Err(e) => loud(&format!("cannot abort {}: {e}", abort.display())),
+        }
+    }
+    let _ = try_run("umount", &["-l", s(dir)]);
+}
+
+/// `losetup -a` lines whose backing file is under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    try_run("losetup", &["-a"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(s(dir)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether process `pid` runs (a zombie has stopped).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The test environment: a daemon with a FUSE frontend, a repository, and
+// everything the test mounted or attached, cleaned up in Drop.
+
+#[derive(Default)]
+struct Held {
+    mounts: Vec<PathBuf>,
+    /// Loop devices the test made with losetup.
+    loops: Vec<String>,
+    /// Loop devices the daemon made: (device, FUSE file relative to the
+    /// FUSE directory).
+    daemon_loops: Vec<(String, String)>,
+}
+
+struct Env {
+    test: &'static str,
+    work: PathBuf,
+    fuse_dir: PathBuf,
+    control: PathBuf,
+    log: PathBuf,
+    repo: PathBuf,
+    pid: u32,
+    held: Arc<Mutex<Held>>,
+    done: Arc<AtomicBool>,
+    started: Instant,
+    daemon: Option<Daemon>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Env {
+    /// A daemon with `--fuse-dir <work>/dev`; `None` (after a loud skip)
+    /// when the test cannot run here.
+    fn start_if_ready(test: &'static str) -> Option<Self> {
+        if !ready(test) {
+            return None;
+        }
+        // Built before the daemon starts: the watchdog's clock and the
+        // command timeouts then only cover the test itself.
+        common::blksnap_backup();
+        let tmp = tempfile::Builder::new()
+            .prefix("blksnap-backup-local-")
+            .tempdir()
+            .unwrap();
+        let work = tmp.path().canonicalize().unwrap();
+        let fuse_dir = work.join("dev");
+        let daemon = Daemon::start_with(&["--fuse-dir", s(&fuse_dir)]);
+        let held = Arc::new(Mutex::new(Held::default()));
+        let done = Arc::new(AtomicBool::new(false));
+        {
+            let (held, done, fuse_dir) = (held.clone(), done.clone(), fuse_dir.clone());
+            std::thread::spawn(move || watchdog(test, held, done, fuse_dir));
+        }
+        Some(Self {
+            test,
+            control: daemon.control.clone(),
+            log: daemon.path("daemon.log"),
+            pid: daemon.pid(),
+            repo: work.join("repo"),
+            work,
+            fuse_dir,
+            held,
+            done,
+            started: Instant::now(),
+            daemon: Some(daemon),
+            _tmp: tmp,
+        })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The daemon's log, without the per-request FUSE lines.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains("fuser::request"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The daemon's "frozen for the take" lines for mount point `mp`.
+    fn freezes_of(&self, mp: &Path) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("filesystem frozen for the take") && l.contains(s(mp)))
+            .count()
+    }
+
+    /// Runs `blksnap`, asserts success, returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = command(env!("CARGO_BIN_EXE_blksnap"))
+            .args(args)
+            .env("BLKSNAP_CONTROL", &self.control)
+            .current_dir("/")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "blksnap {args:?} failed ({}): {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `blksnap-backup --json --repo R --control C ARGS`: asserts success
+    /// and a final `"ok": true` line; returns that line.
+    fn backup(&self, args: &[&str]) -> Value {
+        let tool = common::blksnap_backup();
+        let out = command(s(&tool))
+            .arg("--json")
+            .arg("--repo")
+            .arg(&self.repo)
+            .arg("--control")
+            .arg(&self.control)
+            .args(args)
+            .current_dir("/")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout
+            .lines()
+            .last()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .unwrap_or(Value::Null);
+        assert!(
+            out.status.success() && last["ok"] == true,
+            "blksnap-backup {args:?} failed ({}): {stdout}{}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        last
+    }
+
+    /// `blksnap-backup create --device D ...`; the result.
+    fn create(&self, devices: &[&str]) -> Value {
+        let mut args = vec!["create"];
+        for d in devices {
+            args.extend(["--device", d]);
+        }
+        self.backup(&args)
+    }
+
+    /// `blksnap-backup restore` of `device` of backup `id` to a new file in
+    /// the work directory; returns its path.
+    fn restore(&self, id: &str, device: &str) -> PathBuf {
+        let to = self.work.join(format!("restored-{id}-{device}"));
+        self.backup(&["restore", "--id", id, "--device", device, "--to", s(&to)]);
+        to
+    }
+
+    /// A sparse file of `size` bytes in the work directory.
+    fn file(&self, name: &str, size: u64) -> PathBuf {
+        sparse_file(&self.work, name, size)
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        let path = self.work.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    }
+
+    /// `blksnap attach --device FILE --loop`: (device name, loop device).
+    fn attach_loop(&self, file: &Path) -> (String, String) {
+        let out = self.ok(&["attach", "--device", s(file), "--loop"]);
+        let field = |key: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {out:?}"))
+                .to_string()
+        };
+        let (name, device) = (field("device="), field("loop="));
+        assert!(device.starts_with("/dev/loop"), "{out}");
+        self.held()
+            .daemon_loops
+            .push((device.clone(), name.clone()));
+        (name, device)
+    }
+
+    /// A device of `size` bytes attached with a loop device, ext4 on it
+    /// (no lazy initialization: no background writes after mount), mounted
+    /// on `<work>/<name>`. Returns (device name, loop device, mount point).
+    fn ext4_device(&self, name: &str, size: u64) -> (String, String, PathBuf) {
+        let (dev, dev_loop) = self.attach_loop(&self.file(&format!("{name}.img"), size));
+        run_ok(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0",
+                &dev_loop,
+            ],
+        );
+        let mp = self.mount(&dev_loop, name, &[]);
+        (dev, dev_loop, mp)
+    }
+
+    /// Mounts `device` on `<work>/<name>`, which the Drop guard unmounts.
+    fn mount(&self, device: &str, name: &str, options: &[&str]) -> PathBuf {
+        let mount_point = self.dir(name);
+        self.held().mounts.push(mount_point.clone());
+        let mut args: Vec<&str> = options.to_vec();
+        args.extend([device, s(&mount_point)]);
+        let out = run("mount", &args);
+        assert!(
+            out.status.success(),
+            "mount {options:?} {device} {}: {}\ndaemon log:\n{}",
+            mount_point.display(),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        mount_point
+    }
+
+    fn umount(&self, mount_point: &Path) {
+        run_ok("umount", &[s(mount_point)]);
+        self.held().mounts.retain(|m| m != mount_point);
+    }
+
+    /// `losetup -r -f --show FILE`: a read-only loop device, detached by
+    /// the Drop guard if still there.
+    fn losetup_ro(&self, file: &Path) -> String {
+        let device = run_ok("losetup", &["-r", "-f", "--show", s(file)])
+            .trim()
+            .to_string();
+        assert!(device.starts_with("/dev/loop"), "{device}");
+        self.held().loops.push(device.clone());
+        device
+    }
+
+    fn losetup_detach(&self, device: &str) {
+        run_ok("losetup", &["-d", device]);
+        self.held().loops.retain(|l| l != device);
+    }
+
+    /// Mounts the restored image `file` read-only (read-only loop device,
+    /// `-o ro`) on `<work>/<name>`, runs `check` on the mount point, then
+    /// unmounts and detaches.
+    fn with_restored_mounted(&self, file: &Path, name: &str, check: impl FnOnce(&Path)) {
+        let device = self.losetup_ro(file);
+        let mp = self.mount(&device, name, &["-t", "ext4", "-o", "ro"]);
+        check(&mp);
+        self.umount(&mp);
+        self.losetup_detach(&device);
+    }
+}
+
+/// Unblocks a wedged test: unmounts its mounts lazily and aborts its FUSE
+/// connection, so blocked I/O fails. Does not kill the daemon.
+fn watchdog(test: &str, held: Arc<Mutex<Held>>, done: Arc<AtomicBool>, fuse_dir: PathBuf) {
+    let deadline = Instant::now() + WATCHDOG;
+    while !done.load(Ordering::SeqCst) {
+        if Instant::now() >= deadline {
+            loud(&format!(
+                "WATCHDOG: {test} still runs after {WATCHDOG:?}: unmounting lazily and \
+                 aborting the FUSE connection"
+            ));
+            let mounts = held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .mounts
+                .clone();
+            for m in mounts.iter().rev() {
+                if is_mounted(m) {
+                    let _ = try_run("umount", &["-l", s(m)]);
+                }
+            }
+            abort_fuse(&fuse_dir);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let held = std::mem::take(&mut *self.held());
+        // Unmounting writes back through the daemon: if that hangs, the
+        // daemon is wedged; lazy unmounts and an aborted FUSE connection
+        // then fail the blocked I/O instead of hanging.
+        let (sent, unmounted) = std::sync::mpsc::channel();
+        let mounts = held.mounts.clone();
+        std::thread::spawn(move || {
+            for m in mounts.iter().rev() {
+                unmount(m);
+            }
+            let _ = sent.send(());
+        });
+        if unmounted.recv_timeout(Duration::from_secs(30)).is_err() {
+            loud(&format!(
+                "{}: unmounting hangs: unmounting lazily and aborting the FUSE connection",
+                self.test
+            ));
+            for m in held.mounts.iter().rev() {
+                let _ = try_run("umount", &["-l", s(m)]);
+            }
+            abort_fuse(&self.fuse_dir);
+            let _ = unmounted.recv_timeout(Duration::from_secs(30));
+        }
+        for l in held.loops.iter().rev() {
+            let _ = try_run("losetup", &["-d", l]);
+        }
+        if let Some(daemon) = self.daemon.take() {
+            if running(self.pid) {
+                let _ = command(env!("CARGO_BIN_EXE_blksnap"))
+                    .args(["shutdown", "--force"])
+                    .env("BLKSNAP_CONTROL", &self.control)
+                    .output();
+                if !wait_until(Duration::from_secs(20), || !running(self.pid)) {
+                    loud(&format!(
+                        "{}: blksnapd {} is wedged: aborting its FUSE connection before killing it",
+                        self.test, self.pid
+                    ));
+                    abort_fuse(&self.fuse_dir);
+                }
+            }
+            if is_mounted(&self.fuse_dir) {
+                loud(&format!(
+                    "{}: FUSE mount {} left behind: unmounting it lazily",
+                    self.test,
+                    self.fuse_dir.display()
+                ));
+                abort_fuse(&self.fuse_dir);
+            }
+            // Kills the daemon only if it still runs (wedged, aborted above).
+            drop(daemon);
+        }
+        // A daemon killed after an abort leaves its loop devices bound to
+        // files of the dead FUSE mount: detach those, and only those.
+        for (device, file) in &held.daemon_loops {
+            let sys = format!(
+                "/sys/block/{}/loop/backing_file",
+                device.trim_start_matches("/dev/")
+            );
+            let Ok(backing) = std::fs::read_to_string(&sys) else {
+                continue;
+            };
+            let backing = backing.trim();
+            if backing == s(&self.fuse_dir.join(file)) || backing == format!("/{file}") {
+                loud(&format!(
+                    "{}: loop device {device} of the daemon left behind: detaching it",
+                    self.test
+                ));
+                let _ = try_run("losetup", &["-d", device]);
+            }
+        }
+        let left = loops_under(&self.work);
+        if !left.is_empty() {
+            loud(&format!(
+                "{}: loop devices left behind: {left:?}",
+                self.test
+            ));
+            for line in left {
+                if let Some((device, _)) = line.split_once(':') {
+                    let _ = try_run("losetup", &["-d", device]);
+                }
+            }
+        }
+        self.done.store(true, Ordering::SeqCst);
+        eprintln!("{}: {:.1?}", self.test, self.started.elapsed());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Files, device contents, checks.
+
+/// Relative path -> content.
+type Tree = BTreeMap<String, Vec<u8>>;
+
+/// Writes `content` to `dir/rel` (parents made), then fsyncs it.
+fn write_synced(dir: &Path, rel: &str, content: &[u8]) {
+    let path = dir.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f =
+        std::fs::File::create(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.write_all(content)
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+}
+
+/// Every regular file under `dir` (lost+found left out), with its content.
+fn read_tree(dir: &Path) -> Tree {
+    fn walk(root: &Path, dir: &Path, tree: &mut Tree) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            if rel == "lost+found" {
+                continue;
+            }
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                walk(root, &path, tree);
+            } else {
+                assert!(kind.is_file(), "{}: not a regular file", path.display());
+                let content = std::fs::read(&path)
+                    .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+                tree.insert(rel, content);
+            }
+        }
+    }
+    let mut tree = Tree::new();
+    walk(dir, dir, &mut tree);
+    tree
+}
+
+/// `dir` holds exactly the files of `want`, each with its content.
+fn assert_tree(dir: &Path, want: &Tree, what: &str) {
+    let got = read_tree(dir);
+    let names = |t: &Tree| t.keys().cloned().collect::<BTreeSet<_>>();
+    assert_eq!(names(&got), names(want), "{what}: the files");
+    for (name, content) in want {
+        assert!(
+            &got[name] == content,
+            "{what}: {name} has {} bytes that differ from the {} written",
+            got[name].len(),
+            content.len()
+        );
+    }
+}
+
+/// The whole of `device` copied to `to` with direct I/O (`dd
+/// iflag=direct`: past the block device's page cache, which the
+/// filesystem's data writes do not go through).
+fn read_device(device: &str, to: &Path) {
+    run_ok(
+        "dd",
+        &[
+            &format!("if={device}"),
+            &format!("of={}", s(to)),
+            "bs=1M",
+            "iflag=direct",
+            "conv=sparse",
+            "status=none",
+        ],
+    );
+}
+
+/// Up to 16 ranges (start..end) where `a` and `b` differ, merged when less
+/// than 4 KiB apart.
+fn differing_ranges(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for i in (0..a.len().min(b.len())).filter(|&i| a[i] != b[i]) {
+        let full = ranges.len() == 16;
+        match ranges.last_mut() {
+            Some(last) if i < last.1 + 4096 => last.1 = i + 1,
+            _ if full => break,
+            _ => ranges.push((i, i + 1)),
+        }
+    }
+    ranges
+}
+
+/// The ext4 superblock: 1024 bytes at byte 1024 of the device.
+const SB: usize = 1024;
+/// Superblock fields (offset, length) that the thaw after the take
+/// rewrites: `ext4_unfreeze` commits the superblock again, which updates
+/// the write time (`s_wtime`, `s_wtime_hi`), the kilobytes written
+/// (`s_kbytes_written`) and the checksum (`s_checksum`).
+const SB_REWRITTEN_AT_THAW: [(usize, usize); 4] = [(0x30, 4), (0x178, 8), (0x274, 1), (0x3fc, 4)];
+/// `s_feature_incompat`'s byte with `EXT4_FEATURE_INCOMPAT_RECOVER` (0x4):
+/// cleared by the freeze (journal flushed), set again by the thaw.
+const SB_NEEDS_RECOVERY: (usize, u8) = (0x60, 0x04);
+/// `s_feature_ro_compat`'s byte with `EXT4_FEATURE_RO_COMPAT_ORPHAN_PRESENT`
+/// (0x10000): the freeze may clear it, the thaw sets it again.
+const SB_ORPHAN_PRESENT: (usize, u8) = (0x66, 0x01);
+
+/// `restored` is `taken`, the device read right after the backup: equal
+/// byte for byte but for the ext4 superblock fields that the thaw after
+/// the take rewrote ([`SB_REWRITTEN_AT_THAW`], the needs-recovery and
+/// orphan-present flags). The restored superblock has no needs-recovery
+/// flag (the take saw the filesystem frozen, its journal flushed) and the
+/// device after the thaw has it (mounted read-write).
+fn assert_equal_to_take(restored: &[u8], taken: &[u8], what: &str) {
+    assert_eq!(restored.len(), taken.len(), "{what}: size");
+    let diff: Vec<(usize, usize)> = differing_ranges(&restored[..SB], &taken[..SB])
+        .into_iter()
+        .chain(
+            differing_ranges(&restored[2 * SB..], &taken[2 * SB..])
+                .into_iter()
+                .map(|(a, b)| (a + 2 * SB, b + 2 * SB)),
+        )
+        .collect();
+    assert!(
+        diff.is_empty(),
+        "{what}: the restored image differs from the device at its take at {diff:x?}"
+    );
+    let (mut got, mut want) = (restored[SB..2 * SB].to_vec(), taken[SB..2 * SB].to_vec());
+    assert_eq!(
+        got[SB_NEEDS_RECOVERY.0] & SB_NEEDS_RECOVERY.1,
+        0,
+        "{what}: the restored ext4 needs recovery: not frozen at the take"
+    );
+    assert_ne!(
+        want[SB_NEEDS_RECOVERY.0] & SB_NEEDS_RECOVERY.1,
+        0,
+        "{what}: the mounted ext4 after the backup has no needs-recovery flag"
+    );
+    for sb in [&mut got, &mut want] {
+        for (at, len) in SB_REWRITTEN_AT_THAW {
+            sb[at..at + len].fill(0);
+        }
+        sb[SB_NEEDS_RECOVERY.0] &= !SB_NEEDS_RECOVERY.1;
+        sb[SB_ORPHAN_PRESENT.0] &= !SB_ORPHAN_PRESENT.1;
+    }
+    let diff: Vec<(usize, u8, u8)> = (0..SB)
+        .filter(|&i| got[i] != want[i])
+        .map(|i| (i, got[i], want[i]))
+        .collect();
+    assert!(
+        diff.is_empty(),
+        "{what}: the restored ext4 superblock differs from the device's beyond what \
+         the thaw rewrites, at (offset, restored, device) {diff:x?}"
+    );
+}
+
+/// `fsck.ext4 -n -f FILE` exits 0: the filesystem is clean.
+fn assert_fsck_clean(file: &Path, what: &str) {
+    let out = run("fsck.ext4", &["-n", "-f", s(file)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: fsck.ext4 -n -f {}:\n{}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The device result of `name` in a `create` result.
+fn device_result<'a>(result: &'a Value, name: &str) -> &'a Value {
+    result["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {result}"))
+}
+
+fn id_of(result: &Value) -> String {
+    result["id"].as_str().unwrap().to_string()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Two ext4 devices, a full backup and three incrementals, every point
+//    restored, equal to the device at its take, fsck-clean and mountable.
+
+/// Round `round` of the device with index `d`, mounted on `mp`: new files
+/// in `r<round>/`,
+/// and from the second round on, one earlier file rewritten and one
+/// deleted. Each file is written and fsynced; `tree` follows.
+fn write_round(mp: &Path, d: u64, round: u64, tree: &mut Tree) {
+    let seed = (d + 1) * 1000 + round * 10;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for i in 0..6u64 {
+        let rel = format!("r{round}/f-{i}");
+        let len = rng.u64(1..=512 * 1024);
+        let content = Pattern::RandomFill.bytes(seed + i, len);
+        write_synced(mp, &rel, &content);
+        tree.insert(rel, content);
+    }
+    if round > 0 {
+        let names: Vec<String> = tree
+            .keys()
+            .filter(|k| !k.starts_with(&format!("r{round}/")))
+            .cloned()
+            .collect();
+        let rewrite = names[rng.usize(..names.len())].clone();
+        let content = Pattern::RandomFill.bytes(seed + 100, rng.u64(1..=256 * 1024));
+        write_synced(mp, &rewrite, &content);
+        tree.insert(rewrite.clone(), content);
+        let delete = names
+            .iter()
+            .find(|n| **n != rewrite)
+            .expect("two earlier files")
+            .clone();
+        std::fs::remove_file(mp.join(&delete)).unwrap();
+        tree.remove(&delete);
+    }
+}
+
+#[test]
+fn full_and_incremental_backups_of_two_mounted_ext4_devices_restore_every_point() {
+    const TEST: &str =
+        "full_and_incremental_backups_of_two_mounted_ext4_devices_restore_every_point";
+    let Some(env) = Env::start_if_ready(TEST) else {
+        return;
+    };
+    let devices = [
+        env.ext4_device("a", 64 * MIB),
+        env.ext4_device("b", 48 * MIB),
+    ];
+    assert_eq!(
+        devices.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["a.img", "b.img"]
+    );
+    let names: Vec<&str> = devices.iter().map(|d| d.0.as_str()).collect();
+    let mut trees = [Tree::new(), Tree::new()];
+    // Per round: the backup's id, and per device the tree written and the
+    // device's content at the take.
+    let mut points: Vec<(String, Vec<(Tree, PathBuf)>)> = Vec::new();
+    for round in 0..4u64 {
+        for (d, (_, _, mp)) in devices.iter().enumerate() {
+            write_round(mp, d as u64, round, &mut trees[d]);
+            run_ok("sync", &["-f", s(mp)]);
+        }
+        run_ok("sync", &[]);
+        let freezes: Vec<usize> = devices.iter().map(|d| env.freezes_of(&d.2)).collect();
+        let result = env.create(&names);
+        // Nothing writes to the devices from here to the reads below (the
+        // thaw's superblock write came before: see assert_equal_to_take).
+        let id = id_of(&result);
+        let mut recorded = Vec::new();
+        for (d, (name, dev_loop, mp)) in devices.iter().enumerate() {
+            let dev = device_result(&result, name);
+            let want = if round == 0 { "full" } else { "incremental" };
+            assert_eq!(dev["mode"], want, "round {round}, {name}: {result}");
+            if round == 0 {
+                assert!(
+                    dev["reason"]
+                        .as_str()
+                        .unwrap()
+                        .contains("no earlier backup"),
+                    "{result}"
+                );
+            } else {
+                // Only the chunks written since are read: not all of them.
+                let chunks = dev["size"].as_u64().unwrap().div_ceil(4 * MIB);
+                assert!(
+                    dev["stats"]["chunks_reused"].as_u64().unwrap() > 0,
+                    "round {round}, {name}: no chunk reused: {result}"
+                );
+                assert!(
+                    dev["stats"]["bytes_read"].as_u64().unwrap() < chunks * 4 * MIB,
+                    "{result}"
+                );
+            }
+            assert_eq!(
+                env.freezes_of(mp),
+                freezes[d] + 1,
+                "round {round}: {} frozen once for the take:\n{}",
+                mp.display(),
+                env.log_tail()
+            );
+            let file = env.work.join(format!("taken-{round}-{name}"));
+            read_device(dev_loop, &file);
+            recorded.push((trees[d].clone(), file));
+        }
+        points.push((id, recorded));
+    }
+    assert_eq!(env.ok(&["snapshot_collect"]).trim(), "", "snapshots left");
+    let list = env.backup(&["list"]);
+    let listed: Vec<&str> = list["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    let ids: Vec<&str> = points.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(listed, ids, "{list}");
+    env.backup(&["verify"]);
+
+    for (round, (id, recorded)) in points.iter().enumerate() {
+        for (name, (tree, taken)) in names.iter().zip(recorded) {
+            let what = format!("round {round}, {name} (backup {id})");
+            let restored = env.restore(id, name);
+            let (got, want) = (
+                std::fs::read(&restored).unwrap(),
+                std::fs::read(taken).unwrap(),
+            );
+            assert_eq!(got.len(), want.len(), "{what}: size");
+            assert_equal_to_take(&got, &want, &what);
+            assert_fsck_clean(&restored, &what);
+            env.with_restored_mounted(&restored, &format!("restored-{round}-{name}"), |mp| {
+                assert_tree(mp, tree, &what)
+            });
+            std::fs::remove_file(&restored).unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. A writer creating files on the mounted ext4 while backups run.
+
+/// The content of the writer's file `i`: 1 byte to 32 KiB, from `i`.
+fn writer_content(i: u64) -> Vec<u8> {
+    Pattern::RandomFill.bytes(50_000 + i, 1 + (i * 104_729) % (32 * 1024))
+}
+
+/// A thread that creates files in `dir` one after the other until stopped:
+/// file `i` is written as `.tmp-<i>`, fsynced, then renamed to `w-<i>`;
+/// `completed` has every `i` whose rename returned. Stopped (and joined)
+/// on drop, before the [`Env`] declared ahead of it unmounts.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    completed: Arc<Mutex<Vec<u64>>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+/// Enough for a long backup, well within the filesystem's space.
+const WRITER_MAX_FILES: u64 = 3000;
+
+impl Writer {
+    fn start(dir: PathBuf) -> Self {
+        std::fs::create_dir_all(&dir).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let completed = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, completed) = (stop.clone(), completed.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    if i == WRITER_MAX_FILES {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                    let (tmp, done) = (dir.join(format!(".tmp-{i}")), dir.join(format!("w-{i}")));
+                    let write = || -> std::io::Result<()> {
+                        let mut f = std::fs::File::create(&tmp)?;
+                        f.write_all(&writer_content(i))?;
+                        f.sync_all()?;
+                        std::fs::rename(&tmp, &done)
+                    };
+                    write().map_err(|e| format!("writer, file {i}: {e}"))?;
+                    completed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(i);
+                    i += 1;
+                }
+                Ok(())
+            })
+        };
+        Self {
+            stop,
+            completed,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many files are complete.
+    fn count(&self) -> u64 {
+        self.completed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len() as u64
+    }
+
+    /// Waits (bounded) until more than `n` files are complete.
+    fn wait_past(&mut self, n: u64) {
+        assert!(
+            wait_until(Duration::from_secs(60), || self.count() > n
+                || self.thread.as_ref().is_some_and(|t| t.is_finished())),
+            "the writer made no progress past {n} files"
+        );
+        assert!(self.count() > n, "the writer stopped: {:?}", self.finish());
+    }
+
+    /// Stops the writer; its error, if it had one.
+    fn finish(&mut self) -> Result<(), String> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| Err("writer panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// Checks the writer's directory `dir` in a restored image of a backup
+/// whose `create` started when `before` files were complete and ended when
+/// `after` were: the files present are `w-0 ..= w-<n-1>` for some n from
+/// `before` to `after + 1` (the take is one point in time; a rename may
+/// have returned without being counted yet), each with its whole content,
+/// and at most one `.tmp-<n>`, holding a prefix of its content. Returns n.
+fn check_writer_files(dir: &Path, before: u64, after: u64, what: &str) -> u64 {
+    let tree = read_tree(dir);
+    let mut done = BTreeSet::new();
+    let mut tmp = Vec::new();
+    for (name, content) in &tree {
+        if let Some(i) = name.strip_prefix("w-") {
+            let i: u64 = i.parse().unwrap();
+            assert!(
+                *content == writer_content(i),
+                "{what}: {name}: {} bytes, not its content",
+                content.len()
+            );
+            done.insert(i);
+        } else if let Some(i) = name.strip_prefix(".tmp-") {
+            let i: u64 = i.parse().unwrap();
+            let full = writer_content(i);
+            assert!(
+                full.starts_with(content),
+                "{what}: {name}: {} bytes, not a prefix of its {} bytes",
+                content.len(),
+                full.len()
+            );
+            tmp.push(i);
+        } else {
+            panic!("{what}: unexpected file {name}");
+        }
+    }
+    let n = done.len() as u64;
+    assert_eq!(
+        done,
+        (0..n).collect::<BTreeSet<_>>(),
+        "{what}: the completed files are not w-0 to w-{}",
+        n.saturating_sub(1)
+    );
+    assert!(
+        n >= before,
+        "{what}: {n} files, but {before} were complete before the backup started"
+    );
+    assert!(
+        n <= after + 1,
+        "{what}: {n} files, but only {after} were complete when the backup ended"
+    );
+    assert!(
+        tmp.is_empty() || tmp == [n],
+        "{what}: temporary files {tmp:?} with {n} complete"
+    );
+    n
+}
+
+#[test]
+fn backups_while_a_writer_creates_files_restore_consistent_filesystems() {
+    const TEST: &str = "backups_while_a_writer_creates_files_restore_consistent_filesystems";
+    let Some(env) = Env::start_if_ready(TEST) else {
+        return;
+    };
+    let (name, dev_loop, mp) = env.ext4_device("c", 128 * MIB);
+    let mut base = Tree::new();
+    for i in 0..8u64 {
+        let content = Pattern::RandomFill.bytes(7000 + i, 1 + i * 100_000);
+        write_synced(&mp, &format!("base/f-{i}"), &content);
+        base.insert(format!("f-{i}"), content);
+    }
+    run_ok("sync", &["-f", s(&mp)]);
+
+    let mut writer = Writer::start(mp.join("w"));
+    writer.wait_past(20);
+    // Per backup: (result, files complete before its create started,
+    // files complete when it ended).
+    let mut backups = Vec::new();
+    for _ in 0..2 {
+        let freezes = env.freezes_of(&mp);
+        let before = writer.count();
+        let result = env.create(&[&name]);
+        let after = writer.count();
+        assert_eq!(
+            env.freezes_of(&mp),
+            freezes + 1,
+            "{} frozen once for the take:\n{}",
+            mp.display(),
+            env.log_tail()
+        );
+        assert!(
+            after > before,
+            "no file completed while the backup ran ({before} before and after): \
+             the writer did not run during it"
+        );
+        backups.push((result, before, after));
+        writer.wait_past(after + 20);
+    }
+    writer.finish().unwrap();
+    let written = writer.count();
+    assert_eq!(
+        backups
+            .iter()
+            .map(|(r, _, _)| device_result(r, &name)["mode"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["full", "incremental"]
+    );
+    assert_eq!(env.ok(&["snapshot_collect"]).trim(), "", "snapshots left");
+    env.backup(&["verify"]);
+
+    let mut present = Vec::new();
+    for (k, (result, before, after)) in backups.iter().enumerate() {
+        let id = id_of(result);
+        let what = format!("backup {k} ({id}), files {before} before, {after} after");
+        let restored = env.restore(&id, &name);
+        assert_eq!(
+            std::fs::metadata(&restored).unwrap().len(),
+            128 * MIB,
+            "{what}: size"
+        );
+        assert_fsck_clean(&restored, &what);
+        env.with_restored_mounted(&restored, &format!("restored-{k}"), |r| {
+            assert_tree(&r.join("base"), &base, &what);
+            present.push(check_writer_files(&r.join("w"), *before, *after, &what));
+        });
+        std::fs::remove_file(&restored).unwrap();
+    }
+    eprintln!(
+        "{TEST}: files complete before/after each backup {:?}, in its image {present:?}, \
+         {written} in all",
+        backups.iter().map(|(_, b, a)| (b, a)).collect::<Vec<_>>()
+    );
+    // The origin has every file, complete.
+    env.umount(&mp);
+    let mp = env.mount(&dev_loop, "c", &[]);
+    assert_tree(&mp.join("base"), &base, "the origin");
+    let n = check_writer_files(&mp.join("w"), written, written, "the origin");
+    assert_eq!(n, written);
+}
