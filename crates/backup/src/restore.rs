@@ -77,6 +77,8 @@ pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path, threads: usi
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
+                // This thread's last chunk written, still in the page cache.
+                let mut previous = None;
                 while failed.lock().unwrap().is_none() {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(chunk) = device.chunks.get(i) else {
@@ -94,6 +96,10 @@ pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path, threads: usi
                     ) {
                         Ok(n) => {
                             written.fetch_add(n, Ordering::Relaxed);
+                            if n > 0 {
+                                let at = i as u64 * device.chunk_size;
+                                crate::repo::write_behind(&file, at, n, previous.replace((at, n)));
+                            }
                         }
                         Err(e) => {
                             failed.lock().unwrap().get_or_insert(e);
