@@ -219,16 +219,6 @@ fn parse_json(text: &str) -> Value {
 // The test environment: a daemon with a FUSE frontend, and everything the
 // test mounted or attached, cleaned up in Drop.
 
-#[derive(Default)]
-struct Held {
-    mounts: Vec<PathBuf>,
-    /// Loop devices the test made with losetup.
-    loops: Vec<String>,
-    /// Loop devices the daemon made: (device, FUSE file relative to the
-    /// FUSE directory).
-    daemon_loops: Vec<(String, String)>,
-}
-
 enum Fs {
     Ext4,
     Xfs,
@@ -612,33 +602,6 @@ impl Env {
     }
 }
 
-/// Unblocks a wedged test: unmounts its mounts lazily and aborts its FUSE
-/// connection, so blocked I/O fails. Does not kill the daemon.
-fn watchdog(test: &str, held: Arc<Mutex<Held>>, done: Arc<AtomicBool>, fuse_dir: PathBuf) {
-    let deadline = Instant::now() + WATCHDOG;
-    while !done.load(Ordering::SeqCst) {
-        if Instant::now() >= deadline {
-            loud(&format!(
-                "WATCHDOG: {test} still runs after {WATCHDOG:?}: unmounting lazily and \
-                 aborting the FUSE connection"
-            ));
-            let mounts = held
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .mounts
-                .clone();
-            for m in mounts.iter().rev() {
-                if is_mounted(m) {
-                    let _ = try_run("umount", &["-l", s(m)]);
-                }
-            }
-            abort_fuse(&fuse_dir);
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 impl Drop for Env {
     fn drop(&mut self) {
         let children: Vec<Child> = self
@@ -651,89 +614,15 @@ impl Drop for Env {
             stop_child(child);
         }
         let held = std::mem::take(&mut *self.held());
-        // Unmounting writes back through the daemon: if that hangs, the
-        // daemon is wedged; lazy unmounts and an aborted FUSE connection
-        // then fail the blocked I/O instead of hanging.
-        let (sent, unmounted) = std::sync::mpsc::channel();
-        let mounts = held.mounts.clone();
-        std::thread::spawn(move || {
-            for m in mounts.iter().rev() {
-                unmount(m);
-            }
-            let _ = sent.send(());
-        });
-        if unmounted.recv_timeout(Duration::from_secs(30)).is_err() {
-            loud(&format!(
-                "{}: unmounting hangs: unmounting lazily and aborting the FUSE connection",
-                self.test
-            ));
-            for m in held.mounts.iter().rev() {
-                let _ = try_run("umount", &["-l", s(m)]);
-            }
-            abort_fuse(&self.fuse_dir);
-            let _ = unmounted.recv_timeout(Duration::from_secs(30));
-        }
-        for l in held.loops.iter().rev() {
-            let _ = try_run("losetup", &["-d", l]);
-        }
-        if let Some(daemon) = self.daemon.take() {
-            if running(self.pid) {
-                eprintln!("{}: blksnap shutdown --force", self.test);
-                let _ = command_timeout(env!("CARGO_BIN_EXE_blksnap"), "15")
-                    .args(["shutdown", "--force"])
-                    .env("BLKSNAP_CONTROL", &self.control)
-                    .output();
-                if !wait_until(Duration::from_secs(20), || !running(self.pid)) {
-                    loud(&format!(
-                        "{}: blksnapd {} is wedged: aborting its FUSE connection before killing it",
-                        self.test, self.pid
-                    ));
-                    abort_fuse(&self.fuse_dir);
-                }
-            }
-            if is_mounted(&self.fuse_dir) {
-                loud(&format!(
-                    "{}: FUSE mount {} left behind: unmounting it lazily",
-                    self.test,
-                    self.fuse_dir.display()
-                ));
-                abort_fuse(&self.fuse_dir);
-            }
-            // Kills the daemon only if it still runs (wedged, aborted above).
-            drop(daemon);
-        }
-        // A daemon killed after an abort leaves its loop devices bound to
-        // files of the dead FUSE mount (shown relative to it once it is
-        // detached): detach those, and only those.
-        for (device, file) in &held.daemon_loops {
-            let sys = format!(
-                "/sys/block/{}/loop/backing_file",
-                device.trim_start_matches("/dev/")
-            );
-            let Ok(backing) = std::fs::read_to_string(&sys) else {
-                continue;
-            };
-            let backing = backing.trim();
-            if backing == s(&self.fuse_dir.join(file)) || backing == format!("/{file}") {
-                loud(&format!(
-                    "{}: loop device {device} of the daemon left behind: detaching it",
-                    self.test
-                ));
-                let _ = try_run("losetup", &["-d", device]);
-            }
-        }
-        let left = loops_under(&self.work);
-        if !left.is_empty() {
-            loud(&format!(
-                "{}: loop devices left behind: {left:?}",
-                self.test
-            ));
-            for line in left {
-                if let Some((device, _)) = line.split_once(':') {
-                    let _ = try_run("losetup", &["-d", device]);
-                }
-            }
-        }
+        release(
+            self.test,
+            held,
+            &self.fuse_dir,
+            &self.work,
+            &self.control,
+            self.pid,
+            self.daemon.take(),
+        );
         self.done.store(true, Ordering::SeqCst);
         eprintln!("{}: {:.1?}", self.test, self.started.elapsed());
     }

@@ -1,13 +1,20 @@
 //! External commands under `timeout`, and mounts, loop devices and
 //! processes, for the root tests on local devices (`local.rs`,
-//! `backup_local.rs`), which include it with `#[path]`. The including test
-//! defines `COMMAND_TIMEOUT`, the longest any of its commands may run.
+//! `backup_local.rs`), which include it with `#[path]`: what a test holds
+//! ([`Held`]), its watchdog, and letting go of it ([`release`]). The
+//! including test defines `COMMAND_TIMEOUT` (the longest any of its
+//! commands may run) and `WATCHDOG` (when a test counts as wedged).
 
 #![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::common::wait_until;
 
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -143,5 +150,141 @@ pub fn running(pid: u32) -> bool {
             .and_then(|(_, rest)| rest.trim_start().chars().next())
             .is_some_and(|state| state != 'Z' && state != 'X'),
         Err(_) => false,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What a test holds, and letting go of it.
+
+#[derive(Default)]
+pub struct Held {
+    pub mounts: Vec<PathBuf>,
+    /// Loop devices the test made with losetup.
+    pub loops: Vec<String>,
+    /// Loop devices the daemon made: (device, FUSE file relative to the
+    /// FUSE directory).
+    pub daemon_loops: Vec<(String, String)>,
+}
+
+/// Unblocks a wedged test: unmounts its mounts lazily and aborts its FUSE
+/// connection, so blocked I/O fails. Does not kill the daemon.
+pub fn watchdog(test: &str, held: Arc<Mutex<Held>>, done: Arc<AtomicBool>, fuse_dir: PathBuf) {
+    let deadline = Instant::now() + crate::WATCHDOG;
+    while !done.load(Ordering::SeqCst) {
+        if Instant::now() >= deadline {
+            loud(&format!(
+                "WATCHDOG: {test} still runs after {:?}: unmounting lazily and \
+                 aborting the FUSE connection",
+                crate::WATCHDOG
+            ));
+            let mounts = held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .mounts
+                .clone();
+            for m in mounts.iter().rev() {
+                if is_mounted(m) {
+                    let _ = try_run("umount", &["-l", s(m)]);
+                }
+            }
+            abort_fuse(&fuse_dir);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Lets go of everything a test held, even when its daemon is wedged:
+/// unmounts (lazily, with the FUSE connection aborted, when unmounting
+/// hangs), detaches the test's loop devices, stops the daemon (`shutdown
+/// --force`, then the abort), and detaches loop devices left behind.
+pub fn release(
+    test: &str,
+    held: Held,
+    fuse_dir: &Path,
+    work: &Path,
+    control: &Path,
+    pid: u32,
+    daemon: Option<crate::common::Daemon>,
+) {
+    // Unmounting writes back through the daemon: if that hangs, the
+    // daemon is wedged; lazy unmounts and an aborted FUSE connection
+    // then fail the blocked I/O instead of hanging.
+    let (sent, unmounted) = std::sync::mpsc::channel();
+    let mounts = held.mounts.clone();
+    std::thread::spawn(move || {
+        for m in mounts.iter().rev() {
+            unmount(m);
+        }
+        let _ = sent.send(());
+    });
+    if unmounted.recv_timeout(Duration::from_secs(30)).is_err() {
+        loud(&format!(
+            "{}: unmounting hangs: unmounting lazily and aborting the FUSE connection",
+            test
+        ));
+        for m in held.mounts.iter().rev() {
+            let _ = try_run("umount", &["-l", s(m)]);
+        }
+        abort_fuse(fuse_dir);
+        let _ = unmounted.recv_timeout(Duration::from_secs(30));
+    }
+    for l in held.loops.iter().rev() {
+        let _ = try_run("losetup", &["-d", l]);
+    }
+    if let Some(daemon) = daemon {
+        if running(pid) {
+            eprintln!("{}: blksnap shutdown --force", test);
+            let _ = command_timeout(env!("CARGO_BIN_EXE_blksnap"), "15")
+                .args(["shutdown", "--force"])
+                .env("BLKSNAP_CONTROL", control)
+                .output();
+            if !wait_until(Duration::from_secs(20), || !running(pid)) {
+                loud(&format!(
+                    "{}: blksnapd {} is wedged: aborting its FUSE connection before killing it",
+                    test, pid
+                ));
+                abort_fuse(fuse_dir);
+            }
+        }
+        if is_mounted(fuse_dir) {
+            loud(&format!(
+                "{}: FUSE mount {} left behind: unmounting it lazily",
+                test,
+                fuse_dir.display()
+            ));
+            abort_fuse(fuse_dir);
+        }
+        // Kills the daemon only if it still runs (wedged, aborted above).
+        drop(daemon);
+    }
+    // A daemon killed after an abort leaves its loop devices bound to
+    // files of the dead FUSE mount (shown relative to it once it is
+    // detached): detach those, and only those.
+    for (device, file) in &held.daemon_loops {
+        let sys = format!(
+            "/sys/block/{}/loop/backing_file",
+            device.trim_start_matches("/dev/")
+        );
+        let Ok(backing) = std::fs::read_to_string(&sys) else {
+            continue;
+        };
+        let backing = backing.trim();
+        if backing == s(&fuse_dir.join(file)) || backing == format!("/{file}") {
+            loud(&format!(
+                "{}: loop device {device} of the daemon left behind: detaching it",
+                test
+            ));
+            let _ = try_run("losetup", &["-d", device]);
+        }
+    }
+    let left = loops_under(work);
+    if !left.is_empty() {
+        loud(&format!("{}: loop devices left behind: {left:?}", test));
+        for line in left {
+            if let Some((device, _)) = line.split_once(':') {
+                let _ = try_run("losetup", &["-d", device]);
+            }
+        }
     }
 }
