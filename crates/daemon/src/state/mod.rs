@@ -81,23 +81,18 @@ impl DeviceFiles {
     /// Replaces `<id>.<ext>` with `bytes`: temp file, fsync, rename, fsync
     /// the directory.
     pub(crate) fn write_atomic(&self, ext: &str, bytes: &[u8]) -> io::Result<()> {
-        let tmp = self.dir.join(format!(".{}.{ext}.tmp", self.id));
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, self.path(ext))?;
+        self.replace(ext, bytes, true)?;
         self.sync_dir()
     }
 
     /// Replaces `<id>.<ext>` by a rename, without fsync.
     fn write_unsynced(&self, ext: &str, bytes: &[u8]) -> io::Result<()> {
+        self.replace(ext, bytes, false)
+    }
+
+    /// Writes `bytes` to `.<id>.<ext>.tmp` (fsynced when `sync`) and renames
+    /// it over `<id>.<ext>`.
+    fn replace(&self, ext: &str, bytes: &[u8], sync: bool) -> io::Result<()> {
         let tmp = self.dir.join(format!(".{}.{ext}.tmp", self.id));
         let _ = std::fs::remove_file(&tmp);
         let mut file = OpenOptions::new()
@@ -107,6 +102,9 @@ impl DeviceFiles {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
         file.write_all(bytes)?;
+        if sync {
+            file.sync_all()?;
+        }
         drop(file);
         std::fs::rename(&tmp, self.path(ext))
     }
