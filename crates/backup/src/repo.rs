@@ -208,9 +208,9 @@ impl Repository {
         self.root.join("tmp").join(Uuid::new_v4().to_string())
     }
 
-    /// Writes `bytes` to a temp file, fsyncs it (when `sync`) and renames
-    /// it to `path`.
-    fn write_in_place(&self, path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
+    /// Writes `parts` to a temp file, fsyncs it (when `sync`) and renames
+    /// it to `path`; returns the open file and its length.
+    fn write_in_place(&self, path: &Path, parts: &[&[u8]], sync: bool) -> Result<(File, u64)> {
         let tmp = self.tmp_file();
         let mut f = OpenOptions::new()
             .write(true)
@@ -218,16 +218,21 @@ impl Repository {
             .mode(0o600)
             .open(&tmp)
             .map_err(io_at(&tmp))?;
-        f.write_all(bytes).map_err(io_at(&tmp))?;
+        let mut len = 0;
+        for part in parts {
+            f.write_all(part).map_err(io_at(&tmp))?;
+            len += part.len() as u64;
+        }
         if sync {
             f.sync_all().map_err(io_at(&tmp))?;
         }
-        fs::rename(&tmp, path).map_err(io_at(path))
+        fs::rename(&tmp, path).map_err(io_at(path))?;
+        Ok((f, len))
     }
 
     /// [`Repository::write_in_place`], then fsyncs `path`'s directory.
     fn write_durably(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        self.write_in_place(path, bytes, true)?;
+        self.write_in_place(path, &[bytes], true)?;
         sync_dir(path.parent().expect("a file in a directory"))
     }
 
@@ -267,39 +272,20 @@ impl Repository {
         })
     }
 
-    /// Writes `parts` to a temp file and renames it to `path` (no fsync:
-    /// [`Repository::sync_chunks`] makes chunks durable together), with
-    /// write-behind: this thread's previous chunk file is waited for and
-    /// its pages dropped.
+    /// Writes a chunk file (no fsync: [`Repository::sync_chunks`] makes
+    /// chunks durable together), with write-behind: its writeback starts
+    /// now, and this thread's previous chunk file is waited for and its
+    /// pages dropped.
     fn write_parts(&self, path: &Path, parts: &[&[u8]]) -> Result<()> {
         thread_local! {
             static PREVIOUS: std::cell::RefCell<Option<(File, u64)>> =
                 const { std::cell::RefCell::new(None) };
         }
-        let tmp = self.tmp_file();
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_at(&tmp))?;
-        let mut len = 0;
-        for part in parts {
-            f.write_all(part).map_err(io_at(&tmp))?;
-            len += part.len() as u64;
+        let (f, len) = self.write_in_place(path, parts, false)?;
+        start_writeback(&f, 0, len);
+        if let Some((previous, plen)) = PREVIOUS.with_borrow_mut(|p| p.replace((f, len))) {
+            drop_written(&previous, 0, plen);
         }
-        fs::rename(&tmp, path).map_err(io_at(path))?;
-        let previous = PREVIOUS.with_borrow_mut(|p| p.replace((f, len)));
-        PREVIOUS.with_borrow(|p| {
-            let (f, len) = p.as_ref().expect("just set");
-            match &previous {
-                Some((pf, plen)) => {
-                    write_behind(f, 0, *len, None);
-                    write_behind(pf, 0, *plen, Some((0, *plen)));
-                }
-                None => write_behind(f, 0, *len, None),
-            }
-        });
         Ok(())
     }
 
@@ -585,35 +571,46 @@ impl Repository {
     }
 }
 
-/// Write-behind, as nbdcopy does: starts the writeback of the chunk just
-/// written, and waits for the one before it, then drops its pages, so the
-/// page cache does not fill with a whole device (fresh pages are what a
-/// restore spends its time on). Hints only: errors show at the final fsync.
-pub(crate) fn write_behind(file: &File, at: u64, len: u64, previous: Option<(u64, u64)>) {
+/// Write-behind, as nbdcopy does, in two halves: the writer starts the
+/// writeback of what it just wrote, and waits for what it wrote before and
+/// drops those pages ([`drop_written`]), so the page cache does not fill
+/// with a whole device (fresh pages are what a backup or restore spends its
+/// time on). Hints only: errors show at the final sync.
+pub(crate) fn start_writeback(file: &File, at: u64, len: u64) {
     use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
     // SAFETY: sync_file_range on our own open descriptor; no memory is
     // passed.
-    unsafe { libc::sync_file_range(fd, at as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
-    if let Some((at, len)) = previous {
-        // SAFETY: as above.
-        unsafe {
-            libc::sync_file_range(
-                fd,
-                at as i64,
-                len as i64,
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            )
-        };
-        let _ = rustix::fs::fadvise(
-            file,
-            at,
-            std::num::NonZeroU64::new(len),
-            rustix::fs::Advice::DontNeed,
-        );
-    }
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            at as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
+/// The second half of write-behind: waits until `[at, at+len)` of `file` is
+/// written back, then drops its pages.
+pub(crate) fn drop_written(file: &File, at: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: as in `start_writeback`.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            at as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+    };
+    let _ = rustix::fs::fadvise(
+        file,
+        at,
+        std::num::NonZeroU64::new(len),
+        rustix::fs::Advice::DontNeed,
+    );
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -98,7 +98,10 @@ pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path, threads: usi
                             written.fetch_add(n, Ordering::Relaxed);
                             if n > 0 {
                                 let at = i as u64 * device.chunk_size;
-                                crate::repo::write_behind(&file, at, n, previous.replace((at, n)));
+                                crate::repo::start_writeback(&file, at, n);
+                                if let Some((at, n)) = previous.replace((at, n)) {
+                                    crate::repo::drop_written(&file, at, n);
+                                }
                             }
                         }
                         Err(e) => {
