@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use blksnap_test_support::Pattern;
-use common::nbd_tools::{have, run};
+use common::nbd_tools::{have, nbd_write};
 use common::{blksnap_backup, Daemon};
 use serde_json::Value;
 
@@ -61,18 +61,6 @@ fn fails(d: &Daemon, repo: &Path, args: &[&str], needles: &[&str]) -> String {
         assert!(error.contains(n), "{args:?}: {error:?} lacks {n:?}");
     }
     error
-}
-
-/// Writes `pattern` at each (offset, length) through the device's NBD export.
-fn nbd_write(d: &Daemon, device: &str, writes: &[(u64, u64)], pattern: u8) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for (at, len) in writes {
-        cmd.args(["-c", &format!("write -P {pattern} {at} {len}")]);
-    }
-    let out = run(cmd.arg(d.uri(device)));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.matches("wrote ").count(), writes.len(), "{text}");
 }
 
 /// A device of random data with a hole (its second chunk, never written:

@@ -72,3 +72,27 @@ pub fn random_device(d: &Daemon, name: &str, size: u64, seed: u64) -> Vec<u8> {
     d.ok(&["attach", "--device", name]);
     data
 }
+
+/// Parses a qemu-io `wrote N/N bytes at offset O` line into (O, N).
+pub fn wrote(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("wrote ")?;
+    let (counts, offset) = rest.split_once(" bytes at offset ")?;
+    let (done, asked) = counts.split_once('/')?;
+    assert_eq!(done, asked, "short write: {line}");
+    Some((offset.trim().parse().unwrap(), done.parse().unwrap()))
+}
+
+/// Writes `(offset, length)` ranges of byte `pattern` through the daemon's
+/// NBD export of `export` with one qemu-io; asserts each was acknowledged.
+pub fn nbd_write(d: &Daemon, export: &str, writes: &[(u64, u64)], pattern: u8) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for (at, len) in writes {
+        cmd.arg("-c").arg(format!("write -P {pattern} {at} {len}"));
+    }
+    cmd.arg(d.uri(export));
+    let out = run(&mut cmd);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let acknowledged: Vec<(u64, u64)> = text.lines().filter_map(wrote).collect();
+    assert_eq!(acknowledged, writes, "qemu-io on {export}: {text}");
+}
