@@ -86,12 +86,17 @@ impl Journal {
         self.mode
     }
 
+    /// What the engine's tracker is given: this journal in write-ahead
+    /// mode; nothing in clean-stop mode, where no write has anything to
+    /// record (the clean mark is removed before the device takes writes),
+    /// so the write path stays as without persistence.
+    pub fn engine_hook(self: &Arc<Self>) -> Option<Arc<dyn ChangeJournal>> {
+        (self.mode == CbtPersistence::WriteAhead).then(|| self.clone() as Arc<dyn ChangeJournal>)
+    }
+
     /// Whether the heartbeat should look at the device now: it was written
     /// since the last look, or has gone quiet since (one last look).
     pub fn heartbeat_due(&self) -> bool {
-        if self.mode != CbtPersistence::WriteAhead {
-            return false;
-        }
         if self.written.swap(false, Ordering::Relaxed) {
             self.quiet_due.store(true, Ordering::Relaxed);
             true
@@ -201,9 +206,10 @@ impl Journal {
     }
 }
 
+/// The engine's hook, in write-ahead mode only ([`Journal::engine_hook`]).
 impl ChangeJournal for Journal {
     fn record(&self, change: Change) -> u64 {
-        if self.mode != CbtPersistence::WriteAhead || !self.begun.load(Ordering::SeqCst) {
+        if !self.begun.load(Ordering::SeqCst) {
             return 0;
         }
         let mut wal = self.wal.lock().unwrap();
@@ -223,15 +229,13 @@ impl ChangeJournal for Journal {
         if !self.begun.load(Ordering::SeqCst) {
             return;
         }
-        if self.mode == CbtPersistence::WriteAhead {
-            // A load first: the store only once per heartbeat.
-            if !self.written.load(Ordering::Relaxed) {
-                self.written.store(true, Ordering::Relaxed);
-            }
-            let target = ticket.unwrap_or_else(|| self.appended.load(Ordering::SeqCst));
-            if self.durable.load(Ordering::SeqCst) < target {
-                self.commit(target);
-            }
+        // A load first: the store only once per heartbeat.
+        if !self.written.load(Ordering::Relaxed) {
+            self.written.store(true, Ordering::Relaxed);
+        }
+        let target = ticket.unwrap_or_else(|| self.appended.load(Ordering::SeqCst));
+        if self.durable.load(Ordering::SeqCst) < target {
+            self.commit(target);
         }
     }
 }

@@ -34,7 +34,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use blksnap_engine::{CbtState, ChangeJournal, GenerationReason, TrackedDevice, TrackingStart};
+use blksnap_engine::{CbtState, GenerationReason, TrackedDevice, TrackingStart};
 use blksnap_proto::{CbtPersistence, MissingDevice};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -628,7 +628,7 @@ impl Persistence {
             start: TrackingStart {
                 restore: plan.start,
                 reason: Some(plan.reason),
-                journal: Some(journal.clone() as Arc<dyn ChangeJournal>),
+                journal: journal.engine_hook(),
             },
             journal,
             _serial: serial,
@@ -812,7 +812,7 @@ impl Prepared<'_> {
         TrackingStart {
             restore: None,
             reason: Some(GenerationReason::RecordCorrupt),
-            journal: Some(self.journal.clone() as Arc<dyn ChangeJournal>),
+            journal: self.journal.engine_hook(),
         }
     }
 }
