@@ -1,9 +1,11 @@
-//! The NBD frontend: serves every tracked device (read-write, export name =
-//! the device name) and every snapshot image (`snapshot/<device>`) of an
-//! [`Engine`] over Unix and TCP sockets, with structured replies, block
-//! status for `base:allocation`, and the change maps as
-//! `qemu:dirty-bitmap:since-N` contexts on images. Translates the protocol
-//! into engine calls and nothing else; the daemon owns its lifetime.
+//! The NBD frontend: serves exports over Unix and TCP sockets, with
+//! structured replies, block status for `base:allocation`, and change maps
+//! as `qemu:dirty-bitmap:since-N` contexts. What it serves is an
+//! [`ExportSource`]: with the feature `engine` (default), every tracked
+//! device (read-write, export name = the device name) and every snapshot
+//! image (`snapshot/<device>`) of an engine; the backup tool serves its
+//! repository's points in time read-only. Translates the protocol into
+//! export calls and nothing else; the daemon owns its lifetime.
 //!
 //! Each connection gets a thread for the handshake and request reading, and
 //! a few workers ([`transmission`]). Shutdown stops accepting and closes the
@@ -14,22 +16,21 @@
 //! only while it is still the one we bound (another server's may be there).
 
 //!
-//! The crate also holds an NBD client ([`client`]). The server and the
-//! engine it links are behind the default feature `server`; a client-only
-//! user (the backup tool) turns it off.
+//! The crate also holds an NBD client ([`client`]). The engine is behind
+//! the default feature `engine`; the backup tool turns it off and links the
+//! client and the server without it.
 
 pub mod client;
-pub mod protocol;
-
-#[cfg(feature = "server")]
-mod export;
-#[cfg(feature = "server")]
+#[cfg(feature = "engine")]
+mod engine_export;
+pub mod export;
 mod negotiate;
-#[cfg(feature = "server")]
+pub mod protocol;
 mod server;
-#[cfg(feature = "server")]
 mod transmission;
 
 pub use client::{NbdAddress, NbdClient};
-#[cfg(feature = "server")]
+#[cfg(feature = "engine")]
+pub use engine_export::EngineExports;
+pub use export::{ChangeMap, Export, ExportError, ExportResult, ExportSource};
 pub use server::*;

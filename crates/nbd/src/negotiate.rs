@@ -5,14 +5,14 @@
 
 use std::io::{self, Read, Write};
 
-use blksnap_engine::Engine;
+use std::sync::Arc;
 
-use crate::export::{self, Context, Export};
+use crate::export::{self, Context, Export, ExportSource};
 use crate::protocol::*;
 
 /// What the client chose: the export and how to talk to it.
 pub struct Session {
-    pub export: Export,
+    pub export: Arc<dyn Export>,
     pub structured: bool,
     pub contexts: Vec<Context>,
 }
@@ -61,7 +61,10 @@ fn send_error(w: &mut impl Write, option: u32, kind: u32, message: &str) -> io::
 
 /// Runs the handshake; `Ok(None)` when the client ended it without an
 /// export (ABORT, unknown EXPORT_NAME, or hanging up).
-pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result<Option<Session>> {
+pub fn negotiate<S: Read + Write>(
+    stream: &mut S,
+    source: &dyn ExportSource,
+) -> io::Result<Option<Session>> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -107,13 +110,13 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(export) = export::resolve(engine, &name) else {
+                let Some(export) = source.open(&name) else {
                     tracing::info!(export = %name, "NBD client asked for an unknown export");
                     return Ok(None);
                 };
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&export.size().to_be_bytes());
-                reply.extend_from_slice(&export.transmission_flags(structured).to_be_bytes());
+                reply.extend_from_slice(&export::transmission_flags(&*export, structured).to_be_bytes());
                 if !no_zeroes {
                     reply.extend_from_slice(&[0u8; 124]);
                 }
@@ -134,7 +137,7 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result
                     send_error(stream, option, REP_ERR_INVALID, "LIST takes no data")?;
                     continue;
                 }
-                for name in export::list(engine) {
+                for name in source.names() {
                     let mut p = (name.len() as u32).to_be_bytes().to_vec();
                     p.extend_from_slice(name.as_bytes());
                     send(stream, option, REP_SERVER, &p)?;
@@ -174,7 +177,7 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result
                     send_error(stream, option, REP_ERR_INVALID, "malformed INFO/GO request")?;
                     continue;
                 };
-                let Some(export) = export::resolve(engine, &name) else {
+                let Some(export) = source.open(&name) else {
                     send_error(
                         stream,
                         option,
@@ -185,7 +188,7 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result
                 };
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&export.size().to_be_bytes());
-                info.extend_from_slice(&export.transmission_flags(structured).to_be_bytes());
+                info.extend_from_slice(&export::transmission_flags(&*export, structured).to_be_bytes());
                 send(stream, option, REP_INFO, &info)?;
                 if requests.contains(&INFO_NAME) {
                     let mut info = INFO_NAME.to_be_bytes().to_vec();
@@ -245,7 +248,7 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result
                     )?;
                     continue;
                 };
-                let Some(export) = export::resolve(engine, &name) else {
+                let Some(export) = source.open(&name) else {
                     send_error(
                         stream,
                         option,
@@ -257,7 +260,7 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result
                 let chosen: Vec<(String, Context)> = if set {
                     // Each context once, in the order first asked for: a
                     // repeated name must not select it (and its id) twice.
-                    let all = export.contexts();
+                    let all = export::contexts(&*export);
                     let mut chosen: Vec<(String, Context)> = Vec::new();
                     for q in &queries {
                         if chosen.iter().any(|(n, _)| n == q) {
@@ -269,11 +272,11 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, engine: &Engine) -> io::Result
                     }
                     chosen
                 } else if queries.is_empty() {
-                    export.contexts()
+                    export::contexts(&*export)
                 } else {
                     queries
                         .iter()
-                        .flat_map(|q| export.list_matches(q))
+                        .flat_map(|q| export::list_matches(&*export, q))
                         .collect()
                 };
                 for (context_name, context) in &chosen {

@@ -1,7 +1,6 @@
 //! The NBD server ([`NbdServer`]): listeners, connections and their
-//! lifetime, over an [`Engine`]. Behind the `server` feature (default), so
-//! that clients (the backup tool) use [`crate::client`] without linking the
-//! engine.
+//! lifetime, over an [`ExportSource`]: the engine's volumes (feature
+//! `engine`) or anything else that implements it.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -15,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use blksnap_engine::Engine;
+use crate::export::ExportSource;
 
 /// A stream the server can serve on.
 pub trait Conn: Read + Write + Send + 'static {
@@ -93,7 +92,7 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 type CloseFn = Box<dyn Fn(Shutdown) + Send>;
 
 pub struct NbdServer {
-    engine: Arc<Engine>,
+    source: Arc<dyn ExportSource>,
     stopping: AtomicBool,
     next_id: AtomicU64,
     connections: Mutex<HashMap<u64, CloseFn>>,
@@ -106,9 +105,16 @@ pub fn unix_uri(socket: &Path, name: &str) -> String {
 }
 
 impl NbdServer {
-    pub fn new(engine: Arc<Engine>) -> Arc<Self> {
+    /// A server of every volume of `engine`.
+    #[cfg(feature = "engine")]
+    pub fn new(engine: Arc<blksnap_engine::Engine>) -> Arc<Self> {
+        Self::serving(Arc::new(crate::engine_export::EngineExports(engine)))
+    }
+
+    /// A server of the exports `source` names.
+    pub fn serving(source: Arc<dyn ExportSource>) -> Arc<Self> {
         Arc::new(Self {
-            engine,
+            source,
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             connections: Mutex::new(HashMap::new()),
@@ -220,7 +226,7 @@ impl NbdServer {
     }
 
     fn serve<S: Conn>(&self, mut stream: S) -> io::Result<()> {
-        let Some(session) = crate::negotiate::negotiate(&mut stream, &self.engine)? else {
+        let Some(session) = crate::negotiate::negotiate(&mut stream, &*self.source)? else {
             return Ok(());
         };
         tracing::debug!(
@@ -253,10 +259,10 @@ impl NbdServer {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "engine"))]
 mod tests {
     use super::*;
-    use blksnap_engine::Config;
+    use blksnap_engine::{Config, Engine};
     use std::time::Instant;
 
     /// Issue 12: shutdown ends both accept loops though the Unix socket

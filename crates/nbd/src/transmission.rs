@@ -11,7 +11,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
-use crate::export::{Context, Export};
+use crate::export::{self, Context, Export, ExportError};
 use crate::negotiate::Session;
 use crate::protocol::*;
 use crate::Conn;
@@ -148,9 +148,8 @@ fn error(errno: u32, message: impl Into<String>) -> Reply {
     }
 }
 
-fn engine_error(e: blksnap_engine::Error) -> Reply {
-    tracing::debug!(error = %e, "NBD request failed");
-    error(wire_error(e.errno()), e.to_string())
+fn export_error(e: ExportError) -> Reply {
+    error(wire_error(e.errno), e.message)
 }
 
 const KNOWN_FLAGS: u16 =
@@ -161,8 +160,7 @@ fn handle(session: &Session, job: Job) -> Reply {
         request: r,
         payload,
     } = job;
-    let export = session.export.volume();
-    let nbd_export = &session.export;
+    let export = &*session.export;
     if r.flags & !KNOWN_FLAGS != 0 {
         return error(EINVAL, format!("unknown command flags {:#x}", r.flags));
     }
@@ -172,7 +170,7 @@ fn handle(session: &Session, job: Job) -> Reply {
         .checked_add(r.length as u64)
         .is_some_and(|end| end <= size);
     let fua = r.flags & CMD_FLAG_FUA != 0;
-    let flush_if_fua = |result: blksnap_engine::Result<()>| match result.and_then(|_| {
+    let flush_if_fua = |result: Result<(), ExportError>| match result.and_then(|_| {
         if fua {
             export.flush()
         } else {
@@ -180,9 +178,12 @@ fn handle(session: &Session, job: Job) -> Reply {
         }
     }) {
         Ok(()) => Reply::Done,
-        Err(e) => engine_error(e),
+        Err(e) => export_error(e),
     };
     match r.command {
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if export.read_only() => {
+            error(EPERM, "the export is read-only")
+        }
         CMD_READ | CMD_CACHE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS if !in_range => {
             error(
                 EINVAL,
@@ -217,14 +218,14 @@ fn handle(session: &Session, job: Job) -> Reply {
                     data,
                     fragment: r.flags & CMD_FLAG_DF == 0,
                 },
-                Err(e) => engine_error(e),
+                Err(e) => export_error(e),
             }
         }
         CMD_WRITE => flush_if_fua(export.write(&payload, r.offset)),
         CMD_FLUSH => flush_if_fua(export.flush()),
         CMD_TRIM => flush_if_fua(export.discard(r.offset, r.length as u64)),
         CMD_WRITE_ZEROES => {
-            if r.flags & CMD_FLAG_FAST_ZERO != 0 && !nbd_export.fast_zero() {
+            if r.flags & CMD_FLAG_FAST_ZERO != 0 && !export.fast_zero() {
                 return error(
                     ENOTSUP,
                     "write-zeroes is not faster than a write on this export",
@@ -234,12 +235,12 @@ fn handle(session: &Session, job: Job) -> Reply {
         }
         // The engine reads straight from the device: nothing to warm.
         CMD_CACHE => Reply::Done,
-        CMD_BLOCK_STATUS => block_status(nbd_export, &session.contexts, session.structured, &r),
+        CMD_BLOCK_STATUS => block_status(export, &session.contexts, session.structured, &r),
         other => error(EINVAL, format!("unknown command {other}")),
     }
 }
 
-fn block_status(export: &Export, contexts: &[Context], structured: bool, r: &Request) -> Reply {
+fn block_status(export: &dyn Export, contexts: &[Context], structured: bool, r: &Request) -> Reply {
     if !structured || contexts.is_empty() {
         return error(
             EINVAL,
@@ -256,9 +257,9 @@ fn block_status(export: &Export, contexts: &[Context], structured: bool, r: &Req
     };
     let mut chunks = Vec::new();
     for context in contexts {
-        match export.block_status(context, r.offset, r.length as u64, max) {
+        match export::block_status(export, context, r.offset, r.length as u64, max) {
             Ok(descriptors) => chunks.push((context.id(), descriptors)),
-            Err(e) => return engine_error(e),
+            Err(e) => return export_error(e),
         }
     }
     Reply::BlockStatus(chunks)
