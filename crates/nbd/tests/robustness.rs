@@ -2,7 +2,9 @@
 //! an `NbdServer` in this process, on a Unix socket in a temporary
 //! directory, and a minimal raw NBD client written here (fixed newstyle with
 //! NO_ZEROES, STRUCTURED_REPLY, SET_META_CONTEXT, GO; simple and structured
-//! replies) that misbehaves on purpose.
+//! replies) that misbehaves on purpose. Connections that only have to
+//! behave (the survivors and the health checks) use the crate's
+//! [`NbdClient`] instead, so that they cannot misbehave by accident.
 //!
 //! Every case asserts the protocol's answer (an error reply, an option error,
 //! or the connection closed) and afterwards that the server still serves:
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use blksnap_engine::{BlockDevice, Config, Engine, MemDevice, SnapshotOptions, StorageSpec};
 use blksnap_nbd::protocol::*;
-use blksnap_nbd::NbdServer;
+use blksnap_nbd::{NbdAddress, NbdClient, NbdServer};
 use blksnap_test_support::Pattern;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence, TestRunner};
@@ -331,7 +333,7 @@ struct Reply {
     chunks: Vec<(u16, Chunk)>,
 }
 
-struct Client {
+struct RawClient {
     s: UnixStream,
     structured: bool,
     size: u64,
@@ -342,13 +344,13 @@ struct Client {
     next_cookie: u64,
 }
 
-impl Client {
-    fn open(socket: &Path, export: &str, structured: bool, queries: &[&str]) -> Client {
+impl RawClient {
+    fn open(socket: &Path, export: &str, structured: bool, queries: &[&str]) -> RawClient {
         Self::negotiate(greeted(socket), export, structured, queries)
     }
 
     /// Finishes a handshake on a greeted connection.
-    fn negotiate(mut s: UnixStream, export: &str, structured: bool, queries: &[&str]) -> Client {
+    fn negotiate(mut s: UnixStream, export: &str, structured: bool, queries: &[&str]) -> RawClient {
         if structured {
             expect_opt_reply(&mut s, OPT_STRUCTURED_REPLY, &[], REP_ACK);
         }
@@ -366,12 +368,12 @@ impl Client {
         export: &str,
         structured: bool,
         contexts: HashMap<u32, String>,
-    ) -> Client {
+    ) -> RawClient {
         let (size, flags) = info_or_go(&mut s, OPT_GO, export)
             .unwrap_or_else(|e| panic!("GO {export} failed: {e:#x}"));
         assert_ne!(flags & TFLAG_HAS_FLAGS, 0);
         assert_eq!(flags & TFLAG_SEND_DF != 0, structured);
-        Client {
+        RawClient {
             s,
             structured,
             size,
@@ -626,23 +628,39 @@ impl Fixture {
         }
     }
 
-    fn client(&self, structured: bool) -> Client {
-        Client::open(&self.socket, DISK, structured, &[])
+    fn raw_client(&self, structured: bool) -> RawClient {
+        RawClient::open(&self.socket, DISK, structured, &[])
     }
 
-    /// A client of `export` that has written `data` at `offset`.
-    fn client_with(&self, export: &str, structured: bool, offset: u64, data: &[u8]) -> Client {
-        let mut c = Client::open(&self.socket, export, structured, &[]);
-        c.write(offset, data);
+    /// A well-behaved connection to `export`.
+    fn nbd_client(&self, export: &str) -> NbdClient {
+        let address = NbdAddress::Unix {
+            socket: self.socket.clone(),
+            export: export.to_string(),
+        };
+        let c = NbdClient::connect_timeout(&address, &[], Some(TIMEOUT))
+            .unwrap_or_else(|e| panic!("connecting to {export}: {e}"));
+        // RawClient::go checks these of every connection it opens; the
+        // connections opened here must not skip that check.
+        assert!(c.structured_replies(), "{export}: no structured replies");
+        assert_ne!(c.transmission_flags() & TFLAG_SEND_DF, 0, "{export}: no DF");
         c
     }
 
-    /// A client of the disk that has written 4 KiB (pattern 1) at 0, and
-    /// what it wrote. In most tests the survivor: opened before the bad
-    /// connections, its data must outlive them.
-    fn client_with_data(&self, structured: bool) -> (Client, Vec<u8>) {
+    /// A connection to `export` that has written `data` at `offset`: opened
+    /// before the bad connections, its data must outlive them.
+    fn survivor(&self, export: &str, offset: u64, data: &[u8]) -> NbdClient {
+        let mut c = self.nbd_client(export);
+        c.write_at(data, offset)
+            .unwrap_or_else(|e| panic!("survivor write {offset}+{}: {e}", data.len()));
+        c
+    }
+
+    /// The usual survivor: it has written 4 KiB (pattern 1) at 0 of the
+    /// disk; and what it wrote.
+    fn survivor_with_data(&self) -> (NbdClient, Vec<u8>) {
         let data = Pattern::XorShift.bytes(1, 4096);
-        (self.client_with(DISK, structured, 0, &data), data)
+        (self.survivor(DISK, 0, &data), data)
     }
 
     /// Waits until the server has exactly `n` connections (the bad ones
@@ -662,24 +680,27 @@ impl Fixture {
     /// The server still serves: the survivor (opened before the bad
     /// connections) and a new connection read back every acknowledged
     /// write, the bad connections are gone, no server thread panicked.
-    fn check_healthy(&self, survivor: &mut Client, acked: &[(u64, Vec<u8>)], live: usize) {
+    fn check_healthy(&self, survivor: &mut NbdClient, acked: &[(u64, Vec<u8>)], live: usize) {
         for (offset, data) in acked {
             assert_eq!(
-                &survivor.read(*offset, data.len()),
+                &read_back(survivor, *offset, data.len()),
                 data,
                 "survivor at {offset}"
             );
         }
         self.wait_connections(live);
-        let mut fresh = self.client(true);
+        let mut fresh = self.nbd_client(DISK);
         for (offset, data) in acked {
             assert_eq!(
-                &fresh.read(*offset, data.len()),
+                &read_back(&mut fresh, *offset, data.len()),
                 data,
                 "new client at {offset}"
             );
         }
-        fresh.disconnect();
+        fresh.disconnect().unwrap();
+        // NbdClient does not wait for the server to close after
+        // NBD_CMD_DISC; the server's count tells that it did.
+        self.wait_connections(live);
         assert_no_server_panic();
     }
 
@@ -689,6 +710,13 @@ impl Fixture {
         self.wait_connections(0);
         assert_no_server_panic();
     }
+}
+
+fn read_back(c: &mut NbdClient, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    c.read_at(&mut buf, offset)
+        .unwrap_or_else(|e| panic!("read {offset}+{len} of {}: {e}", c.export()));
+    buf
 }
 
 impl Drop for Fixture {
@@ -706,10 +734,10 @@ fn bad_requests_get_protocol_errors() {
     let size = 40 * MIB;
     let fx = Fixture::new(size);
     let mine = Pattern::XorShift.bytes(1, 8192);
-    let mut survivor = fx.client_with(DISK, false, 0, &mine);
+    let mut survivor = fx.survivor(DISK, 0, &mine);
     let mut acked = vec![(0, mine)];
     for structured in [false, true] {
-        let mut c = fx.client(structured);
+        let mut c = fx.raw_client(structured);
         assert_eq!(c.size, size);
         let at = MIB + if structured { 64 * KIB } else { 0 };
         let data = Pattern::XorShift.bytes(2 + structured as u64, 4096);
@@ -772,7 +800,7 @@ fn bad_requests_get_protocol_errors() {
     }
 
     // With a context: block status beyond the end or of zero length.
-    let mut c = Client::open(&fx.socket, DISK, true, &["base:allocation"]);
+    let mut c = RawClient::open(&fx.socket, DISK, true, &["base:allocation"]);
     assert_eq!(c.contexts.len(), 1);
     assert_eq!(c.errno(0, CMD_BLOCK_STATUS, size, 512, &[]), EINVAL);
     assert_eq!(c.errno(0, CMD_BLOCK_STATUS, size - 512, 1024, &[]), EINVAL);
@@ -795,10 +823,10 @@ fn bad_requests_get_protocol_errors() {
 #[test]
 fn oversized_write_header_and_bad_magic_disconnect() {
     let fx = Fixture::new(4 * MIB);
-    let (mut survivor, mine) = fx.client_with_data(true);
+    let (mut survivor, mine) = fx.survivor_with_data();
     let mut acked = vec![(0, mine)];
     for (i, structured) in [false, true].into_iter().enumerate() {
-        let mut bad = fx.client(structured);
+        let mut bad = fx.raw_client(structured);
         let at = MIB + i as u64 * 64 * KIB;
         let data = Pattern::XorShift.bytes(10 + i as u64, 64 * KIB);
         bad.write(at, &data);
@@ -809,7 +837,7 @@ fn oversized_write_header_and_bad_magic_disconnect() {
         fx.check_healthy(&mut survivor, &acked, 1);
     }
     // A request with a bad magic: the stream cannot be trusted, hang up.
-    let mut bad = fx.client(false);
+    let mut bad = fx.raw_client(false);
     let mut header = Request {
         flags: 0,
         command: CMD_READ,
@@ -828,11 +856,11 @@ fn oversized_write_header_and_bad_magic_disconnect() {
 fn client_vanishing_mid_write_loses_nothing_acknowledged() {
     let fx = Fixture::new(4 * MIB);
     let mine = Pattern::XorShift.bytes(1, 4096);
-    let mut survivor = fx.client_with(DISK, false, 3 * MIB, &mine);
+    let mut survivor = fx.survivor(DISK, 3 * MIB, &mine);
     let at = MIB;
     let before = Pattern::XorShift.bytes(2, 64 * KIB);
     for structured in [false, true] {
-        let mut c = fx.client(structured);
+        let mut c = fx.raw_client(structured);
         c.write(at, &before);
         // A WRITE header and half its payload, then gone.
         let half = Pattern::XorShift.bytes(3, 32 * KIB);
@@ -841,7 +869,7 @@ fn client_vanishing_mid_write_loses_nothing_acknowledged() {
         fx.wait_connections(1);
         // A FUA write whose payload never completes, closing only our side
         // for writing: no reply may come for it.
-        let mut c = fx.client(structured);
+        let mut c = fx.raw_client(structured);
         c.send(CMD_FLAG_FUA, CMD_WRITE, 78, at, 64 * KIB as u32, &half);
         c.s.shutdown(Shutdown::Write).unwrap();
         let rest = read_until_closed(&mut c.s, "half a write, then EOF");
@@ -861,7 +889,7 @@ type BadHandshake = Box<dyn Fn(&mut UnixStream)>;
 #[test]
 fn broken_handshakes_disconnect() {
     let fx = Fixture::new(4 * MIB);
-    let (mut survivor, mine) = fx.client_with_data(true);
+    let (mut survivor, mine) = fx.survivor_with_data();
     let acked = vec![(0, mine)];
     let ok_flags = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes();
     let garbage = Pattern::XorShift.bytes(7, 64);
@@ -1017,7 +1045,7 @@ fn oversized_export_name_disconnects() {
 #[test]
 fn handshake_errors_let_the_handshake_continue() {
     let fx = Fixture::new(4 * MIB);
-    let (mut survivor, mine) = fx.client_with_data(false);
+    let (mut survivor, mine) = fx.survivor_with_data();
 
     let mut s = greeted(&fx.socket);
     // Unknown options.
@@ -1113,7 +1141,7 @@ fn handshake_errors_let_the_handshake_continue() {
     let contexts = set_meta_context(&mut s, DISK, &["base:allocation"]);
     assert_eq!(contexts.len(), 1);
     // And finally GO works, with the context, and the data is there.
-    let mut c = Client::go(s, DISK, true, contexts);
+    let mut c = RawClient::go(s, DISK, true, contexts);
     assert_eq!(c.read(0, 4096), mine);
     let r = c.request(0, CMD_BLOCK_STATUS, 0, 4096, &[]);
     assert_eq!(status_chunks(&r).len(), 1);
@@ -1127,7 +1155,7 @@ fn handshake_errors_let_the_handshake_continue() {
     let b = read_n(&mut s, 8 + 2 + 124);
     assert_eq!(be64(&b, 0), 4 * MIB);
     assert!(b[10..].iter().all(|&x| x == 0));
-    let mut c = Client {
+    let mut c = RawClient {
         s,
         structured: false,
         size: 4 * MIB,
@@ -1149,12 +1177,12 @@ fn handshake_errors_let_the_handshake_continue() {
 #[test]
 fn many_requests_in_flight_on_one_connection() {
     let fx = Fixture::new(4 * MIB);
-    let (mut survivor, mine) = fx.client_with_data(true);
+    let (mut survivor, mine) = fx.survivor_with_data();
     let mut acked = vec![(0, mine)];
     const N: usize = 64;
     const BLOCK: usize = 4096;
     for (round, structured) in [false, true].into_iter().enumerate() {
-        let mut c = fx.client(structured);
+        let mut c = fx.raw_client(structured);
         let reads_at = MIB + round as u64 * MIB / 2;
         let writes_at = reads_at + MIB / 4;
         let before = Pattern::XorShift.bytes(20 + round as u64, (N / 2 * BLOCK) as u64);
@@ -1234,7 +1262,7 @@ fn soft_disconnect_answers_requests_in_flight_first() {
     let fx = Fixture::new(4 * MIB);
     fx.disk.set_delay(Duration::from_millis(2));
     for structured in [false, true] {
-        let mut c = fx.client(structured);
+        let mut c = fx.raw_client(structured);
         let mut batch = Vec::new();
         let mut data = Vec::new();
         for i in 0..16u64 {
@@ -1280,9 +1308,9 @@ fn soft_disconnect_answers_requests_in_flight_first() {
 #[test]
 fn device_errors_become_error_replies() {
     let fx = Fixture::new(4 * MIB);
-    let (mut survivor, mine) = fx.client_with_data(true);
+    let (mut survivor, mine) = fx.survivor_with_data();
     for structured in [false, true] {
-        let mut c = fx.client(structured);
+        let mut c = fx.raw_client(structured);
         fx.disk.set_fail_reads(true);
         assert_eq!(c.try_read(0, 0, 4096), Err(EIO));
         assert_eq!(c.try_read(CMD_FLAG_DF, 0, 4096), Err(EIO));
@@ -1307,7 +1335,7 @@ fn device_errors_become_error_replies() {
 #[test]
 fn structured_reads_send_holes_and_respect_df() {
     let fx = Fixture::new(4 * MIB);
-    let mut c = fx.client(true);
+    let mut c = fx.raw_client(true);
     assert_ne!(c.flags & TFLAG_SEND_DF, 0);
     let head = Pattern::XorShift.bytes(1, 4096);
     let middle = Pattern::XorShift.bytes(2, 10);
@@ -1408,9 +1436,9 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     let block = fx.engine.cbt_info(DISK).unwrap().block_size as u64;
     assert_eq!(block, 64 * KIB);
     let blocks = (size / block) as usize;
-    let mut dev = fx.client(true);
+    let mut dev = fx.nbd_client(DISK);
     // Before the first snapshot: block 0.
-    dev.write(100, &Pattern::XorShift.bytes(1, 10));
+    dev.write_at(&Pattern::XorShift.bytes(1, 10), 100).unwrap();
     // A snapshot of the disk, taken, with 16 MiB of memory storage.
     let take = || {
         let storage = StorageSpec::Device(Arc::new(MemDevice::new(16 * MIB)));
@@ -1432,12 +1460,14 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
         (size - 512, 512),
     ];
     for (i, &(at, n)) in between.iter().enumerate() {
-        dev.write(at, &Pattern::XorShift.bytes(10 + i as u64, n as u64));
+        dev.write_at(&Pattern::XorShift.bytes(10 + i as u64, n as u64), at)
+            .unwrap();
     }
     fx.engine.snapshot_destroy(&first).unwrap();
     let second = take();
     // Written after the second take: not in the image's maps.
-    dev.write(20 * block, &Pattern::XorShift.bytes(30, 4096));
+    dev.write_at(&Pattern::XorShift.bytes(30, 4096), 20 * block)
+        .unwrap();
 
     let image = format!("snapshot/{DISK}");
     let queries = [
@@ -1447,7 +1477,7 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
         // The image's change number is 2: no bitmap since 2 or later.
         "qemu:dirty-bitmap:since-2",
     ];
-    let mut c = Client::open(&fx.socket, &image, true, &queries);
+    let mut c = RawClient::open(&fx.socket, &image, true, &queries);
     assert_eq!(c.size, size);
     let id = |name: &str| {
         *c.contexts
@@ -1510,7 +1540,7 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     );
     assert_eq!(c.read(20 * block, 4096), vec![0; 4096]);
     // A second connection that selected dirty bitmaps only.
-    let mut bitmaps = Client::open(&fx.socket, &image, true, &["qemu:dirty-bitmap:since-1"]);
+    let mut bitmaps = RawClient::open(&fx.socket, &image, true, &["qemu:dirty-bitmap:since-1"]);
     let only = *bitmaps.contexts.keys().next().unwrap();
     // The snapshot destroyed under the connections (docs/nbd.md §5, §9):
     // reads fail with EIO; a BLOCK_STATUS with `base:allocation` among its
@@ -1533,7 +1563,7 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     assert_eq!(bitmaps.try_read(0, 0, 4096).unwrap_err(), EIO);
     bitmaps.disconnect();
     c.disconnect();
-    dev.disconnect();
+    dev.disconnect().unwrap();
     fx.check_all_closed();
 }
 
@@ -1595,7 +1625,7 @@ fn repeated_context_names_select_each_context_once() {
             replies, expected,
             "SET_META_CONTEXT {queries:?} on {export}"
         );
-        let mut c = Client::go(s, export, true, replies.into_iter().collect());
+        let mut c = RawClient::go(s, export, true, replies.into_iter().collect());
         // BLOCK_STATUS: exactly one chunk per selected context, in the
         // order they were selected.
         for flags in [0, CMD_FLAG_REQ_ONE] {
@@ -1806,8 +1836,9 @@ fn shutdown_answers_in_flight_requests_and_refuses_new_connections() {
     fx.engine.attach("gated", gated.clone()).unwrap();
     let (tcp, _) = fx.server.listen_tcp("127.0.0.1:0").unwrap();
     let data = Pattern::XorShift.bytes(1, 4096);
-    let mut c = fx.client_with("gated", true, 0, &data);
-    let mut simple = Client::open(&fx.socket, "gated", false, &[]);
+    let mut c = RawClient::open(&fx.socket, "gated", true, &[]);
+    c.write(0, &data);
+    let mut simple = RawClient::open(&fx.socket, "gated", false, &[]);
     let mut handshaking = connect(&fx.socket);
     read_hello(&mut handshaking);
 
@@ -1855,12 +1886,12 @@ fn shutdown_answers_in_flight_requests_and_refuses_new_connections() {
 
 /// The random tests' server: its 1 MiB disk gets the random input; the
 /// survivor, on a second export "spare", has written 4 KiB (pattern 1) at 0.
-fn random_fixture() -> (Fixture, Client, Vec<u8>) {
+fn random_fixture() -> (Fixture, NbdClient, Vec<u8>) {
     let fx = Fixture::new(MIB);
     let spare = Arc::new(MemDevice::new(MIB));
     fx.engine.attach("spare", spare).unwrap();
     let mine = Pattern::XorShift.bytes(1, 4096);
-    let survivor = fx.client_with("spare", true, 0, &mine);
+    let survivor = fx.survivor("spare", 0, &mine);
     (fx, survivor, mine)
 }
 
@@ -1883,10 +1914,10 @@ fn random_runner() -> TestRunner {
 impl Fixture {
     /// After a random test: the server still serves, and "spare" holds what
     /// the survivor wrote, also read over a new connection.
-    fn check_spare(&self, survivor: &mut Client, mine: &[u8]) {
+    fn check_spare(&self, survivor: &mut NbdClient, mine: &[u8]) {
         self.check_healthy(survivor, &[], 1);
-        let mut spare = Client::open(&self.socket, "spare", false, &[]);
-        assert_eq!(spare.read(0, 4096), mine);
+        let mut spare = self.nbd_client("spare");
+        assert_eq!(read_back(&mut spare, 0, 4096), mine);
     }
 }
 
@@ -1986,7 +2017,7 @@ fn random_request_headers_never_break_the_server() {
         .run(&strategy, |(header, extra, mode)| {
             let structured = mode > 0;
             let queries: &[&str] = if mode == 2 { &["base:allocation"] } else { &[] };
-            let mut c = Client::open(&fx.socket, DISK, structured, queries);
+            let mut c = RawClient::open(&fx.socket, DISK, structured, queries);
             let mut bytes = header.to_vec();
             bytes.extend_from_slice(&extra);
             // The server may hang up before taking everything.
