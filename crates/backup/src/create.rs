@@ -1,13 +1,14 @@
-//! Backing up one device image into the repository: which chunks to read
-//! (all, or in an incremental only those holding a block changed since the
-//! last backup), holes skipped through the image's allocation, every chunk
-//! hashed and stored once.
+//! Backing up one device image into the repository: what to read (all of
+//! it, or in an incremental only the blocks changed since the last backup,
+//! as patches over the previous backup's regions), holes skipped through
+//! the image's allocation, every chunk hashed and stored once.
 //!
-//! Invariants: the manifest entry of a chunk that is not read is the
-//! previous backup's entry for it, which is only done when the change map
-//! proves the chunk unchanged (same generation and block size, every block
-//! of the chunk at or below the previous backup's change number). A chunk
-//! is named in a manifest only after it is stored ([`Repository`]).
+//! Invariants: whatever of a region is not read comes from the previous
+//! backup's entry for it, which is only done where the change map proves
+//! it unchanged (same generation and block size, every block not read at
+//! or below the previous backup's change number). A chunk is named in a
+//! manifest only after it is stored ([`Repository`]). A device's chunk
+//! list stays within [`INDEX_BYTES_PER_REGION`] per region.
 //!
 //! Callers: `main` (the `create` command), with an [`ImageSource`] per
 //! reader thread (an NBD connection to the snapshot image).
@@ -20,7 +21,9 @@ use std::sync::Mutex;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::repo::{chunk_id, ChunkId, DeviceBackup, Repository, Result};
+use crate::repo::{
+    chunk_id, ChunkId, DeviceBackup, Patch, Region, Repository, Result, INDEX_BYTES_PER_REGION,
+};
 
 /// The chunk size of a device's backup: 4 MiB (an index of 64 bytes per
 /// 4 MiB: 16 MiB of manifest per TiB), or the tracking block if larger,
@@ -99,14 +102,148 @@ pub struct Stats {
     pub bytes_stored: u64,
     /// Chunks read that the repository already had.
     pub chunks_deduplicated: u64,
-    /// Chunks taken from the previous backup without reading.
+    /// Regions taken from the previous backup without reading.
     pub chunks_reused: u64,
     pub chunks_zero: u64,
+    /// Regions of which only the changed blocks were read, as patches.
+    pub regions_patched: u64,
 }
 
 /// Reports progress: bytes done so far of the bytes this backup must look
 /// at (the chunks it does not take from the previous backup).
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+/// A region with more patches than this is read whole.
+const MAX_PATCHES: usize = 16;
+
+/// What a backup does with one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RegionPlan {
+    /// The previous backup's entry: the change map proves it unchanged.
+    Reuse,
+    /// Read and stored whole.
+    Read,
+    /// The previous entry with the changed blocks laid over it: `kept`
+    /// are its patches still visible, `runs` the changed block runs
+    /// (first, count) to read, each becoming a patch after them.
+    Patch {
+        base: Option<ChunkId>,
+        kept: Vec<Patch>,
+        runs: Vec<(u32, u32)>,
+    },
+}
+
+/// The manifest entry a plan gives, with `new` ids for its reads (a
+/// placeholder id when estimating its size).
+fn planned_region(
+    plan: &RegionPlan,
+    previous: Option<&Region>,
+    mut new: impl FnMut(usize) -> Option<ChunkId>,
+) -> Region {
+    match plan {
+        RegionPlan::Reuse => previous.expect("reuse needs a previous entry").clone(),
+        RegionPlan::Read => Region::Whole(new(0)),
+        RegionPlan::Patch { base, kept, runs } => {
+            let mut patches = kept.clone();
+            patches.extend(
+                runs.iter()
+                    .enumerate()
+                    .map(|(k, &(first, count))| Patch(first, count, new(k))),
+            );
+            Region::Patched {
+                base: base.clone(),
+                patches,
+            }
+        }
+    }
+}
+
+/// Decides per region: everything read in a full backup; in an
+/// incremental, unchanged regions reused, changed ones patched with their
+/// changed blocks, or read whole when more than half of them changed, when
+/// they would hold more than [`MAX_PATCHES`], or when the chunk list would
+/// outgrow [`INDEX_BYTES_PER_REGION`] (the most patched go first).
+fn plan_regions(
+    now: &Tracking,
+    previous: Option<&DeviceBackup>,
+    map: Option<&[u8]>,
+    count: usize,
+) -> Vec<RegionPlan> {
+    let (Some(p), Some(map)) = (previous, map) else {
+        return vec![RegionPlan::Read; count];
+    };
+    let bpc = (chunk_size(now.block_size) / u64::from(now.block_size)) as usize;
+    let mut plans: Vec<RegionPlan> = (0..count)
+        .map(|c| {
+            let blocks = &map[(c * bpc).min(map.len())..((c + 1) * bpc).min(map.len())];
+            let changed = |b: usize| blocks[b] > p.changes_number;
+            let n = (0..blocks.len()).filter(|&b| changed(b)).count();
+            if n == 0 {
+                return RegionPlan::Reuse;
+            }
+            if 2 * n > bpc {
+                return RegionPlan::Read;
+            }
+            let mut runs: Vec<(u32, u32)> = Vec::new();
+            for b in (0..blocks.len()).filter(|&b| changed(b)) {
+                match runs.last_mut() {
+                    Some((first, count)) if (*first + *count) as usize == b => *count += 1,
+                    _ => runs.push((b as u32, 1)),
+                }
+            }
+            let (base, old) = match &p.chunks[c] {
+                Region::Whole(base) => (base.clone(), Vec::new()),
+                Region::Patched { base, patches } => (base.clone(), patches.clone()),
+            };
+            // An old patch wholly under the new runs can no longer be seen.
+            let covered = |q: &Patch| {
+                runs.iter()
+                    .any(|&(first, count)| first <= q.0 && q.0 + q.1 <= first + count)
+            };
+            let kept: Vec<Patch> = old.into_iter().filter(|q| !covered(q)).collect();
+            if kept.len() + runs.len() > MAX_PATCHES {
+                return RegionPlan::Read;
+            }
+            RegionPlan::Patch { base, kept, runs }
+        })
+        .collect();
+    // Keep the chunk list within its budget: read the regions with the
+    // most patches (changed now or not) whole until it fits.
+    let placeholder = || Some("0".repeat(64));
+    let bytes = |plans: &[RegionPlan], c: usize| {
+        planned_region(&plans[c], p.chunks.get(c), |_| placeholder()).index_bytes()
+    };
+    let mut total: usize = (0..count).map(|c| bytes(&plans, c)).sum();
+    let budget = count * INDEX_BYTES_PER_REGION;
+    if total > budget {
+        let mut patched: Vec<(usize, usize)> = (0..count)
+            .map(|c| {
+                let r = planned_region(&plans[c], p.chunks.get(c), |_| placeholder());
+                (r.patch_count(), c)
+            })
+            .filter(|&(n, _)| n > 0)
+            .collect();
+        patched.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, c) in patched {
+            if total <= budget {
+                break;
+            }
+            let before = bytes(&plans, c);
+            plans[c] = RegionPlan::Read;
+            total = total - before + bytes(&plans, c);
+        }
+    }
+    plans
+}
+
+/// One range to read: a whole region or one patch of it.
+struct Read {
+    region: usize,
+    /// Which run of a patched region; 0 for a whole region.
+    run: usize,
+    start: u64,
+    len: u64,
+}
 
 /// Backs up one device image. `sources` are independent readers (one per
 /// thread); `map` is the readable change map when `plan` is incremental.
@@ -122,28 +259,38 @@ pub fn backup_device(
     progress: Progress<'_>,
 ) -> Result<(DeviceBackup, Stats, BTreeSet<ChunkId>)> {
     let cs = chunk_size(now.block_size);
+    let bs = u64::from(now.block_size);
     let count = now.size.div_ceil(cs) as usize;
-    let blocks_per_chunk = (cs / u64::from(now.block_size)) as usize;
-    let mut chunks: Vec<Option<ChunkId>> = vec![None; count];
-    let reuse: Vec<bool> = match (plan.incremental, previous, map) {
-        (true, Some(p), Some(map)) => (0..count)
-            .map(|c| {
-                let blocks = &map[(c * blocks_per_chunk).min(map.len())
-                    ..((c + 1) * blocks_per_chunk).min(map.len())];
-                blocks.iter().all(|&b| b <= p.changes_number)
-            })
-            .collect(),
-        _ => vec![false; count],
-    };
+    let region_len = |c: usize| cs.min(now.size - c as u64 * cs);
+    let incremental = previous.filter(|_| plan.incremental);
+    let plans = plan_regions(now, incremental, map.filter(|_| plan.incremental), count);
     let mut stats = Stats::default();
-    for c in 0..count {
-        if reuse[c] {
-            chunks[c] = previous.expect("reuse needs a previous backup").chunks[c].clone();
-            stats.chunks_reused += 1;
+    let mut todo = Vec::new();
+    for (c, p) in plans.iter().enumerate() {
+        let start = c as u64 * cs;
+        match p {
+            RegionPlan::Reuse => stats.chunks_reused += 1,
+            RegionPlan::Read => todo.push(Read {
+                region: c,
+                run: 0,
+                start,
+                len: region_len(c),
+            }),
+            RegionPlan::Patch { runs, .. } => {
+                stats.regions_patched += 1;
+                for (run, &(first, n)) in runs.iter().enumerate() {
+                    let (at, len) = Patch(first, n, None).range(bs, region_len(c));
+                    todo.push(Read {
+                        region: c,
+                        run,
+                        start: start + at,
+                        len,
+                    });
+                }
+            }
         }
     }
-    let todo: Vec<usize> = (0..count).filter(|&c| !reuse[c]).collect();
-    let total: u64 = todo.iter().map(|&c| cs.min(now.size - c as u64 * cs)).sum();
+    let total: u64 = todo.iter().map(|r| r.len).sum();
     let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
     let results = Mutex::new(Vec::new());
@@ -158,23 +305,24 @@ pub fn backup_device(
                 let mut buf = vec![0u8; cs as usize];
                 while first_error.lock().unwrap().is_none() {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&c) = todo.get(i) else { break };
-                    let start = c as u64 * cs;
-                    let len = cs.min(now.size - start);
+                    let Some(read) = todo.get(i) else { break };
                     match backup_chunk(
                         repo,
                         source.as_mut(),
-                        &mut buf[..len as usize],
-                        start,
+                        &mut buf[..read.len as usize],
+                        read.start,
                         &mut local,
                     ) {
-                        Ok(id) => out.push((c, id)),
+                        Ok(id) => out.push((read.region, read.run, id)),
                         Err(e) => {
                             *first_error.lock().unwrap() = Some(e);
                             break;
                         }
                     }
-                    progress(done.fetch_add(len, Ordering::Relaxed) + len, total);
+                    progress(
+                        done.fetch_add(read.len, Ordering::Relaxed) + read.len,
+                        total,
+                    );
                 }
                 results.lock().unwrap().push((local, out));
             });
@@ -184,19 +332,31 @@ pub fn backup_device(
         return Err(e);
     }
     let mut new = BTreeSet::new();
+    let mut ids: std::collections::HashMap<(usize, usize), Option<ChunkId>> =
+        std::collections::HashMap::new();
     for (local, out) in results.into_inner().unwrap() {
         stats.bytes_read += local.bytes_read;
         stats.bytes_new += local.bytes_new;
         stats.bytes_stored += local.bytes_stored;
         stats.chunks_deduplicated += local.chunks_deduplicated;
         stats.chunks_zero += local.chunks_zero;
-        for (c, id) in out {
+        for (region, run, id) in out {
             if let Some(id) = &id {
                 new.insert(id.clone());
             }
-            chunks[c] = id;
+            ids.insert((region, run), id);
         }
     }
+    let chunks = plans
+        .iter()
+        .enumerate()
+        .map(|(c, p)| {
+            let before = incremental.and_then(|prev| prev.chunks.get(c));
+            planned_region(p, before, |run| {
+                ids.remove(&(c, run)).expect("every planned read was done")
+            })
+        })
+        .collect();
     let backup = DeviceBackup {
         name: name.to_string(),
         size: now.size,
@@ -295,8 +455,43 @@ mod tests {
         }
     }
 
+    /// Runs one backup of `data` against `prev` with 3 readers.
+    fn run(
+        repo: &Repository,
+        data: &[u8],
+        now: &Tracking,
+        prev: Option<&DeviceBackup>,
+        map: Option<&[u8]>,
+        reads: &std::sync::Arc<AtomicU64>,
+    ) -> (DeviceBackup, Stats) {
+        let data = std::sync::Arc::new(data.to_vec());
+        let sources: Vec<Box<dyn ImageSource>> = (0..3)
+            .map(|_| {
+                Box::new(Mem {
+                    data: data.clone(),
+                    reads: reads.clone(),
+                }) as Box<dyn ImageSource>
+            })
+            .collect();
+        let p = plan(prev, now);
+        let (backup, stats, _) =
+            backup_device(repo, "d", now, &p, prev, map, sources, &|_, _| {}).unwrap();
+        (backup, stats)
+    }
+
+    /// The device as the backup holds it, region by region.
+    fn read_back(repo: &Repository, b: &DeviceBackup) -> Vec<u8> {
+        let mut all = Vec::new();
+        let mut region = Vec::new();
+        for i in 0..b.chunks.len() {
+            b.read_region(repo, i, &mut region).unwrap();
+            all.extend_from_slice(&region);
+        }
+        all
+    }
+
     #[test]
-    fn an_incremental_reads_only_changed_chunks_and_restores_exactly() {
+    fn an_incremental_reads_only_changed_blocks_and_restores_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::open(&dir.path().join("r"), true).unwrap();
         let size = 5 * (4 << 20) + 12345;
@@ -304,59 +499,118 @@ mod tests {
         data[(4 << 20)..(8 << 20)].fill(0); // chunk 1 is a hole
         let generation = Uuid::new_v4();
         let reads = std::sync::Arc::new(AtomicU64::new(0));
-        let run =
-            |data: &Vec<u8>, now: &Tracking, prev: Option<&DeviceBackup>, map: Option<&[u8]>| {
-                let data = std::sync::Arc::new(data.clone());
-                let sources: Vec<Box<dyn ImageSource>> = (0..3)
-                    .map(|_| {
-                        Box::new(Mem {
-                            data: data.clone(),
-                            reads: reads.clone(),
-                        }) as Box<dyn ImageSource>
-                    })
-                    .collect();
-                let p = plan(prev, now);
-                backup_device(&repo, "d", now, &p, prev, map, sources, &|_, _| {}).unwrap()
-            };
-        let (full, stats, _) = run(&data, &tracking(size, generation, 1), None, None);
+        let (full, stats) = run(
+            &repo,
+            &data,
+            &tracking(size, generation, 1),
+            None,
+            None,
+            &reads,
+        );
         assert_eq!(full.mode, "full");
-        assert_eq!(full.chunks[1], None);
+        assert_eq!(full.chunks[1], Region::Whole(None));
         assert_eq!(stats.bytes_read, size - (4 << 20));
-        // Change one block in chunk 3; the map says so (number 2 > 1).
+        // Change one block in chunk 3 and the short last block of the
+        // device; the map says so (number 2 > 1).
         data[3 * (4 << 20) + 100] ^= 0xff;
+        data[size as usize - 1] ^= 0xff;
         let blocks = size.div_ceil(65536) as usize;
         let mut map = vec![1u8; blocks];
         map[3 * 64] = 2;
+        map[blocks - 1] = 2;
         reads.store(0, Ordering::Relaxed);
-        let (inc, stats, _) = run(
-            &data,
-            &tracking(size, generation, 2),
-            Some(&full),
-            Some(&map),
-        );
+        let now = tracking(size, generation, 2);
+        let (inc, stats) = run(&repo, &data, &now, Some(&full), Some(&map), &reads);
         assert_eq!(inc.mode, "incremental");
-        assert_eq!(stats.chunks_reused, 5);
+        assert_eq!((stats.chunks_reused, stats.regions_patched), (4, 2));
         assert_eq!(
             reads.load(Ordering::Relaxed),
-            4 << 20,
-            "only the changed chunk is read"
+            65536 + 12345, // the last block is 12345 bytes
+            "only the changed blocks are read"
         );
-        assert_ne!(inc.chunks[3], full.chunks[3]);
-        // Every chunk of the incremental reads back as the data.
-        for (c, id) in inc.chunks.iter().enumerate() {
-            let start = c * (4 << 20);
-            let len = inc.chunk_len(c) as usize;
-            let got = match id {
-                Some(id) => repo.get_chunk(id, len as u64).unwrap(),
-                None => vec![0; len],
-            };
-            assert!(got == data[start..start + len], "chunk {c}");
-        }
+        assert!(matches!(&inc.chunks[3], Region::Patched { patches, .. } if patches.len() == 1));
+        assert!(read_back(&repo, &inc) == data);
+        // The same block again: the old patch is covered and dropped.
+        data[3 * (4 << 20) + 200] ^= 0xff;
+        map[3 * 64] = 3;
+        let (again, _) = run(
+            &repo,
+            &data,
+            &tracking(size, generation, 3),
+            Some(&inc),
+            Some(&map),
+            &reads,
+        );
+        assert!(matches!(&again.chunks[3], Region::Patched { patches, .. } if patches.len() == 1));
+        assert!(read_back(&repo, &again) == data);
         // Another generation: full, with the reason.
         let other = plan(Some(&inc), &tracking(size, Uuid::new_v4(), 1));
         assert!(
             !other.incremental && other.reason.contains("generation"),
             "{other:?}"
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Model: a device (bytes) under random writes (runs of blocks,
+        /// some zeroes) with a change map, backed up after each round.
+        /// Every backup reads back as the device at its take, reads no
+        /// more than the changed blocks plus the regions it reads whole,
+        /// and keeps its chunk list within the index budget.
+        #[test]
+        fn incrementals_follow_a_model_device(
+            rounds in proptest::collection::vec(
+                proptest::collection::vec((0usize..200, 1usize..40, proptest::bool::ANY), 0..12),
+                1..6,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let repo = Repository::open(&dir.path().join("r"), true).unwrap();
+            let bs = 65536usize;
+            let size = 3 * (4 << 20) + 3 * bs as u64 + 4000;
+            let blocks = size.div_ceil(bs as u64) as usize;
+            let mut data = blksnap_test_support::Pattern::Random.bytes(7, size);
+            let mut map = vec![1u8; blocks];
+            let generation = Uuid::new_v4();
+            let reads = std::sync::Arc::new(AtomicU64::new(0));
+            let (mut last, _) = run(&repo, &data, &tracking(size, generation, 1), None, None, &reads);
+            proptest::prop_assert!(read_back(&repo, &last) == data);
+            for (n, writes) in rounds.iter().enumerate() {
+                let number = n as u8 + 2;
+                let mut changed = 0u64;
+                for (round, &(first, count, zero)) in writes.iter().enumerate() {
+                    let first = first % blocks;
+                    let last_block = (first + count).min(blocks);
+                    for (b, byte) in map.iter_mut().enumerate().take(last_block).skip(first) {
+                        let at = b * bs;
+                        let end = (at + bs).min(size as usize);
+                        if zero {
+                            data[at..end].fill(0);
+                        } else {
+                            data[at..end].fill((round + 3 * n + 1) as u8);
+                        }
+                        if *byte != number {
+                            changed += (end - at) as u64;
+                        }
+                        *byte = number;
+                    }
+                }
+                reads.store(0, Ordering::Relaxed);
+                let now = tracking(size, generation, number);
+                let (backup, stats) = run(&repo, &data, &now, Some(&last), Some(&map), &reads);
+                proptest::prop_assert!(read_back(&repo, &backup) == data, "round {n}");
+                let whole: u64 = backup.chunks.iter().enumerate()
+                    .filter(|(i, r)| **r != last.chunks[*i] && matches!(r, Region::Whole(_)))
+                    .map(|(i, _)| backup.region_len(i))
+                    .sum();
+                proptest::prop_assert!(reads.load(Ordering::Relaxed) <= changed + whole);
+                proptest::prop_assert!(stats.bytes_read <= changed + whole);
+                let index: usize = backup.chunks.iter().map(Region::index_bytes).sum();
+                proptest::prop_assert!(index <= backup.chunks.len() * INDEX_BYTES_PER_REGION);
+                proptest::prop_assert!(backup.chunks.iter().all(|r| r.patch_count() <= MAX_PATCHES));
+                last = backup;
+            }
+        }
     }
 }

@@ -463,8 +463,8 @@ fn summary(o: &Options, m: &Manifest, stats: &[create::Stats], seconds: f64) {
     println!("backup={}", m.id);
     for (d, s) in m.devices.iter().zip(stats) {
         println!(
-            "device={} mode={} size={} read={} new={} stored={} deduplicated_chunks={} reused_chunks={} zero_chunks={}",
-            d.name, d.mode, d.size, s.bytes_read, s.bytes_new, s.bytes_stored, s.chunks_deduplicated, s.chunks_reused, s.chunks_zero
+            "device={} mode={} size={} read={} new={} stored={} deduplicated_chunks={} reused_chunks={} patched_regions={} zero_chunks={}",
+            d.name, d.mode, d.size, s.bytes_read, s.bytes_new, s.bytes_stored, s.chunks_deduplicated, s.chunks_reused, s.regions_patched, s.chunks_zero
         );
     }
     println!("read={read} new={new} stored={stored} seconds={seconds:.1}");

@@ -5,9 +5,10 @@
 //! - `blksnap-backup.json`: what this directory is (format version);
 //! - `chunks/<2 hex>/<64 hex>`: one chunk, named by the BLAKE3 hash of its
 //!   plain data, stored zstd-compressed behind a small header;
-//! - `manifests/<id>.json`: one backup: its devices and, for each, the
-//!   ordered list of chunk hashes (`null` for a chunk that reads as zeroes),
-//!   followed by a line with the BLAKE3 of everything before it;
+//! - `manifests/<id>.json`: one backup: its devices and, for each, one
+//!   [`Region`] per chunk-sized piece of the device (a chunk, zeroes, or a
+//!   base chunk with patches of changed blocks), followed by a line with
+//!   the BLAKE3 of everything before it;
 //! - `tmp/`: files being written (a dead backup's are removed by prune);
 //! - `lock`: `flock`ed shared by every backup, exclusively by `prune`, so
 //!   that prune never removes a chunk that a running backup has found
@@ -34,10 +35,12 @@ use uuid::Uuid;
 
 /// The repository's marker file.
 const MARKER: &str = "blksnap-backup.json";
-pub const FORMAT: u32 = 1;
+/// Version 2: regions may be patched (version 1 had whole chunks only).
+pub const FORMAT: u32 = 2;
 /// Chunk file header: magic, version (1 byte), codec (1 byte), 2 zero
 /// bytes, plain length (8 bytes).
 const CHUNK_MAGIC: &[u8; 4] = b"BSCK";
+const CHUNK_VERSION: u8 = 1;
 const CHUNK_HEADER: usize = 4 + 1 + 1 + 2 + 8;
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
@@ -107,15 +110,132 @@ pub struct DeviceBackup {
     pub mode: String,
     pub reason: String,
     pub chunk_size: u64,
-    /// One entry per chunk, in order; `None`: reads as zeroes.
-    pub chunks: Vec<Option<ChunkId>>,
+    /// One entry per `chunk_size` bytes of the device, in order.
+    pub chunks: Vec<Region>,
 }
 
+/// One chunk-sized region of a device as a backup holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Region {
+    /// One chunk of the region's length, or `None`: zeroes.
+    Whole(Option<ChunkId>),
+    /// The base (a chunk of the region's length, or zeroes) with patches
+    /// laid over it in order, a later one winning where they overlap: how
+    /// an incremental stores a region of which few blocks changed, without
+    /// reading or storing the rest again.
+    Patched {
+        base: Option<ChunkId>,
+        patches: Vec<Patch>,
+    },
+}
+
+/// Tracking blocks `[first, first + count)` of a region (cut at the
+/// region's end), from one chunk of exactly that length (`None`: zeroes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Patch(pub u32, pub u32, pub Option<ChunkId>);
+
+impl Patch {
+    /// The bytes of the region it covers, `(offset, len)`.
+    pub fn range(&self, block_size: u64, region_len: u64) -> (u64, u64) {
+        let start = u64::from(self.0) * block_size;
+        (
+            start,
+            (u64::from(self.1) * block_size).min(region_len - start),
+        )
+    }
+}
+
+impl Region {
+    /// Every chunk the region reads, as (chunk, its offset in the region,
+    /// its length).
+    pub fn chunk_uses(&self, block_size: u64, region_len: u64) -> Vec<(&ChunkId, u64, u64)> {
+        match self {
+            Region::Whole(id) => id.iter().map(|id| (id, 0, region_len)).collect(),
+            Region::Patched { base, patches } => base
+                .iter()
+                .map(|id| (id, 0, region_len))
+                .chain(patches.iter().filter_map(|p| {
+                    let (at, len) = p.range(block_size, region_len);
+                    p.2.as_ref().map(|id| (id, at, len))
+                }))
+                .collect(),
+        }
+    }
+
+    pub fn patch_count(&self) -> usize {
+        match self {
+            Region::Whole(_) => 0,
+            Region::Patched { patches, .. } => patches.len(),
+        }
+    }
+
+    /// Bytes the region takes in the manifest's chunk list.
+    pub fn index_bytes(&self) -> usize {
+        serde_json::to_string(self).expect("plain data").len() + 1
+    }
+}
+
+/// The most manifest bytes a device's chunk list may take per region, on
+/// average: 32 MiB per TiB with 4 MiB chunks. An incremental that would
+/// patch past it reads the most patched regions whole instead.
+pub const INDEX_BYTES_PER_REGION: usize = 128;
+
 impl DeviceBackup {
-    /// Bytes of chunk `i` (the last one may be short).
-    pub fn chunk_len(&self, i: usize) -> u64 {
+    /// Bytes of region `i` (the last one may be short).
+    pub fn region_len(&self, i: usize) -> u64 {
         let start = i as u64 * self.chunk_size;
         self.chunk_size.min(self.size - start)
+    }
+
+    /// Region `i`'s data into `data`, every chunk checked; an error names
+    /// the device's byte range that cannot be read.
+    pub fn read_region(&self, repo: &Repository, i: usize, data: &mut Vec<u8>) -> Result<()> {
+        thread_local! {
+            static PATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let at = i as u64 * self.chunk_size;
+        let len = self.region_len(i);
+        let named = |e: RepoError, from: u64, n: u64| {
+            RepoError::Invalid(format!(
+                "{}: bytes {}..{} cannot be read: {e}",
+                self.name,
+                at + from,
+                at + from + n
+            ))
+        };
+        let (base, patches) = match &self.chunks[i] {
+            Region::Whole(base) => (base, &[][..]),
+            Region::Patched { base, patches } => (base, &patches[..]),
+        };
+        match base {
+            Some(id) => repo
+                .get_chunk_into(id, len, data)
+                .map_err(|e| named(e, 0, len))?,
+            None => {
+                data.clear();
+                data.resize(len as usize, 0);
+            }
+        }
+        for p in patches {
+            let (from, n) = p.range(u64::from(self.block_size), len);
+            let piece = &mut data[from as usize..(from + n) as usize];
+            match &p.2 {
+                Some(id) => PATCH.with_borrow_mut(|patch| {
+                    repo.get_chunk_into(id, n, patch)
+                        .map_err(|e| named(e, from, n))?;
+                    piece.copy_from_slice(patch);
+                    Ok(())
+                })?,
+                None => piece.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether region `i` reads as zeroes without reading a chunk.
+    pub fn region_is_hole(&self, i: usize) -> bool {
+        self.chunks[i] == Region::Whole(None)
     }
 }
 
@@ -265,7 +385,7 @@ impl Repository {
             };
             let mut header = [0u8; CHUNK_HEADER];
             header[..4].copy_from_slice(CHUNK_MAGIC);
-            header[4..8].copy_from_slice(&[FORMAT as u8, codec, 0, 0]);
+            header[4..8].copy_from_slice(&[CHUNK_VERSION, codec, 0, 0]);
             header[8..].copy_from_slice(&(data.len() as u64).to_le_bytes());
             self.write_parts(&path, &[&header, body])?;
             Ok(Some((CHUNK_HEADER + body.len()) as u64))
@@ -339,13 +459,13 @@ impl Repository {
             )));
         }
         match (bytes[4], bytes[5]) {
-            (1, CODEC_ZSTD) => {
+            (CHUNK_VERSION, CODEC_ZSTD) => {
                 data.resize(len as usize, 0);
                 let n = zstd::bulk::decompress_to_buffer(&bytes[CHUNK_HEADER..], &mut data[..])
                     .map_err(|e| bad(&format!("cannot decompress: {e}")))?;
                 data.truncate(n);
             }
-            (1, CODEC_RAW) => {
+            (CHUNK_VERSION, CODEC_RAW) => {
                 data.clear();
                 data.extend_from_slice(&bytes[CHUNK_HEADER..]);
             }
@@ -359,7 +479,8 @@ impl Repository {
 
     /// Writes a manifest, making it visible only once it is durable.
     pub fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
-        let mut bytes = serde_json::to_vec_pretty(manifest).expect("plain struct");
+        // Compact: the chunk list is most of it (one line, no indentation).
+        let mut bytes = serde_json::to_vec(manifest).expect("plain struct");
         bytes.push(b'\n');
         let sum = blake3::hash(&bytes).to_hex().to_string();
         bytes.extend_from_slice(format!("blake3 {sum}\n").as_bytes());
@@ -455,22 +576,24 @@ impl Repository {
                 }
             };
             for d in &manifest.devices {
-                for (i, chunk) in d.chunks.iter().enumerate() {
-                    let Some(chunk) = chunk else { continue };
-                    let len = d.chunk_len(i);
-                    if good.contains(&(chunk.clone(), len)) {
-                        continue;
-                    }
-                    match self.get_chunk_into(chunk, len, &mut buf) {
-                        Ok(_) => {
-                            good.insert((chunk.clone(), len));
+                for (i, region) in d.chunks.iter().enumerate() {
+                    let start = i as u64 * d.chunk_size;
+                    let uses = region.chunk_uses(u64::from(d.block_size), d.region_len(i));
+                    for (chunk, at, len) in uses {
+                        if good.contains(&(chunk.clone(), len)) {
+                            continue;
                         }
-                        Err(e) => damage.push(Damage {
-                            backup: id.clone(),
-                            device: Some(d.name.clone()),
-                            range: Some((i as u64 * d.chunk_size, len)),
-                            what: e.to_string(),
-                        }),
+                        match self.get_chunk_into(chunk, len, &mut buf) {
+                            Ok(_) => {
+                                good.insert((chunk.clone(), len));
+                            }
+                            Err(e) => damage.push(Damage {
+                                backup: id.clone(),
+                                device: Some(d.name.clone()),
+                                range: Some((start + at, len)),
+                                what: e.to_string(),
+                            }),
+                        }
                     }
                 }
             }
@@ -529,7 +652,10 @@ impl Repository {
                 RepoError::Invalid(format!("not pruning: backup {id} is damaged ({e})"))
             })?;
             for d in &m.devices {
-                referenced.extend(d.chunks.iter().flatten().cloned());
+                for (i, region) in d.chunks.iter().enumerate() {
+                    let uses = region.chunk_uses(u64::from(d.block_size), d.region_len(i));
+                    referenced.extend(uses.into_iter().map(|(id, _, _)| id.clone()));
+                }
             }
         }
         for id in old {
@@ -624,6 +750,10 @@ mod tests {
     use super::*;
 
     fn manifest(id: &str, chunks: Vec<Option<ChunkId>>) -> Manifest {
+        patched_manifest(id, chunks.into_iter().map(Region::Whole).collect())
+    }
+
+    fn patched_manifest(id: &str, chunks: Vec<Region>) -> Manifest {
         Manifest {
             format: FORMAT,
             id: id.into(),
@@ -679,6 +809,80 @@ mod tests {
             repo.manifest("nope"),
             Err(RepoError::NoSuchBackup(_))
         ));
+    }
+
+    /// A patched region reads as its base with the patches laid over it in
+    /// order; verify names a damaged patch by its own range; prune keeps
+    /// the chunks only patches use.
+    #[test]
+    fn patched_regions_read_verify_and_survive_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&dir.path().join("r"), true).unwrap();
+        let base = vec![1u8; 1024];
+        let p1 = vec![2u8; 1024]; // blocks 0..2 of the short last region
+        let p2 = vec![3u8; 512]; // block 1 again, later: it wins
+        let tail = vec![4u8; 412]; // block 5 of the 3rd region: cut at its end
+        let ids: Vec<ChunkId> = [&base, &p1, &p2, &tail]
+            .iter()
+            .map(|d| {
+                let id = chunk_id(d);
+                repo.put_chunk(&id, d).unwrap();
+                id
+            })
+            .collect();
+        let m = patched_manifest(
+            "1",
+            vec![
+                Region::Patched {
+                    base: Some(ids[0].clone()),
+                    patches: vec![
+                        Patch(0, 2, Some(ids[1].clone())),
+                        Patch(1, 1, Some(ids[2].clone())),
+                    ],
+                },
+                Region::Patched {
+                    base: None,
+                    patches: vec![Patch(1, 1, None)],
+                },
+                Region::Patched {
+                    base: None,
+                    patches: vec![Patch(1, 2, Some(ids[3].clone()))],
+                },
+            ],
+        );
+        repo.put_manifest(&m).unwrap();
+        let d = &repo.manifest("1").unwrap().devices[0];
+        assert_eq!(d, &m.devices[0], "regions round-trip through JSON");
+        let mut data = Vec::new();
+        d.read_region(&repo, 0, &mut data).unwrap();
+        let mut want = vec![2u8; 512];
+        want.extend([3u8; 512]);
+        assert_eq!(data, want);
+        d.read_region(&repo, 1, &mut data).unwrap();
+        assert_eq!(data, vec![0u8; 1024]);
+        d.read_region(&repo, 2, &mut data).unwrap();
+        let mut want = vec![0u8; 512];
+        want.extend([4u8; 412]);
+        assert_eq!(data, want);
+        // A newer backup names only the base: the patches' chunks go with
+        // the old one, the base stays.
+        repo.put_manifest(&manifest("2", vec![Some(ids[0].clone()), None, None]))
+            .unwrap();
+        let path = repo.chunk_path(&ids[2]);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let damage = repo.verify(&["1".into()]).unwrap();
+        assert_eq!(damage.len(), 1, "{damage:?}");
+        assert_eq!(damage[0].range, Some((512, 512)));
+        let e = d.read_region(&repo, 0, &mut data).unwrap_err().to_string();
+        assert!(e.contains("bytes 512..1024"), "{e}");
+        repo.put_manifest(&manifest("3", vec![None, None, None]))
+            .unwrap();
+        let stats = repo.prune(2).unwrap();
+        assert_eq!((stats.backups_removed, stats.chunks_removed), (1, 3));
+        assert!(repo.has_chunk(&ids[0]));
     }
 
     #[test]

@@ -70,43 +70,39 @@ fn open_target(to: &Path, size: u64) -> Result<(File, bool)> {
 /// written.
 pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path, threads: usize) -> Result<u64> {
     let (file, block) = open_target(to, device.size)?;
-    let zeroes = vec![0u8; device.chunk_size as usize];
     let next = AtomicUsize::new(0);
     let written = AtomicU64::new(0);
     let failed = Mutex::new(None);
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
-                // This thread's last chunk written, still in the page cache.
+                // This thread's last region written, still in the page cache.
                 let mut previous = None;
+                let mut data = Vec::new();
                 while failed.lock().unwrap().is_none() {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(chunk) = device.chunks.get(i) else {
+                    if i >= device.chunks.len() {
                         break;
-                    };
-                    match restore_chunk(
-                        repo,
-                        device,
-                        chunk.as_deref(),
-                        i,
-                        &file,
-                        block,
-                        &zeroes,
-                        to,
-                    ) {
-                        Ok(n) => {
-                            written.fetch_add(n, Ordering::Relaxed);
-                            if n > 0 {
-                                let at = i as u64 * device.chunk_size;
-                                crate::repo::start_writeback(&file, at, n);
-                                if let Some((at, n)) = previous.replace((at, n)) {
-                                    crate::repo::drop_written(&file, at, n);
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            failed.lock().unwrap().get_or_insert(e);
-                        }
+                    }
+                    // A hole: nothing to write on a new (sparse) file; a
+                    // device may hold old data and is zeroed.
+                    if device.region_is_hole(i) && !block {
+                        continue;
+                    }
+                    let at = i as u64 * device.chunk_size;
+                    let result = device.read_region(repo, i, &mut data).and_then(|()| {
+                        file.write_all_at(&data, at)
+                            .map_err(|e| target_error(to, e))
+                    });
+                    if let Err(e) = result {
+                        failed.lock().unwrap().get_or_insert(e);
+                        break;
+                    }
+                    let n = data.len() as u64;
+                    written.fetch_add(n, Ordering::Relaxed);
+                    crate::repo::start_writeback(&file, at, n);
+                    if let Some((at, n)) = previous.replace((at, n)) {
+                        crate::repo::drop_written(&file, at, n);
                     }
                 }
             });
@@ -117,43 +113,4 @@ pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path, threads: usi
     }
     file.sync_all().map_err(|e| target_error(to, e))?;
     Ok(written.into_inner())
-}
-
-/// Chunk `i`: checked and written, or (a hole) skipped on a new file and
-/// zeroed on a device, which may hold old data.
-#[allow(clippy::too_many_arguments)]
-fn restore_chunk(
-    repo: &Repository,
-    device: &DeviceBackup,
-    chunk: Option<&str>,
-    i: usize,
-    file: &File,
-    block: bool,
-    zeroes: &[u8],
-    to: &Path,
-) -> Result<u64> {
-    let at = i as u64 * device.chunk_size;
-    let len = device.chunk_len(i);
-    thread_local! {
-        static DATA: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    DATA.with_borrow_mut(|data| {
-        let bytes: &[u8] = match chunk {
-            Some(id) => {
-                repo.get_chunk_into(id, len, data).map_err(|e| {
-                    RepoError::Invalid(format!(
-                        "{}: bytes {at}..{} cannot be restored: {e}",
-                        device.name,
-                        at + len
-                    ))
-                })?;
-                data
-            }
-            None if block => &zeroes[..len as usize],
-            None => return Ok(0),
-        };
-        file.write_all_at(bytes, at)
-            .map_err(|e| target_error(to, e))?;
-        Ok(len)
-    })
 }

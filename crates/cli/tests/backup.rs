@@ -63,6 +63,22 @@ fn fails(d: &Daemon, repo: &Path, args: &[&str], needles: &[&str]) -> String {
     error
 }
 
+/// The body of a backup's manifest (without its checksum line).
+fn read_manifest(repo: &Path, id: &str) -> Value {
+    let text = std::fs::read_to_string(repo.join(format!("manifests/{id}.json"))).unwrap();
+    let body = &text[..text.trim_end().rfind('\n').unwrap()];
+    serde_json::from_str(body).unwrap()
+}
+
+fn device_of<'a>(manifest: &'a Value, name: &str) -> &'a Value {
+    manifest["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .unwrap()
+}
+
 /// A device of random data with a hole (its second chunk, never written:
 /// sparse), attached.
 fn device(d: &Daemon, name: &str, size: u64, seed: u64) -> PathBuf {
@@ -164,16 +180,18 @@ fn full_then_incremental_backups_restore_every_point_and_verify_catches_damage()
     let (a1, b1) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     let da = device_result(&inc, "a.img");
     assert_eq!(da["mode"], "incremental", "{inc}");
+    let manifest = read_manifest(&repo, inc["id"].as_str().unwrap());
+    let block = |name: &str| device_of(&manifest, name)["block_size"].as_u64().unwrap();
     assert_eq!(
         da["stats"]["bytes_read"],
-        2 * CHUNK,
-        "only the two changed chunks are read"
+        2 * block("a.img"),
+        "only the two changed blocks are read"
     );
     assert_eq!(da["stats"]["chunks_reused"], 4);
+    assert_eq!(da["stats"]["regions_patched"], 2);
     let db = device_result(&inc, "b.img");
     assert_eq!(db["mode"], "incremental");
-    // Its third chunk is the short last one.
-    assert_eq!(db["stats"]["bytes_read"], MIB + 4096);
+    assert_eq!(db["stats"]["bytes_read"], block("b.img"));
 
     ok(&d, &repo, &["verify"]);
     let (id0, id1) = (full["id"].as_str().unwrap(), inc["id"].as_str().unwrap());
@@ -190,19 +208,10 @@ fn full_then_incremental_backups_restore_every_point_and_verify_catches_damage()
     restores_to(&d, &repo, id1, "a.img", &a1);
     restores_to(&d, &repo, id1, "b.img", &b1);
 
-    // A flipped byte in the chunk that only the incremental of b.img holds.
-    let manifest: Value = {
-        let text = std::fs::read_to_string(repo.join(format!("manifests/{id1}.json"))).unwrap();
-        let body = &text[..text.trim_end().rfind('\n').unwrap()];
-        serde_json::from_str(body).unwrap()
-    };
-    let bdev = manifest["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == "b.img")
-        .unwrap();
-    let chunk = bdev["chunks"][2].as_str().unwrap();
+    // A flipped byte in the chunk that only the incremental of b.img holds:
+    // the patch of the block written in its last (short) region.
+    let bdev = device_of(&manifest, "b.img");
+    let chunk = bdev["chunks"][2]["patches"][0][2].as_str().unwrap();
     let path = repo.join("chunks").join(&chunk[..2]).join(chunk);
     let mut bytes = std::fs::read(&path).unwrap();
     let n = bytes.len();
@@ -216,7 +225,7 @@ fn full_then_incremental_backups_restore_every_point_and_verify_catches_damage()
     assert_eq!(damage[0]["device"], "b.img");
     assert_eq!(
         damage[0]["range"],
-        serde_json::json!([2 * CHUNK, MIB + 4096])
+        serde_json::json!([2 * CHUNK, block("b.img")])
     );
     ok(&d, &repo, &["verify", "--id", id0]);
     let to = d.path("damaged.img");
@@ -232,7 +241,10 @@ fn full_then_incremental_backups_restore_every_point_and_verify_catches_damage()
             "--to",
             to.to_str().unwrap(),
         ],
-        &["b.img", "bytes 8388608..9441280"],
+        &[
+            "b.img",
+            &format!("bytes {}..{}", 2 * CHUNK, 2 * CHUNK + block("b.img")),
+        ],
     );
 
     // A truncated manifest is damage too, named by its backup.
@@ -409,9 +421,10 @@ fn prune_keeps_the_newest_backups_and_only_the_chunks_they_use() {
     let before = count_chunks();
     let r = ok(&d, &repo, &["prune", "--keep-last", "1"]);
     assert_eq!(r["stats"]["backups_removed"], 2);
-    // Chunk 0 changed in every round: the two older versions go.
-    assert_eq!(r["stats"]["chunks_removed"], 2);
-    assert_eq!(count_chunks(), before - 2);
+    // Block 0 changed in every round: the middle round's patch of it goes;
+    // the full backup's chunk stays, the newest patches over it.
+    assert_eq!(r["stats"]["chunks_removed"], 1);
+    assert_eq!(count_chunks(), before - 1);
     let list = ok(&d, &repo, &["list"]);
     let backups = list["backups"].as_array().unwrap();
     assert_eq!(backups.len(), 1);
