@@ -1,6 +1,6 @@
 //! `blksnap-backup`: consistent full and incremental backups of devices
 //! tracked by blksnapd into a content-addressed repository, and `list`,
-//! `verify` and `restore`. A client of the daemon: the control protocol
+//! `verify`, `restore`, `serve` and `prune`. A client of the daemon: the control protocol
 //! for snapshots and change maps, NBD for the image data. See
 //! docs/backup.md.
 
@@ -14,8 +14,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use blksnap_backup::create::{self, ImageSource, Tracking};
 use blksnap_backup::repo::{Manifest, Repository, FORMAT};
 use blksnap_backup::restore;
+use blksnap_backup::serve::BackupExports;
 use blksnap_client::Client;
 use blksnap_nbd::client::{NbdAddress, NbdClient};
+use blksnap_nbd::{unix_uri, NbdServer};
 use blksnap_proto::SnapshotCreateArgs;
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -91,6 +93,19 @@ enum Command {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Serve every device of a backup as a read-only NBD export (the
+    /// export name is the device's name) until SIGINT or SIGTERM.
+    Serve {
+        #[arg(long)]
+        id: String,
+        /// The Unix socket to listen on (replaced if stale).
+        #[arg(long, required_unless_present = "nbd_tcp")]
+        nbd_socket: Option<PathBuf>,
+        /// A TCP address to listen on as well, HOST:PORT (port 0: any).
+        /// NBD has no encryption yet: only on a trusted network.
+        #[arg(long, value_name = "HOST:PORT")]
+        nbd_tcp: Option<String>,
+    },
 }
 
 /// A failure: its message, and whether the command already printed its
@@ -164,6 +179,17 @@ fn run(o: &Options) -> Result<(), Failure> {
             Ok(())
         }
         Command::Verify { id } => verify(o, &Repository::open(repo_path, false)?, id.as_deref()),
+        Command::Serve {
+            id,
+            nbd_socket,
+            nbd_tcp,
+        } => serve(
+            o,
+            Repository::open(repo_path, false)?,
+            id,
+            nbd_socket.as_deref(),
+            nbd_tcp.as_deref(),
+        ),
         Command::Restore { id, device, to } => {
             let repo = Repository::open(repo_path, false)?;
             let manifest = repo.manifest(id)?;
@@ -199,6 +225,59 @@ fn run(o: &Options) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Serves backup `id` until a signal; prints each export's URI first
+/// (one JSON object with `--json`), once the sockets accept connections.
+fn serve(
+    o: &Options,
+    repo: Repository,
+    id: &str,
+    socket: Option<&Path>,
+    tcp: Option<&str>,
+) -> Result<(), Failure> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let manifest = repo.manifest(id)?;
+    // Shared, as a backup holds it: prune cannot remove what is served.
+    let _lock = repo.lock(false)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let exports = BackupExports::new(std::sync::Arc::new(repo), &manifest);
+    let server = NbdServer::serving(std::sync::Arc::new(exports));
+    let mut uris = Vec::new();
+    if let Some(socket) = socket {
+        server
+            .listen_unix(socket)
+            .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+        uris.extend(manifest.devices.iter().map(|d| unix_uri(socket, &d.name)));
+    }
+    if let Some(addr) = tcp {
+        let (bound, _) = server
+            .listen_tcp(addr)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        uris.extend(
+            manifest
+                .devices
+                .iter()
+                .map(|d| format!("nbd://{bound}/{}", d.name)),
+        );
+    }
+    if o.json {
+        println!("{}", json!({"event": "serving", "id": id, "uris": uris}));
+    } else {
+        println!("serving backup {id} read-only:");
+        for uri in &uris {
+            println!("{uri}");
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let signal = signals.forever().next();
+    server.shutdown();
+    if o.json {
+        println!("{}", json!({"ok": true, "id": id, "signal": signal}));
+    }
+    Ok(())
 }
 
 fn names(m: &Manifest) -> String {

@@ -624,7 +624,7 @@ impl Repository {
                     "repository {} is busy: {}",
                     self.root.display(),
                     if exclusive {
-                        "a backup is running"
+                        "a backup is running or a backup is being served"
                     } else {
                         "prune is running"
                     }

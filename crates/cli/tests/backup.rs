@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use blksnap_test_support::Pattern;
-use common::nbd_tools::{have, nbd_write};
+use common::nbd_tools::{have, map, nbd_write, read_all};
 use common::{blksnap_backup, Daemon};
 use serde_json::Value;
 
@@ -481,4 +481,145 @@ fn images_can_be_read_over_tcp() {
         &["create", "--device", "t.img", "--nbd-tcp", "nowhere"],
         &["not HOST:PORT"],
     );
+}
+
+/// `blksnap-backup serve` running until dropped (SIGTERM, then its exit is
+/// checked by [`Served::stop`]).
+struct Served {
+    child: std::process::Child,
+    uri: String,
+}
+
+impl Served {
+    fn start(d: &Daemon, repo: &Path, id: &str, socket: &Path) -> Served {
+        let mut child = Command::new(blksnap_backup())
+            .arg("--json")
+            .arg("--repo")
+            .arg(repo)
+            .args(["serve", "--id", id, "--nbd-socket"])
+            .arg(socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let event: Value = serde_json::from_str(&first)
+            .unwrap_or_else(|e| panic!("serve said {first:?} ({e}); daemon log:\n{}", d.log()));
+        assert_eq!(event["event"], "serving", "{event}");
+        let uri = event["uris"][0].as_str().unwrap().to_string();
+        Served { child, uri }
+    }
+
+    /// SIGTERM: the server stops cleanly and removes its socket.
+    fn stop(mut self, socket: &Path) {
+        common::signal(self.child.id(), "TERM");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "serve ended with {status}");
+        assert!(!socket.exists(), "serve left its socket behind");
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A served backup reads as its device at the take (an incremental, with
+/// patched regions, and its hole), is read-only, keeps prune away, and
+/// gives a read error, never wrong data, where a chunk is damaged.
+#[test]
+fn a_served_backup_reads_as_its_device_at_the_take() {
+    if !(have("qemu-io") && have("nbdcopy") && have("nbdinfo")) {
+        return;
+    }
+    let d = Daemon::start();
+    let repo = d.path("repo");
+    let path = device(&d, "s.img", 3 * CHUNK + 8192, 9);
+    ok(&d, &repo, &["create", "--device", "s.img"]);
+    nbd_write(
+        &d,
+        "s.img",
+        &[(100, 4096), (2 * CHUNK + 3 * 65536, 70000)],
+        0x71,
+    );
+    let inc = ok(&d, &repo, &["create", "--device", "s.img"]);
+    let at_take = std::fs::read(&path).unwrap();
+    assert_eq!(device_result(&inc, "s.img")["stats"]["regions_patched"], 2);
+    nbd_write(&d, "s.img", &[(0, 65536)], 0x72); // after the take: not served
+    let id = inc["id"].as_str().unwrap();
+    let socket = d.path("served.sock");
+    let served = Served::start(&d, &repo, id, &socket);
+    assert!(
+        read_all(&d, &served.uri) == at_take,
+        "served data differs from the take"
+    );
+    let allocation = map(&served.uri, "base:allocation");
+    assert_eq!(
+        allocation,
+        [
+            (0, CHUNK, 0),
+            (CHUNK, CHUNK, 3),
+            (2 * CHUNK, CHUNK + 8192, 0)
+        ],
+        "the never-written second region is a hole"
+    );
+    let write = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4096", &served.uri])
+        .output()
+        .unwrap();
+    assert!(
+        !write.status.success(),
+        "a write to a served backup succeeded"
+    );
+    fails(
+        &d,
+        &repo,
+        &["prune", "--keep-last", "1"],
+        &["busy", "served"],
+    );
+    served.stop(&socket);
+
+    // Damage in the patch of region 0: that range fails to read.
+    let manifest = read_manifest(&repo, id);
+    let chunk = device_of(&manifest, "s.img")["chunks"][0]["patches"][0][2]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chunk_path = repo.join("chunks").join(&chunk[..2]).join(&chunk);
+    let mut bytes = std::fs::read(&chunk_path).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    std::fs::write(&chunk_path, &bytes).unwrap();
+    let served = Served::start(&d, &repo, id, &socket);
+    let read = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read 0 4096", &served.uri])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&read.stdout).to_string() + &String::from_utf8_lossy(&read.stderr);
+    assert!(
+        text.contains("Input/output error") && !text.contains("read 4096/4096"),
+        "a damaged chunk was served: {text}"
+    );
+    let beyond = Command::new("qemu-io")
+        .args([
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            &format!("read {CHUNK} 4096"),
+            &served.uri,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&beyond.stdout).contains("read 4096/4096"),
+        "an undamaged region no longer reads: {beyond:?}"
+    );
+    served.stop(&socket);
 }

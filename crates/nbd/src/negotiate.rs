@@ -116,7 +116,9 @@ pub fn negotiate<S: Read + Write>(
                 };
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&export.size().to_be_bytes());
-                reply.extend_from_slice(&export::transmission_flags(&*export, structured).to_be_bytes());
+                reply.extend_from_slice(
+                    &export::transmission_flags(&*export, structured).to_be_bytes(),
+                );
                 if !no_zeroes {
                     reply.extend_from_slice(&[0u8; 124]);
                 }
@@ -188,7 +190,9 @@ pub fn negotiate<S: Read + Write>(
                 };
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&export.size().to_be_bytes());
-                info.extend_from_slice(&export::transmission_flags(&*export, structured).to_be_bytes());
+                info.extend_from_slice(
+                    &export::transmission_flags(&*export, structured).to_be_bytes(),
+                );
                 send(stream, option, REP_INFO, &info)?;
                 if requests.contains(&INFO_NAME) {
                     let mut info = INFO_NAME.to_be_bytes().to_vec();
