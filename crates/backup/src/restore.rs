@@ -66,6 +66,37 @@ fn open_target(to: &Path, size: u64) -> Result<(File, bool)> {
     }
 }
 
+/// Writers a restore runs: each spends most of its time waiting, on an
+/// uncached chunk read or on the writeback of its previous piece, so many
+/// more than cores keep the disk busy (measured on 2 cores: 4 threads
+/// 3.9 s, 8 3.2 s, 16 3.0 s for 2 GiB; about 8 MiB of buffers each).
+pub const THREADS: usize = 16;
+
+/// Pieces a region is written in, each with its own write-behind: smaller
+/// than a region, so that less dirty data waits per thread (1 MiB: 3.0 s
+/// against 3.5 s for whole 4 MiB regions, 3.15 s for 256 KiB).
+const PIECE: usize = 1 << 20;
+
+/// Writes `data` at `at` in pieces, starting each piece's writeback and
+/// waiting for (and dropping) the one before it, as nbdcopy does: the page
+/// cache never fills with a whole device.
+fn write_behind(
+    file: &File,
+    data: &[u8],
+    at: u64,
+    previous: &mut Option<(u64, u64)>,
+) -> io::Result<()> {
+    for (k, piece) in data.chunks(PIECE).enumerate() {
+        let at = at + (k * PIECE) as u64;
+        file.write_all_at(piece, at)?;
+        crate::repo::start_writeback(file, at, piece.len() as u64);
+        if let Some((at, n)) = previous.replace((at, piece.len() as u64)) {
+            crate::repo::drop_written(file, at, n);
+        }
+    }
+    Ok(())
+}
+
 /// Restores `device` into `to` with `threads` writers; returns the bytes
 /// written.
 pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path, threads: usize) -> Result<u64> {
@@ -76,7 +107,7 @@ pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path, threads: usi
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
-                // This thread's last region written, still in the page cache.
+                // This thread's last piece written, still in the page cache.
                 let mut previous = None;
                 let mut data = Vec::new();
                 while failed.lock().unwrap().is_none() {
@@ -91,19 +122,14 @@ pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path, threads: usi
                     }
                     let at = i as u64 * device.chunk_size;
                     let result = device.read_region(repo, i, &mut data).and_then(|()| {
-                        file.write_all_at(&data, at)
+                        write_behind(&file, &data, at, &mut previous)
                             .map_err(|e| target_error(to, e))
                     });
                     if let Err(e) = result {
                         failed.lock().unwrap().get_or_insert(e);
                         break;
                     }
-                    let n = data.len() as u64;
-                    written.fetch_add(n, Ordering::Relaxed);
-                    crate::repo::start_writeback(&file, at, n);
-                    if let Some((at, n)) = previous.replace((at, n)) {
-                        crate::repo::drop_written(&file, at, n);
-                    }
+                    written.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
             });
         }
