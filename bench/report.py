@@ -260,7 +260,10 @@ def backup_table(b):
         f"backup and the restore, and the incremental's time over the full backup's. "
         f"Incremental: after 4 KiB writes to {b['changed_blocks']} random {b['block_size'] >> 10} "
         f"KiB tracking blocks of {b['blocks']} (1 %), which fall in {b['changed_chunks']} of the "
-        f"{b['chunks']} 4 MiB backup chunks. The restore reads its chunks from disk (they are "
+        f"{b['chunks']} 4 MiB backup chunks; the target is for the first incremental after "
+        f"the full backup. Each further incremental follows another 1 % of random writes: "
+        f"patches pile up until the chunk list's budget (32 MiB per TiB) makes a backup read "
+        f"its most patched regions whole. The restore reads its chunks from disk (they are "
         f"not in the page cache) while the snapshot image's origin is cached, so its ratio is "
         f"given against both ceilings: the snapshot image, and the same data in an uncached "
         f"file (the same bytes read from the same disk and written; the target applies to "
@@ -277,6 +280,10 @@ def backup_table(b):
                  f"{b['incr_s']:.2f} | – | {target(incr_ratio, lambda r: r <= 0.05)} of full | "
                  f"≤ 0.05 | {size(b['incr_bytes_read'])} "
                  f"({100 * b['incr_bytes_read'] / b['size']:.0f} %) | {size(b['incr_bytes_stored'])} |")
+    for n, r in enumerate(b.get("series", []), start=2):
+        lines.append(f"| `blksnap-backup create`, {r['mode']} {n} in a row, after another 1 % | "
+                     f"{r['s']:.2f} | – | {fratio(ratio(r['s'], b['full_s']))} of full | – | "
+                     f"{size(r['bytes_read'])} ({100 * r['bytes_read'] / b['size']:.0f} %) | – |")
     ident = "" if b.get("restore_identical") else " — **restored file differs from the take**"
     if restore_file_ratio is not None:
         lines.append(f"| ceiling for the restore: `nbdcopy` of an uncached file of the same data | "

@@ -270,7 +270,12 @@ fn serve(
     let signal = signals.forever().next();
     server.shutdown();
     if o.json {
-        println!("{}", json!({"ok": true, "id": id, "signal": signal}));
+        // Whoever read the URIs may be gone: no panic on a closed stdout.
+        let _ = writeln!(
+            std::io::stdout(),
+            "{}",
+            json!({"ok": true, "id": id, "signal": signal})
+        );
     }
     Ok(())
 }

@@ -15,7 +15,7 @@
 //!   already stored and is about to name.
 //!
 //! Invariants: a manifest exists only once every chunk it names is on disk
-//! (chunks are fsynced and renamed into place, their directories fsynced,
+//! (chunks are renamed into place and the filesystem synced, `syncfs`,
 //! before the manifest is renamed into `manifests/`); files are never
 //! changed once in place, so readers need no lock while a backup runs. A
 //! backup that dies leaves at most unreferenced chunks and files in `tmp/`.
@@ -393,15 +393,21 @@ impl Repository {
     }
 
     /// Writes a chunk file (no fsync: [`Repository::sync_chunks`] makes
-    /// chunks durable together), with write-behind: its writeback starts
-    /// now, and this thread's previous chunk file is waited for and its
-    /// pages dropped.
+    /// chunks durable together). Large ones get write-behind: its
+    /// writeback starts now, and this thread's previous large chunk file is
+    /// waited for and its pages dropped. Small ones (patches of a few
+    /// blocks) are left to the final sync: waiting for each would cost more
+    /// than the page cache they hold.
     fn write_parts(&self, path: &Path, parts: &[&[u8]]) -> Result<()> {
+        const WRITE_BEHIND_MIN: u64 = 1 << 20;
         thread_local! {
             static PREVIOUS: std::cell::RefCell<Option<(File, u64)>> =
                 const { std::cell::RefCell::new(None) };
         }
         let (f, len) = self.write_in_place(path, parts, false)?;
+        if len < WRITE_BEHIND_MIN {
+            return Ok(());
+        }
         start_writeback(&f, 0, len);
         if let Some((previous, plen)) = PREVIOUS.with_borrow_mut(|p| p.replace((f, len))) {
             drop_written(&previous, 0, plen);
@@ -410,18 +416,15 @@ impl Repository {
     }
 
     /// Makes new chunks durable, their data and their renames: one
-    /// `syncfs` of the repository's filesystem, then their directories.
+    /// `syncfs` of the repository's filesystem, which writes back every
+    /// file and directory of it (no fsync per chunk directory: on a
+    /// 1 % incremental those were 180 fsyncs, a fifth of its time).
     pub fn sync_chunks(&self, ids: &BTreeSet<String>) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
         let root = File::open(&self.root).map_err(io_at(&self.root))?;
-        rustix::fs::syncfs(&root).map_err(|e| io_at(&self.root)(e.into()))?;
-        let dirs: BTreeSet<&str> = ids.iter().map(|id| &id[..2]).collect();
-        for d in dirs {
-            sync_dir(&self.root.join("chunks").join(d))?;
-        }
-        Ok(())
+        rustix::fs::syncfs(&root).map_err(|e| io_at(&self.root)(e.into()))
     }
 
     /// A chunk's plain data, checked against its name and length.

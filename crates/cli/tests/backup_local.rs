@@ -59,6 +59,7 @@ const TOOLS: &[&str] = &[
     "sync",
     "dd",
     "kill",
+    "nbdfuse",
 ];
 
 // ---------------------------------------------------------------------------
@@ -339,6 +340,78 @@ impl Env {
         check(&mp);
         self.umount(&mp);
         self.losetup_detach(&device);
+    }
+}
+
+/// `blksnap-backup serve` of one backup, with an `nbdfuse` file per
+/// export; all stopped (and unmounted) when dropped, test failed or not.
+struct ServedBackup {
+    serve: std::process::Child,
+    fuse: Vec<(std::process::Child, PathBuf)>,
+    socket: PathBuf,
+}
+
+impl ServedBackup {
+    fn start(env: &Env, id: &str) -> ServedBackup {
+        let socket = env.work.join("served.sock");
+        let mut serve = command(s(&common::blksnap_backup()))
+            .arg("--json")
+            .arg("--repo")
+            .arg(&env.repo)
+            .args(["serve", "--id", id, "--nbd-socket", s(&socket)])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(serve.stdout.as_mut().unwrap()),
+            &mut first,
+        )
+        .unwrap();
+        assert!(first.contains("\"serving\""), "serve said {first:?}");
+        ServedBackup {
+            serve,
+            fuse: Vec::new(),
+            socket,
+        }
+    }
+
+    /// Export `name` as a read-only file through `nbdfuse`.
+    fn as_file(&mut self, env: &Env, name: &str) -> PathBuf {
+        let dir = env.work.join(format!("nbdfuse-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uri = format!("nbd+unix:///{name}?socket={}", self.socket.display());
+        let child = command("nbdfuse")
+            .args(["-r", s(&dir), &uri])
+            .spawn()
+            .unwrap();
+        self.fuse.push((child, dir.clone()));
+        let file = dir.join("nbd");
+        assert!(
+            wait_until(Duration::from_secs(20), || is_mounted(&dir)
+                && file.exists()),
+            "nbdfuse did not mount {uri} on {}",
+            dir.display()
+        );
+        file
+    }
+}
+
+/// SIGTERM, then waits; never panics (the child may be gone already).
+/// Each child runs under `timeout`, which passes SIGTERM on to it (a
+/// SIGKILL would stop only `timeout` and orphan the program).
+fn terminate(child: &mut std::process::Child) {
+    let _ = try_run("kill", &["-TERM", &child.id().to_string()]);
+    let _ = child.wait();
+}
+
+impl Drop for ServedBackup {
+    fn drop(&mut self) {
+        for (mut child, dir) in self.fuse.drain(..) {
+            unmount(&dir);
+            terminate(&mut child);
+        }
+        terminate(&mut self.serve);
     }
 }
 
@@ -681,6 +754,19 @@ fn full_and_incremental_backups_of_two_mounted_ext4_devices_restore_every_point(
             std::fs::remove_file(&restored).unwrap();
         }
     }
+
+    // The last point without a restore: served over NBD, seen as a file
+    // through nbdfuse, loop-mounted read-only, with the files of its take.
+    let (id, recorded) = points.last().unwrap();
+    let mut served = ServedBackup::start(&env, id);
+    for (name, (tree, _)) in names.iter().zip(recorded) {
+        let file = served.as_file(&env, name);
+        let what = format!("{name} of backup {id}, served");
+        env.with_restored_mounted(&file, &format!("served-{name}"), |mp| {
+            assert_tree(mp, tree, &what)
+        });
+    }
+    drop(served);
 }
 
 // ---------------------------------------------------------------------------
