@@ -26,6 +26,13 @@ impl Image {
         self.device.name()
     }
 
+    /// Which snapshot this is an image of: equal for two images only when
+    /// they come from the same snapshot of the same device, never reused
+    /// within the process (a new snapshot of the device gets a new one).
+    pub fn snapshot_instance(&self) -> u64 {
+        self.device_snapshot.id()
+    }
+
     pub fn size(&self) -> u64 {
         self.device_snapshot.size()
     }

@@ -40,6 +40,9 @@ use crate::sync::{wait_until, Condvar, Mutex};
 #[derive(Debug)]
 pub(crate) struct DeviceSnapshot {
     // Never changed after the take.
+    /// Unique among the device snapshots of this process, never reused:
+    /// what tells a frontend that a name now serves another snapshot.
+    id: u64,
     device_name: String,
     origin: Arc<dyn BlockDevice>,
     size: u64,
@@ -105,9 +108,13 @@ impl DeviceSnapshot {
         storage: Arc<DiffStorage>,
         events: Arc<EventQueue>,
     ) -> Self {
+        // Not a schedule-checked atomic: only ever incremented, and read by
+        // no state machine.
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let size = origin.size();
         let chunk_shift = settings.chunk_shift;
         Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             device_name,
             origin,
             size,
@@ -125,6 +132,10 @@ impl DeviceSnapshot {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn chunk_size(&self) -> u64 {

@@ -93,6 +93,13 @@ impl Export for VolumeExport {
             .collect())
     }
 
+    fn instance(&self) -> Option<u64> {
+        match &self.0 {
+            Volume::Device(_) => None,
+            Volume::Image(image) => Some(image.snapshot_instance()),
+        }
+    }
+
     fn change_map(&self) -> Option<ChangeMap> {
         let Volume::Image(image) = &self.0 else {
             return None;

@@ -83,6 +83,14 @@ pub trait Export: Send + Sync {
     fn change_map(&self) -> Option<ChangeMap> {
         None
     }
+
+    /// What the change map belongs to (a snapshot), when the same name
+    /// can later serve another one: contexts selected on one instance are
+    /// refused at `NBD_OPT_GO` on another, since its map would not
+    /// describe the data served.
+    fn instance(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A metadata context selected on a connection.

@@ -77,7 +77,7 @@ pub fn negotiate<S: Read + Write>(
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
     let mut structured = false;
     // Contexts chosen by SET_META_CONTEXT, for the export they were set on.
-    let mut selected: Option<(String, Vec<Context>)> = None;
+    let mut selected: Option<Selected> = None;
     loop {
         let mut header = [0u8; 16];
         match stream.read_exact(&mut header) {
@@ -114,6 +114,11 @@ pub fn negotiate<S: Read + Write>(
                     tracing::info!(export = %name, "NBD client asked for an unknown export");
                     return Ok(None);
                 };
+                // No error reply exists for EXPORT_NAME: hang up.
+                if let Err(why) = stale_contexts(&selected, &name, &*export) {
+                    tracing::info!(export = %name, "{why}");
+                    return Ok(None);
+                }
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&export.size().to_be_bytes());
                 reply.extend_from_slice(
@@ -188,6 +193,12 @@ pub fn negotiate<S: Read + Write>(
                     )?;
                     continue;
                 };
+                if option == OPT_GO {
+                    if let Err(why) = stale_contexts(&selected, &name, &*export) {
+                        send_error(stream, option, REP_ERR_UNKNOWN, &why)?;
+                        continue;
+                    }
+                }
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&export.size().to_be_bytes());
                 info.extend_from_slice(
@@ -290,7 +301,11 @@ pub fn negotiate<S: Read + Write>(
                 }
                 send(stream, option, REP_ACK, &[])?;
                 if set {
-                    selected = Some((name, chosen.into_iter().map(|(_, c)| c).collect()));
+                    selected = Some(Selected {
+                        instance: export.instance(),
+                        name,
+                        contexts: chosen.into_iter().map(|(_, c)| c).collect(),
+                    });
                 }
             }
             _ => send_error(stream, option, REP_ERR_UNSUP, "option not supported")?,
@@ -298,9 +313,37 @@ pub fn negotiate<S: Read + Write>(
     }
 }
 
-fn contexts_for(selected: &Option<(String, Vec<Context>)>, name: &str) -> Vec<Context> {
+/// Contexts chosen by SET_META_CONTEXT: for the export of that name, and
+/// the instance of it (the snapshot) that was served then.
+struct Selected {
+    name: String,
+    instance: Option<u64>,
+    contexts: Vec<Context>,
+}
+
+fn contexts_for(selected: &Option<Selected>, name: &str) -> Vec<Context> {
     match selected {
-        Some((n, contexts)) if n == name => contexts.clone(),
+        Some(s) if s.name == name => s.contexts.clone(),
         _ => Vec::new(),
+    }
+}
+
+/// Refuses to open `export` with contexts selected on another instance of
+/// its name: a new snapshot taken between SET_META_CONTEXT and GO would be
+/// served with the old snapshot's change map, and `since-N` would miss
+/// blocks changed in between.
+fn stale_contexts(
+    selected: &Option<Selected>,
+    name: &str,
+    export: &dyn Export,
+) -> Result<(), String> {
+    match selected {
+        Some(s) if s.name == name && !s.contexts.is_empty() && s.instance != export.instance() => {
+            Err(format!(
+                "export {name:?} serves another snapshot than when its metadata contexts were \
+                 set: set them again (NBD_OPT_SET_META_CONTEXT) before NBD_OPT_GO"
+            ))
+        }
+        _ => Ok(()),
     }
 }

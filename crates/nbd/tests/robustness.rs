@@ -2134,3 +2134,82 @@ fn random_handshakes_never_break_the_server() {
 
     fx.check_spare(&mut survivor, &mine);
 }
+
+/// Issue 13, item 4: contexts are selected on the snapshot the image name
+/// serves at SET_META_CONTEXT. When the snapshot changes before GO (destroy,
+/// a write, a new take), GO is refused, and EXPORT_NAME hangs up: the old
+/// map would hide the block written in between. Set again, the contexts
+/// describe the new snapshot.
+#[test]
+fn contexts_set_on_one_snapshot_are_refused_on_the_next() {
+    let size = 4 * MIB;
+    let fx = Fixture::new(size);
+    let block = fx.engine.cbt_info(DISK).unwrap().block_size as u64;
+    let take = || {
+        let storage = StorageSpec::Device(Arc::new(MemDevice::new(16 * MIB)));
+        let id = fx
+            .engine
+            .snapshot_create(storage, SnapshotOptions::default())
+            .unwrap();
+        fx.engine.snapshot_add(&id, DISK).unwrap();
+        fx.engine.snapshot_take(&id).unwrap();
+        id
+    };
+    let image = format!("snapshot/{DISK}");
+    let since0 = ["qemu:dirty-bitmap:since-0"];
+    let first = take();
+    let selected = || {
+        let mut s = greeted(&fx.socket);
+        expect_opt_reply(&mut s, OPT_STRUCTURED_REPLY, &[], REP_ACK);
+        assert_eq!(set_meta_context(&mut s, &image, &since0).len(), 1);
+        s
+    };
+    let mut go = selected();
+    let mut export_name = selected();
+    // Unchanged, GO goes through (and the connection is then in
+    // transmission: dropped here).
+    let mut same = selected();
+    assert!(info_or_go(&mut same, OPT_GO, &image).is_ok());
+    drop(same);
+
+    fx.engine.snapshot_destroy(&first).unwrap();
+    fx.nbd_client(DISK)
+        .write_at(&[0x5a; 4096], 5 * block)
+        .unwrap();
+    let _second = take();
+
+    assert_eq!(
+        info_or_go(&mut go, OPT_GO, &image),
+        Err(REP_ERR_UNKNOWN),
+        "GO with contexts of the destroyed snapshot"
+    );
+    send_option(&mut export_name, OPT_EXPORT_NAME, image.as_bytes());
+    assert_closed(&mut export_name, "EXPORT_NAME with stale contexts");
+
+    // Selected again on the same connection: GO now goes through.
+    assert_eq!(set_meta_context(&mut go, &image, &since0).len(), 1);
+    assert!(info_or_go(&mut go, OPT_GO, &image).is_ok());
+    // The new snapshot's map: the block written in between is dirty since
+    // the first take (change number 1).
+    let address = NbdAddress::Unix {
+        socket: fx.socket.clone(),
+        export: image.clone(),
+    };
+    let since1 = "qemu:dirty-bitmap:since-1";
+    let mut c = NbdClient::connect_timeout(&address, &[since1], Some(TIMEOUT)).unwrap();
+    let dirty: Vec<(u64, u64)> = c
+        .block_status(since1, 0, size)
+        .unwrap()
+        .into_iter()
+        .scan(0u64, |at, (len, flags)| {
+            let start = *at;
+            *at += len;
+            Some((start, len, flags))
+        })
+        .filter(|&(_, _, flags)| flags & STATE_DIRTY != 0)
+        .map(|(start, len, _)| (start, len))
+        .collect();
+    assert_eq!(dirty, [(5 * block, block)]);
+    drop((go, c));
+    fx.check_all_closed();
+}
