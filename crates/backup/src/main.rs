@@ -250,12 +250,14 @@ fn serve(
         let (bound, _) = server
             .listen_tcp(addr)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        uris.extend(
-            manifest
-                .devices
-                .iter()
-                .map(|d| format!("nbd://{bound}/{}", d.name)),
-        );
+        uris.extend(manifest.devices.iter().map(|d| {
+            NbdAddress::Tcp {
+                host: bound.ip().to_string(),
+                port: bound.port(),
+                export: d.name.clone(),
+            }
+            .to_string()
+        }));
     }
     if o.json {
         println!("{}", json!({"event": "serving", "id": id, "uris": uris}));

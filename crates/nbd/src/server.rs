@@ -99,9 +99,15 @@ pub struct NbdServer {
     listening: Mutex<Vec<Listening>>,
 }
 
-/// The URI a client uses for export `name` on the Unix socket `socket`.
+/// The URI a client uses for export `name` on the Unix socket `socket`,
+/// percent-encoded (a space or `?` in the path, `#` in a name), as
+/// [`crate::NbdAddress::parse`] and libnbd read it back.
 pub fn unix_uri(socket: &Path, name: &str) -> String {
-    format!("nbd+unix:///{name}?socket={}", socket.display())
+    crate::NbdAddress::Unix {
+        socket: socket.to_path_buf(),
+        export: name.to_string(),
+    }
+    .to_string()
 }
 
 impl NbdServer {
@@ -256,6 +262,24 @@ impl NbdServer {
         for listening in std::mem::take(&mut *self.listening.lock().unwrap()) {
             listening.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod uri_tests {
+    use super::*;
+
+    #[test]
+    fn unix_uris_are_percent_encoded_and_read_back() {
+        let socket = Path::new("/run/my sockets/nbd?#%.sock");
+        let uri = unix_uri(socket, "snapshot/disk #1");
+        assert_eq!(
+            uri,
+            "nbd+unix:///snapshot/disk%20%231?socket=/run/my%20sockets/nbd%3F%23%25.sock"
+        );
+        let back = crate::NbdAddress::parse(&uri).unwrap();
+        assert_eq!(back.export(), "snapshot/disk #1");
+        assert!(matches!(back, crate::NbdAddress::Unix { socket: s, .. } if s == socket));
     }
 }
 

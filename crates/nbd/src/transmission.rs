@@ -287,7 +287,7 @@ impl Reply {
         match self {
             Reply::Done => w.write_all(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)),
             Reply::Error { errno, message } => {
-                let message = &message.as_bytes()[..message.len().min(4096)];
+                let message = error_text(message).as_bytes();
                 w.write_all(&chunk_header(
                     REPLY_FLAG_DONE,
                     REPLY_TYPE_ERROR,
@@ -346,6 +346,19 @@ impl Reply {
     }
 }
 
+/// Most bytes of error text in a reply (the NBD spec's limit).
+const MAX_ERROR_TEXT: usize = 4096;
+
+/// `message` cut to [`MAX_ERROR_TEXT`] bytes at a character boundary: the
+/// spec requires UTF-8, so a cut must not split a character.
+fn error_text(message: &str) -> &str {
+    let mut end = message.len().min(MAX_ERROR_TEXT);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
 /// Splits a read into `(start, end, is_hole)` pieces: runs of all-zero
 /// 64 KiB units become holes when fragmenting is allowed. Never empty.
 fn read_pieces(data: &[u8], fragment: bool) -> Vec<(usize, usize, bool)> {
@@ -385,6 +398,26 @@ mod tests {
         );
         assert_eq!(read_pieces(&data, false), vec![(0, data.len(), false)]);
         assert_eq!(read_pieces(&[], true), vec![(0, 0, false)]);
+    }
+
+    #[test]
+    fn error_text_is_cut_at_a_character_boundary() {
+        let long = format!("{}é and more", "x".repeat(MAX_ERROR_TEXT - 1));
+        assert_eq!(error_text(&long), "x".repeat(MAX_ERROR_TEXT - 1));
+        assert_eq!(error_text("short é"), "short é");
+        let exact = "é".repeat(MAX_ERROR_TEXT / 2 + 10);
+        assert_eq!(error_text(&exact).len(), MAX_ERROR_TEXT);
+        let mut out = Vec::new();
+        Reply::Error {
+            errno: EINVAL,
+            message: long,
+        }
+        .send(&mut out, true, 7)
+        .unwrap();
+        // A 20-byte chunk header, then errno (4) and the text length (2).
+        let text = &out[20 + 6..];
+        assert_eq!(text.len(), MAX_ERROR_TEXT - 1);
+        assert!(std::str::from_utf8(text).is_ok());
     }
 
     #[test]
