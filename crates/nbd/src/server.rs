@@ -212,10 +212,15 @@ impl NbdServer {
     fn spawn_connection<S: Conn>(self: &Arc<Self>, stream: S) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(clone) = stream.try_clone_conn() {
-            self.connections
-                .lock()
-                .unwrap()
-                .insert(id, Box::new(move |how| clone.shutdown_conn(how)));
+            let mut connections = self.connections.lock().unwrap();
+            // Checked under the lock that shutdown takes after setting
+            // `stopping`: a connection accepted as the server stops is
+            // either in the map when shutdown closes them all, or sees
+            // `stopping` here; it never serves on after the shutdown.
+            if self.stopping.load(Ordering::SeqCst) {
+                clone.shutdown_conn(Shutdown::Read);
+            }
+            connections.insert(id, Box::new(move |how| clone.shutdown_conn(how)));
         }
         let this = self.clone();
         let spawned = std::thread::Builder::new()

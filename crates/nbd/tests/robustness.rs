@@ -2213,3 +2213,48 @@ fn contexts_set_on_one_snapshot_are_refused_on_the_next() {
     drop((go, c));
     fx.check_all_closed();
 }
+
+/// Issue 13, item 5: a connection to an export that goes away (its
+/// snapshot destroyed, its device detached) gets an error naming why, for
+/// reads and writes alike, and the server stays up.
+#[test]
+fn destroyed_and_detached_exports_answer_with_a_clear_error() {
+    let fx = Fixture::new(MIB);
+    let storage = StorageSpec::Device(Arc::new(MemDevice::new(16 * MIB)));
+    let id = fx
+        .engine
+        .snapshot_create(storage, SnapshotOptions::default())
+        .unwrap();
+    fx.engine.snapshot_add(&id, DISK).unwrap();
+    fx.engine.snapshot_take(&id).unwrap();
+    let mut image = fx.nbd_client(&format!("snapshot/{DISK}"));
+    let mut device = fx.nbd_client(DISK);
+    let mut buf = [0u8; 4096];
+    image.read_at(&mut buf, 0).unwrap();
+    device.read_at(&mut buf, 0).unwrap();
+
+    fx.engine.snapshot_destroy(&id).unwrap();
+    for write in [false, true] {
+        let e = if write {
+            image.write_at(&buf, 0)
+        } else {
+            image.read_at(&mut buf, 0)
+        };
+        assert!(e.is_err(), "I/O on a destroyed snapshot's image succeeded");
+        let message = image.last_error_message().unwrap_or_default().to_string();
+        assert!(message.contains("destroyed"), "write={write}: {message:?}");
+    }
+    fx.engine.detach(DISK).unwrap();
+    for write in [false, true] {
+        let e = if write {
+            device.write_at(&buf, 0)
+        } else {
+            device.read_at(&mut buf, 0)
+        };
+        assert!(e.is_err(), "I/O on a detached device succeeded");
+        let message = device.last_error_message().unwrap_or_default().to_string();
+        assert!(message.contains("detached"), "write={write}: {message:?}");
+    }
+    drop((image, device));
+    fx.check_all_closed();
+}
