@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use blksnap_nbd::protocol::MAX_PAYLOAD;
-use blksnap_nbd::{Export, ExportError, ExportResult, ExportSource};
+use blksnap_nbd::{Export, ExportError, ExportResult, ExportSource, ZeroFlags};
 
 use crate::repo::{DeviceBackup, Manifest, Repository};
 
@@ -151,7 +151,7 @@ impl Export for DeviceExport {
         Err(read_only())
     }
 
-    fn write_zeroes(&self, _: u64, _: u64) -> ExportResult<()> {
+    fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> ExportResult<()> {
         Err(read_only())
     }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::cbt::ChangeTracker;
-use crate::device::{BlockDevice, Extent};
+use crate::device::{BlockDevice, Extent, Zeroing};
 use crate::error::{Error, Result};
 use crate::snapshot::DeviceSnapshot;
 use crate::sync::atomic::{AtomicBool, Ordering};
@@ -141,8 +141,15 @@ impl TrackedDevice {
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, Zeroing::default())
+    }
+
+    /// Write-zeroes as `how` allows (see [`Zeroing`]). A refused fast
+    /// zeroing leaves the data as it was; its range may still be marked
+    /// changed, which only makes the next incremental read it.
+    pub fn zero_range(&self, offset: u64, len: u64, how: Zeroing) -> Result<()> {
         self.filtered_write(offset, len, "write-zeroes", || {
-            self.origin.write_zeroes(offset, len)
+            self.origin.zero_range(offset, len, how)
         })
     }
 

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::device::Extent;
+use crate::device::{Extent, Zeroing};
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::tracked::TrackedDevice;
@@ -98,8 +98,22 @@ impl Volume {
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, Zeroing::default())
+    }
+
+    /// Write-zeroes as `how` allows. An image writes zeroes into its
+    /// storage: never a hole, and never fast (ENOTSUP when only a fast
+    /// zeroing is wanted).
+    pub fn zero_range(&self, offset: u64, len: u64, how: Zeroing) -> Result<()> {
         match self {
-            Volume::Device(d) => d.write_zeroes(offset, len),
+            Volume::Device(d) => d.zero_range(offset, len, how),
+            Volume::Image(_) if how.fast_only => Err(Error::io(
+                format!(
+                    "{}: a fast write-zeroes (zeroing an image writes its storage)",
+                    self.name()
+                ),
+                std::io::Error::from_raw_os_error(rustix::io::Errno::OPNOTSUPP.raw_os_error()),
+            )),
             Volume::Image(i) => i.write_zeroes(offset, len),
         }
     }

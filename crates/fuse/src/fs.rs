@@ -304,7 +304,12 @@ impl Filesystem for VolumeFs {
         let result = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
             volume.discard(offset, length)
         } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
-            volume.write_zeroes(offset, length)
+            // ZERO_RANGE leaves the range allocated: no hole.
+            let how = blksnap_engine::Zeroing {
+                keep_allocated: true,
+                fast_only: false,
+            };
+            volume.zero_range(offset, length, how)
         } else if mode & !FALLOC_FL_KEEP_SIZE == 0 {
             // Plain preallocation inside the volume: nothing to do.
             Ok(())

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use blksnap_engine::{Engine, Volume};
+use blksnap_engine::{Engine, Volume, Zeroing};
 
-use crate::export::{ChangeMap, Export, ExportError, ExportResult, ExportSource};
+use crate::export::{ChangeMap, Export, ExportError, ExportResult, ExportSource, ZeroFlags};
 use crate::protocol::MAX_PAYLOAD;
 
 /// Every volume of an engine, by its volume name.
@@ -56,8 +56,9 @@ impl Export for VolumeExport {
         }
     }
 
-    /// On devices write-zeroes is a fallocate; on images it writes the
-    /// storage.
+    /// On devices write-zeroes is a fallocate where the filesystem or
+    /// device has one (else the device refuses FAST_ZERO); on images it
+    /// writes the storage.
     fn fast_zero(&self) -> bool {
         matches!(self.0, Volume::Device(_))
     }
@@ -78,8 +79,12 @@ impl Export for VolumeExport {
         self.0.discard(offset, len).map_err(export_error)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64) -> ExportResult<()> {
-        self.0.write_zeroes(offset, len).map_err(export_error)
+    fn write_zeroes(&self, offset: u64, len: u64, how: ZeroFlags) -> ExportResult<()> {
+        let how = Zeroing {
+            keep_allocated: how.no_hole,
+            fast_only: how.fast,
+        };
+        self.0.zero_range(offset, len, how).map_err(export_error)
     }
 
     /// Holes of the origin read as zeroes; copied chunks are data.

@@ -38,6 +38,16 @@ impl ExportError {
 
 pub type ExportResult<T> = Result<T, ExportError>;
 
+/// The flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// `NO_HOLE`: the range must stay allocated.
+    pub no_hole: bool,
+    /// `FAST_ZERO`: only if cheaper than a write, else ENOTSUP before any
+    /// change.
+    pub fast: bool,
+}
+
 /// Named exports: what a client can list and open.
 pub trait ExportSource: Send + Sync + 'static {
     /// The names `NBD_OPT_LIST` shows.
@@ -66,7 +76,9 @@ pub trait Export: Send + Sync {
     fn read_only(&self) -> bool {
         false
     }
-    /// Whether write-zeroes is cheaper than writing zeroes (FAST_ZERO).
+    /// Whether write-zeroes can be cheaper than writing zeroes: if not,
+    /// every `FAST_ZERO` request is refused (ENOTSUP) without a call; if
+    /// so, [`Export::write_zeroes`] decides per request.
     fn fast_zero(&self) -> bool {
         false
     }
@@ -74,7 +86,7 @@ pub trait Export: Send + Sync {
     fn write(&self, data: &[u8], offset: u64) -> ExportResult<()>;
     fn flush(&self) -> ExportResult<()>;
     fn discard(&self, offset: u64, len: u64) -> ExportResult<()>;
-    fn write_zeroes(&self, offset: u64, len: u64) -> ExportResult<()>;
+    fn write_zeroes(&self, offset: u64, len: u64, how: ZeroFlags) -> ExportResult<()>;
     /// The extents of `[offset, offset+len)`, in order, as (length, reads
     /// as zeroes).
     fn allocation(&self, offset: u64, len: u64) -> ExportResult<Vec<(u64, bool)>>;

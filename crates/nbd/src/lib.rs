@@ -32,5 +32,5 @@ mod transmission;
 pub use client::{NbdAddress, NbdClient};
 #[cfg(feature = "engine")]
 pub use engine_export::EngineExports;
-pub use export::{ChangeMap, Export, ExportError, ExportResult, ExportSource};
+pub use export::{ChangeMap, Export, ExportError, ExportResult, ExportSource, ZeroFlags};
 pub use server::*;

@@ -11,7 +11,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
-use crate::export::{self, Context, Export, ExportError};
+use crate::export::{self, Context, Export, ExportError, ZeroFlags};
 use crate::negotiate::Session;
 use crate::protocol::*;
 use crate::Conn;
@@ -231,7 +231,11 @@ fn handle(session: &Session, job: Job) -> Reply {
                     "write-zeroes is not faster than a write on this export",
                 );
             }
-            flush_if_fua(export.write_zeroes(r.offset, r.length as u64))
+            let how = ZeroFlags {
+                no_hole: r.flags & CMD_FLAG_NO_HOLE != 0,
+                fast: r.flags & CMD_FLAG_FAST_ZERO != 0,
+            };
+            flush_if_fua(export.write_zeroes(r.offset, r.length as u64, how))
         }
         // The engine reads straight from the device: nothing to warm.
         CMD_CACHE => Reply::Done,

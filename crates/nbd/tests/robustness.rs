@@ -2258,3 +2258,86 @@ fn destroyed_and_detached_exports_answer_with_a_clear_error() {
     drop((image, device));
     fx.check_all_closed();
 }
+
+/// Issue 13, item 5: `NO_HOLE` never punches a hole, and `FAST_ZERO` is
+/// refused (ENOTSUP, nothing changed) where zeroing would mean writing
+/// zeroes. On tmpfs, which can punch holes but has no ZERO_RANGE, a device
+/// export reaches every one of these paths.
+#[test]
+fn no_hole_never_punches_and_fast_zero_is_refused_where_zeroing_is_slow() {
+    use blksnap_engine::{FileDevice, Zeroing};
+    use std::os::unix::fs::MetadataExt;
+    let skip = |why: &str| {
+        eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+        eprintln!("SKIPPED: {why}");
+        eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+    };
+    let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+        return skip("no tmpfs at /dev/shm: the zeroing paths cannot be reached");
+    };
+    let path = dir.path().join("disk.img");
+    std::fs::write(&path, Pattern::XorShift.bytes(5, 4 * MIB)).unwrap();
+    let probe = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let zero_range = rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE;
+    if rustix::fs::fallocate(&probe, zero_range, 0, 4096).is_ok() {
+        return skip("/dev/shm has ZERO_RANGE: no slow zeroing to refuse");
+    }
+    drop(probe);
+    let before = std::fs::read(&path).unwrap();
+    // The engine's device alone, then through NBD.
+    let device = FileDevice::open(&path).unwrap();
+    let fast = Zeroing {
+        keep_allocated: true,
+        fast_only: true,
+    };
+    let e = device.zero_range(0, 64 * KIB, fast).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(95), "{e}");
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "a refused zeroing changed data"
+    );
+
+    watch_server_panics();
+    let engine = Arc::new(Engine::new(Config::default()).unwrap());
+    engine.attach("shm", Arc::new(device)).unwrap();
+    let server = NbdServer::new(engine.clone());
+    let socket = dir.path().join("nbd.sock");
+    server.listen_unix(&socket).unwrap();
+    let mut c = RawClient::open(&socket, "shm", true, &[]);
+    let blocks = || std::fs::metadata(&path).unwrap().blocks();
+    let allocated = blocks();
+
+    // Fast and without a hole: impossible here, refused, nothing changed.
+    let e = c.errno(
+        CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE,
+        CMD_WRITE_ZEROES,
+        MIB,
+        MIB as u32,
+        &[],
+    );
+    assert_eq!(e, ENOTSUP);
+    assert!(c.read(MIB, MIB as usize) == before[MIB as usize..2 * MIB as usize]);
+    // Without a hole: zeroes written, still allocated.
+    let r = c.request(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, MIB, MIB as u32, &[]);
+    assert_eq!(r.error, 0);
+    assert!(c.read(MIB, MIB as usize).iter().all(|&b| b == 0));
+    assert_eq!(blocks(), allocated, "NO_HOLE punched a hole");
+    // May punch: a hole; and a punch is fast, so FAST_ZERO goes through.
+    for (flags, at) in [(0, 2 * MIB), (CMD_FLAG_FAST_ZERO, 3 * MIB)] {
+        let r = c.request(flags, CMD_WRITE_ZEROES, at, MIB as u32, &[]);
+        assert_eq!(r.error, 0, "flags {flags:#x}");
+        assert!(c.read(at, MIB as usize).iter().all(|&b| b == 0));
+    }
+    assert!(
+        blocks() <= allocated - 2 * (MIB / 512),
+        "zeroing that may punch left {} of {allocated} blocks",
+        blocks()
+    );
+    assert!(
+        c.read(0, MIB as usize) == before[..MIB as usize],
+        "data outside the zeroed ranges changed"
+    );
+    drop(c);
+    server.shutdown();
+    assert_no_server_panic();
+}

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FallocateFlags, FileType, FlockOperation};
 use rustix::io::Errno;
 
-use super::{push_extent, BlockDevice, DeviceIdentity, Extent};
+use super::{push_extent, BlockDevice, DeviceIdentity, Extent, Zeroing};
 use crate::error::{Error, Result};
 
 #[derive(Debug)]
@@ -122,26 +122,50 @@ impl FileDevice {
     /// filesystem or device supports it, writing zeroes where it does not.
     /// Block devices only take aligned fallocate ranges: the unaligned head
     /// and tail are written.
-    fn zero_range(&self, offset: u64, len: u64, mode: FallocateFlags) -> io::Result<()> {
+    /// Zeroes with `mode` (ZERO_RANGE or PUNCH_HOLE) on the aligned middle,
+    /// falling back to a punched hole where `how` allows one, then to
+    /// writing zeroes unless `how` wants only a fast zeroing (then ENOTSUP,
+    /// before anything is changed). Unaligned edges are written as bytes.
+    fn fallocate_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        mode: FallocateFlags,
+        how: Zeroing,
+    ) -> io::Result<()> {
         let end = offset + len;
         let align = self.logical_block as u64;
         let (mid_start, mid_end) = (offset.next_multiple_of(align), end / align * align);
         if mid_start >= mid_end {
             return self.write_zero_bytes(offset, len);
         }
-        self.write_zero_bytes(offset, mid_start - offset)?;
-        self.write_zero_bytes(mid_end, end - mid_end)?;
         let mid_len = mid_end - mid_start;
         let keep = FallocateFlags::KEEP_SIZE;
-        let attempts = [mode | keep, FallocateFlags::PUNCH_HOLE | keep];
+        let mut attempts = vec![mode | keep];
+        if !how.keep_allocated {
+            attempts.push(FallocateFlags::PUNCH_HOLE | keep);
+        }
+        let mut done = false;
         for flags in attempts {
             match rustix::fs::fallocate(&self.file, flags, mid_start, mid_len) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    done = true;
+                    break;
+                }
                 Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-        self.write_zero_bytes(mid_start, mid_len)
+        if !done {
+            if how.fast_only {
+                return Err(io::Error::from_raw_os_error(
+                    Errno::OPNOTSUPP.raw_os_error(),
+                ));
+            }
+            self.write_zero_bytes(mid_start, mid_len)?;
+        }
+        self.write_zero_bytes(offset, mid_start - offset)?;
+        self.write_zero_bytes(mid_end, end - mid_end)
     }
 
     fn write_zero_bytes(&self, mut offset: u64, len: u64) -> io::Result<()> {
@@ -196,11 +220,15 @@ impl BlockDevice for FileDevice {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.zero_range(offset, len, FallocateFlags::PUNCH_HOLE)
+        self.fallocate_zeroes(offset, len, FallocateFlags::PUNCH_HOLE, Zeroing::default())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.zero_range(offset, len, FallocateFlags::ZERO_RANGE)
+        self.zero_range(offset, len, Zeroing::default())
+    }
+
+    fn zero_range(&self, offset: u64, len: u64, how: Zeroing) -> io::Result<()> {
+        self.fallocate_zeroes(offset, len, FallocateFlags::ZERO_RANGE, how)
     }
 
     fn identity(&self) -> Option<DeviceIdentity> {

@@ -63,6 +63,16 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// How a write-zeroes may be done (NBD's `NO_HOLE` and `FAST_ZERO`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Zeroing {
+    /// The range must stay allocated: no hole may be punched.
+    pub keep_allocated: bool,
+    /// Only when cheaper than writing zeroes: otherwise fail with
+    /// `ENOTSUP` before changing anything.
+    pub fast_only: bool,
+}
+
 pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Size in bytes.
     fn size(&self) -> u64;
@@ -80,6 +90,14 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Discard; afterwards the range reads as zeroes.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Write-zeroes as `how` allows. The default is
+    /// [`BlockDevice::write_zeroes`], right for devices whose zeroing never
+    /// punches and is never slow (memory); a device that may do either
+    /// overrides this.
+    fn zero_range(&self, offset: u64, len: u64, how: Zeroing) -> io::Result<()> {
+        let _ = how;
+        self.write_zeroes(offset, len)
+    }
     /// The allocation of `[offset, offset+len)`: consecutive extents that
     /// cover it exactly. `zero` must be true only where the device really
     /// reads zeroes; the default claims nothing.
