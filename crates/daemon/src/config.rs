@@ -21,6 +21,11 @@ pub struct DaemonConfig {
     /// Allow `--nbd-tcp` on an address other than loopback. NBD has no
     /// authentication here: only for trusted networks.
     pub nbd_tcp_allow_remote: bool,
+    /// Longest an NBD client may take from connecting to choosing an
+    /// export, in ms; 0: no limit.
+    pub nbd_handshake_timeout_ms: u64,
+    /// Most NBD connections open at once (handshakes included).
+    pub nbd_max_connections: usize,
     /// Give every attached device (and its snapshot image) a loop device,
     /// unless the attach request says otherwise. Needs `--fuse-dir`.
     pub attach_loop: bool,
@@ -41,6 +46,8 @@ impl Default for DaemonConfig {
             engine: Config::default(),
             control_group: None,
             nbd_tcp_allow_remote: false,
+            nbd_handshake_timeout_ms: 10_000,
+            nbd_max_connections: 1024,
             attach_loop: false,
             freeze_on_take: true,
             cbt_persistence: blksnap_proto::CbtPersistence::CleanStop,
@@ -49,6 +56,15 @@ impl Default for DaemonConfig {
 }
 
 impl DaemonConfig {
+    /// The NBD server's limits.
+    pub fn nbd_limits(&self) -> blksnap_nbd::NbdLimits {
+        blksnap_nbd::NbdLimits {
+            handshake_timeout: (self.nbd_handshake_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.nbd_handshake_timeout_ms)),
+            max_connections: self.nbd_max_connections,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;

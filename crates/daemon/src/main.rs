@@ -97,7 +97,7 @@ fn run(options: Options) -> Result<(), String> {
     // every frontend ready.
     let lock = DaemonLock::acquire(&options.control)?;
     persistence.start_heartbeat(engine.clone());
-    let nbd = NbdServer::new(engine.clone());
+    let nbd = NbdServer::with_limits(engine.clone(), config.nbd_limits());
     let mut service =
         Service::new(engine.clone(), Some(nbd_socket.clone())).with_persistence(persistence);
     let local = match &options.fuse_dir {

@@ -22,6 +22,8 @@ pub trait Conn: Read + Write + Send + 'static {
     where
         Self: Sized;
     fn shutdown_conn(&self, how: Shutdown);
+    /// Timeout of every read and write (`None`: wait forever).
+    fn set_io_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 impl Conn for UnixStream {
@@ -31,6 +33,10 @@ impl Conn for UnixStream {
     fn shutdown_conn(&self, how: Shutdown) {
         let _ = self.shutdown(how);
     }
+    fn set_io_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
+    }
 }
 
 impl Conn for TcpStream {
@@ -39,6 +45,31 @@ impl Conn for TcpStream {
     }
     fn shutdown_conn(&self, how: Shutdown) {
         let _ = self.shutdown(how);
+    }
+    fn set_io_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
+    }
+}
+
+/// Bounds on what clients can make the server hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdLimits {
+    /// Longest a client may take from connecting to choosing an export
+    /// (`None`: no limit); then the connection is closed. Default 10 s,
+    /// as qemu-nbd's handshake limit.
+    pub handshake_timeout: Option<Duration>,
+    /// Most connections open at once, handshakes included; one more is
+    /// closed at once, before the greeting. Default 1024.
+    pub max_connections: usize,
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        NbdLimits {
+            handshake_timeout: Some(Duration::from_secs(10)),
+            max_connections: 1024,
+        }
     }
 }
 
@@ -93,6 +124,7 @@ type CloseFn = Box<dyn Fn(Shutdown) + Send>;
 
 pub struct NbdServer {
     source: Arc<dyn ExportSource>,
+    limits: NbdLimits,
     stopping: AtomicBool,
     next_id: AtomicU64,
     connections: Mutex<HashMap<u64, CloseFn>>,
@@ -117,10 +149,25 @@ impl NbdServer {
         Self::serving(Arc::new(crate::engine_export::EngineExports(engine)))
     }
 
-    /// A server of the exports `source` names.
+    /// A server of every volume of `engine`, within `limits`.
+    #[cfg(feature = "engine")]
+    pub fn with_limits(engine: Arc<blksnap_engine::Engine>, limits: NbdLimits) -> Arc<Self> {
+        Self::serving_with(
+            Arc::new(crate::engine_export::EngineExports(engine)),
+            limits,
+        )
+    }
+
+    /// A server of the exports `source` names, with the default limits.
     pub fn serving(source: Arc<dyn ExportSource>) -> Arc<Self> {
+        Self::serving_with(source, NbdLimits::default())
+    }
+
+    /// A server of the exports `source` names, within `limits`.
+    pub fn serving_with(source: Arc<dyn ExportSource>, limits: NbdLimits) -> Arc<Self> {
         Arc::new(Self {
             source,
+            limits,
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             connections: Mutex::new(HashMap::new()),
@@ -213,6 +260,13 @@ impl NbdServer {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(clone) = stream.try_clone_conn() {
             let mut connections = self.connections.lock().unwrap();
+            if connections.len() >= self.limits.max_connections {
+                tracing::warn!(
+                    limit = self.limits.max_connections,
+                    "NBD connection refused: too many open connections"
+                );
+                return;
+            }
             // Checked under the lock that shutdown takes after setting
             // `stopping`: a connection accepted as the server stops is
             // either in the map when shutdown closes them all, or sees
@@ -237,9 +291,13 @@ impl NbdServer {
     }
 
     fn serve<S: Conn>(&self, mut stream: S) -> io::Result<()> {
+        // A client that connects and says nothing (or too slowly) must not
+        // hold a connection and its thread forever.
+        stream.set_io_timeout(self.limits.handshake_timeout)?;
         let Some(session) = crate::negotiate::negotiate(&mut stream, &*self.source)? else {
             return Ok(());
         };
+        stream.set_io_timeout(None)?;
         tracing::debug!(
             size = session.export.size(),
             structured = session.structured,

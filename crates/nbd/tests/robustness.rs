@@ -2341,3 +2341,67 @@ fn no_hole_never_punches_and_fast_zero_is_refused_where_zeroing_is_slow() {
     server.shutdown();
     assert_no_server_panic();
 }
+
+/// Issue 13, item 3 (part): a client that connects and says nothing is
+/// closed after the handshake timeout, one that finished its handshake is
+/// not; one connection past the cap is closed before the greeting, and a
+/// place freed is taken again.
+#[test]
+fn handshake_timeout_and_connection_cap_hold() {
+    use blksnap_nbd::NbdLimits;
+    watch_server_panics();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(Engine::new(Config::default()).unwrap());
+    engine.attach(DISK, Arc::new(MemDevice::new(MIB))).unwrap();
+    let limits = NbdLimits {
+        handshake_timeout: Some(Duration::from_millis(300)),
+        max_connections: 3,
+    };
+    let server = NbdServer::with_limits(engine, limits);
+    let socket = dir.path().join("nbd.sock");
+    server.listen_unix(&socket).unwrap();
+    let address = NbdAddress::Unix {
+        socket: socket.clone(),
+        export: DISK.to_string(),
+    };
+    let client = || NbdClient::connect_timeout(&address, &[], Some(TIMEOUT)).unwrap();
+
+    // Idle after the greeting, and idle halfway through an option: closed.
+    let started = Instant::now();
+    let mut idle = greeted(&socket);
+    let mut halfway = greeted(&socket);
+    halfway.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+    read_until_closed(&mut idle, "an idle handshake");
+    assert_closed(&mut halfway, "a handshake stalled inside an option");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "closed after {waited:?}, the timeout is 300 ms"
+    );
+    // Past the handshake, no timeout: still served after twice as long.
+    let mut a = client();
+    thread::sleep(Duration::from_millis(700));
+    let mut buf = [0u8; 512];
+    a.read_at(&mut buf, 0).unwrap();
+
+    // The cap: three open, the fourth closed before the greeting.
+    let (mut b, c) = (client(), client());
+    let mut fourth = connect(&socket);
+    assert_closed(&mut fourth, "a connection past the cap");
+    assert_eq!(server.connection_count(), 3);
+    drop(c);
+    let deadline = Instant::now() + TIMEOUT;
+    while server.connection_count() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "a closed connection still counts"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut d = client();
+    d.read_at(&mut buf, 0).unwrap();
+    b.read_at(&mut buf, 0).unwrap();
+    drop((a, b, d));
+    server.shutdown();
+    assert_no_server_panic();
+}
