@@ -26,6 +26,10 @@ pub struct DaemonConfig {
     pub nbd_handshake_timeout_ms: u64,
     /// Most NBD connections open at once (handshakes included).
     pub nbd_max_connections: usize,
+    /// Most bytes of NBD write payload read and not yet written, per
+    /// connection and over all connections.
+    pub nbd_max_queued_write_bytes_per_connection: u64,
+    pub nbd_max_queued_write_bytes: u64,
     /// Give every attached device (and its snapshot image) a loop device,
     /// unless the attach request says otherwise. Needs `--fuse-dir`.
     pub attach_loop: bool,
@@ -38,7 +42,11 @@ pub struct DaemonConfig {
 }
 
 /// Keys whose values are sizes: bytes, or a string with a K/M/G suffix.
-const SIZE_KEYS: &[&str] = &["diff_storage_minimum"];
+const SIZE_KEYS: &[&str] = &[
+    "diff_storage_minimum",
+    "nbd_max_queued_write_bytes_per_connection",
+    "nbd_max_queued_write_bytes",
+];
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -48,6 +56,8 @@ impl Default for DaemonConfig {
             nbd_tcp_allow_remote: false,
             nbd_handshake_timeout_ms: 10_000,
             nbd_max_connections: 1024,
+            nbd_max_queued_write_bytes_per_connection: 64 << 20,
+            nbd_max_queued_write_bytes: 1 << 30,
             attach_loop: false,
             freeze_on_take: true,
             cbt_persistence: blksnap_proto::CbtPersistence::CleanStop,
@@ -62,6 +72,8 @@ impl DaemonConfig {
             handshake_timeout: (self.nbd_handshake_timeout_ms > 0)
                 .then(|| std::time::Duration::from_millis(self.nbd_handshake_timeout_ms)),
             max_connections: self.nbd_max_connections,
+            max_queued_write_bytes_per_connection: self.nbd_max_queued_write_bytes_per_connection,
+            max_queued_write_bytes: self.nbd_max_queued_write_bytes,
         }
     }
 

@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::export::ExportSource;
+use crate::transmission::PayloadBudget;
 
 /// A stream the server can serve on.
 pub trait Conn: Read + Write + Send + 'static {
@@ -62,6 +63,12 @@ pub struct NbdLimits {
     /// Most connections open at once, handshakes included; one more is
     /// closed at once, before the greeting. Default 1024.
     pub max_connections: usize,
+    /// Most bytes of write payload one connection may have read but not
+    /// yet written; past it the connection stops reading until writes
+    /// finish. At least one write (32 MiB) fits. Default 64 MiB.
+    pub max_queued_write_bytes_per_connection: u64,
+    /// The same over all connections. Default 1 GiB.
+    pub max_queued_write_bytes: u64,
 }
 
 impl Default for NbdLimits {
@@ -69,6 +76,8 @@ impl Default for NbdLimits {
         NbdLimits {
             handshake_timeout: Some(Duration::from_secs(10)),
             max_connections: 1024,
+            max_queued_write_bytes_per_connection: 64 << 20,
+            max_queued_write_bytes: 1 << 30,
         }
     }
 }
@@ -125,6 +134,7 @@ type CloseFn = Box<dyn Fn(Shutdown) + Send>;
 pub struct NbdServer {
     source: Arc<dyn ExportSource>,
     limits: NbdLimits,
+    queued_writes: Arc<PayloadBudget>,
     stopping: AtomicBool,
     next_id: AtomicU64,
     connections: Mutex<HashMap<u64, CloseFn>>,
@@ -168,6 +178,7 @@ impl NbdServer {
         Arc::new(Self {
             source,
             limits,
+            queued_writes: PayloadBudget::new(limits.max_queued_write_bytes),
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             connections: Mutex::new(HashMap::new()),
@@ -303,7 +314,17 @@ impl NbdServer {
             structured = session.structured,
             "NBD client in transmission"
         );
-        crate::transmission::transmit(stream, session)
+        crate::transmission::transmit(
+            stream,
+            session,
+            self.limits.max_queued_write_bytes_per_connection,
+            &self.queued_writes,
+        )
+    }
+
+    /// Bytes of write payload read from clients and not yet written.
+    pub fn queued_write_bytes(&self) -> u64 {
+        self.queued_writes.used()
     }
 
     /// Number of open client connections.

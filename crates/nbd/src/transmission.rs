@@ -9,7 +9,7 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::export::{self, Context, Export, ExportError, ZeroFlags};
 use crate::negotiate::Session;
@@ -28,12 +28,77 @@ const MAX_DESCRIPTORS: usize = 8192;
 struct Job {
     request: Request,
     payload: Vec<u8>,
+    /// The payload's share of the connection's and the server's budgets,
+    /// given back when the job is done.
+    _leases: Option<(Lease, Lease)>,
+}
+
+/// Bytes of write payload read from clients but not yet written: a bound
+/// on the memory clients can make the server hold. A reader that would go
+/// past it waits (and stops reading its socket: back-pressure) until
+/// workers finish writes and give bytes back.
+pub struct PayloadBudget {
+    limit: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl PayloadBudget {
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(PayloadBudget {
+            limit,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        *self.used.lock().unwrap()
+    }
+
+    /// Waits until `n` bytes fit, and takes them. A request larger than
+    /// the whole budget takes all of it (it waits for everything else), so
+    /// that it is delayed, never refused.
+    fn acquire(self: &Arc<Self>, n: u64) -> Lease {
+        let n = n.min(self.limit);
+        let mut used = self
+            .freed
+            .wait_while(self.used.lock().unwrap(), |used| *used + n > self.limit)
+            .unwrap();
+        *used += n;
+        Lease {
+            budget: self.clone(),
+            n,
+        }
+    }
+}
+
+/// Bytes taken from a [`PayloadBudget`], given back when dropped.
+struct Lease {
+    budget: Arc<PayloadBudget>,
+    n: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        *self.budget.used.lock().unwrap() -= self.n;
+        self.budget.freed.notify_all();
+    }
 }
 
 type Writer<S> = Arc<Mutex<BufWriter<S>>>;
 
-/// Serves requests until the client disconnects or the stream breaks.
-pub fn transmit<S: Conn>(stream: S, session: Session) -> io::Result<()> {
+/// Serves requests until the client disconnects or the stream breaks,
+/// holding at most `connection_limit` bytes of write payload of its own
+/// and at most what `server` has left.
+pub fn transmit<S: Conn>(
+    stream: S,
+    session: Session,
+    connection_limit: u64,
+    server: &Arc<PayloadBudget>,
+) -> io::Result<()> {
+    let budgets = (PayloadBudget::new(connection_limit), server.clone());
     let writer: Writer<S> = Arc::new(Mutex::new(BufWriter::with_capacity(
         256 << 10,
         stream.try_clone_conn()?,
@@ -51,7 +116,7 @@ pub fn transmit<S: Conn>(stream: S, session: Session) -> io::Result<()> {
         .collect::<io::Result<_>>()?;
     let mut reader = BufReader::with_capacity(256 << 10, stream);
     let mut counts = [0u64; COMMAND_NAMES.len() + 1];
-    let result = read_requests(&mut reader, |job| {
+    let result = read_requests(&mut reader, &budgets, |job| {
         counts[(job.request.command as usize).min(COMMAND_NAMES.len())] += 1;
         tx.send(job).is_ok()
     });
@@ -69,7 +134,11 @@ pub fn transmit<S: Conn>(stream: S, session: Session) -> io::Result<()> {
     result
 }
 
-fn read_requests(reader: &mut impl Read, mut submit: impl FnMut(Job) -> bool) -> io::Result<()> {
+fn read_requests(
+    reader: &mut impl Read,
+    (connection, server): &(Arc<PayloadBudget>, Arc<PayloadBudget>),
+    mut submit: impl FnMut(Job) -> bool,
+) -> io::Result<()> {
     loop {
         let mut header = [0u8; REQUEST_LEN];
         match reader.read_exact(&mut header) {
@@ -84,6 +153,7 @@ fn read_requests(reader: &mut impl Read, mut submit: impl FnMut(Job) -> bool) ->
             ));
         };
         let mut payload = Vec::new();
+        let mut leases = None;
         match request.command {
             CMD_DISC => return Ok(()),
             CMD_WRITE => {
@@ -96,12 +166,24 @@ fn read_requests(reader: &mut impl Read, mut submit: impl FnMut(Job) -> bool) ->
                         ),
                     ));
                 }
-                payload = vec![0u8; request.length as usize];
-                reader.read_exact(&mut payload)?;
+                let n = u64::from(request.length);
+                // Connection first, then server, always in that order.
+                leases = Some((connection.acquire(n), server.acquire(n)));
+                // Filled as it arrives: a client that stalls halfway holds
+                // only what it sent (the untouched capacity is not memory).
+                payload.reserve_exact(n as usize);
+                let got = Read::by_ref(reader).take(n).read_to_end(&mut payload)?;
+                if got as u64 != n {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
             }
             _ => {}
         }
-        if !submit(Job { request, payload }) {
+        if !submit(Job {
+            request,
+            payload,
+            _leases: leases,
+        }) {
             return Ok(());
         }
     }
@@ -159,6 +241,7 @@ fn handle(session: &Session, job: Job) -> Reply {
     let Job {
         request: r,
         payload,
+        ..
     } = job;
     let export = &*session.export;
     if r.flags & !KNOWN_FLAGS != 0 {
@@ -446,14 +529,15 @@ mod tests {
         );
         stream.extend_from_slice(&[0xff; 28]);
         let mut jobs = Vec::new();
-        read_requests(&mut stream.as_slice(), |j| {
+        let budgets = (PayloadBudget::new(1 << 20), PayloadBudget::new(1 << 20));
+        read_requests(&mut stream.as_slice(), &budgets, |j| {
             jobs.push(j);
             true
         })
         .unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].payload, b"abc");
-        let err = read_requests(&mut [0xffu8; 28].as_slice(), |_| true).unwrap_err();
+        let err = read_requests(&mut [0xffu8; 28].as_slice(), &budgets, |_| true).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 }

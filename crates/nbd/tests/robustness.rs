@@ -2356,6 +2356,7 @@ fn handshake_timeout_and_connection_cap_hold() {
     let limits = NbdLimits {
         handshake_timeout: Some(Duration::from_millis(300)),
         max_connections: 3,
+        ..NbdLimits::default()
     };
     let server = NbdServer::with_limits(engine, limits);
     let socket = dir.path().join("nbd.sock");
@@ -2402,6 +2403,106 @@ fn handshake_timeout_and_connection_cap_hold() {
     d.read_at(&mut buf, 0).unwrap();
     b.read_at(&mut buf, 0).unwrap();
     drop((a, b, d));
+    server.shutdown();
+    assert_no_server_panic();
+}
+
+/// Issue 13, item 3 (part): write payload read but not yet written is
+/// bounded per connection and over the server. With the device stalled,
+/// clients that keep sending 1 MiB writes make the server stop reading
+/// them (back-pressure) at 2 MiB for one connection and 3 MiB in all;
+/// when the device goes on, every write is done and acknowledged.
+#[test]
+fn queued_write_payload_is_bounded_per_connection_and_in_total() {
+    use blksnap_nbd::NbdLimits;
+    watch_server_panics();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(Engine::new(Config::default()).unwrap());
+    let gated = Arc::new(GatedDevice::new(32 * MIB));
+    engine.attach("gated", gated.clone()).unwrap();
+    let limits = NbdLimits {
+        max_queued_write_bytes_per_connection: 2 * MIB,
+        max_queued_write_bytes: 3 * MIB,
+        ..NbdLimits::default()
+    };
+    let server = NbdServer::with_limits(engine, limits);
+    let socket = dir.path().join("nbd.sock");
+    server.listen_unix(&socket).unwrap();
+    let writes = 8u64;
+    let data = |conn: u64, i: u64| Pattern::XorShift.bytes(100 * conn + i, MIB);
+    // Each client sends all its writes without reading a reply, from a
+    // thread (its sends block once the server stops reading).
+    let send_all = |conn: u64| {
+        let c = RawClient::open(&socket, "gated", true, &[]);
+        let mut out = c.s.try_clone().unwrap();
+        let sender = thread::spawn(move || {
+            for i in 0..writes {
+                let at = (conn * writes + i) * MIB;
+                let mut b = Request {
+                    flags: 0,
+                    command: CMD_WRITE,
+                    cookie: i,
+                    offset: at,
+                    length: MIB as u32,
+                }
+                .encode()
+                .to_vec();
+                b.extend_from_slice(&data(conn, i));
+                out.write_all(&b).unwrap();
+            }
+        });
+        (c, sender)
+    };
+    let settled = |want: u64| {
+        let deadline = Instant::now() + TIMEOUT;
+        while server.queued_write_bytes() != want {
+            assert!(
+                Instant::now() < deadline,
+                "queued write bytes {}, expected {want}",
+                server.queued_write_bytes()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        // And it stays there: the readers wait, they do not read on.
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(server.queued_write_bytes(), want);
+    };
+
+    gated.close();
+    let (mut first, first_sender) = send_all(0);
+    gated.wait_arrived(2);
+    settled(2 * MIB);
+    let (mut second, second_sender) = send_all(1);
+    gated.wait_arrived(3);
+    settled(3 * MIB);
+    assert!(!first_sender.is_finished() && !second_sender.is_finished());
+
+    gated.open();
+    for (c, sender, conn) in [
+        (&mut first, first_sender, 0),
+        (&mut second, second_sender, 1),
+    ] {
+        sender.join().unwrap();
+        let mut acked = HashSet::new();
+        for _ in 0..writes {
+            let r = c.reply(&|_| 0);
+            assert_eq!(r.error, 0, "write {} of connection {conn}", r.cookie);
+            acked.insert(r.cookie);
+        }
+        assert_eq!(acked.len() as u64, writes);
+    }
+    assert_eq!(server.queued_write_bytes(), 0);
+    let mut check = RawClient::open(&socket, "gated", true, &[]);
+    for conn in 0..2 {
+        for i in 0..writes {
+            let at = (conn * writes + i) * MIB;
+            assert!(
+                check.read(at, MIB as usize) == data(conn, i),
+                "write {i} of {conn}"
+            );
+        }
+    }
+    drop((first, second, check));
     server.shutdown();
     assert_no_server_panic();
 }
