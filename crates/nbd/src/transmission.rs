@@ -39,22 +39,30 @@ struct Job {
 /// workers finish writes and give bytes back.
 pub struct PayloadBudget {
     limit: u64,
-    used: Mutex<u64>,
+    state: Mutex<BudgetState>,
     freed: Condvar,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    used: u64,
+    /// Readers waiting for bytes: a release wakes them only when there
+    /// are some (a wake is a futex call on every write otherwise).
+    waiting: usize,
 }
 
 impl PayloadBudget {
     pub fn new(limit: u64) -> Arc<Self> {
         Arc::new(PayloadBudget {
             limit,
-            used: Mutex::new(0),
+            state: Mutex::new(BudgetState::default()),
             freed: Condvar::new(),
         })
     }
 
     /// Bytes held now.
     pub fn used(&self) -> u64 {
-        *self.used.lock().unwrap()
+        self.state.lock().unwrap().used
     }
 
     /// Waits until `n` bytes fit, and takes them. A request larger than
@@ -62,11 +70,13 @@ impl PayloadBudget {
     /// that it is delayed, never refused.
     fn acquire(self: &Arc<Self>, n: u64) -> Lease {
         let n = n.min(self.limit);
-        let mut used = self
-            .freed
-            .wait_while(self.used.lock().unwrap(), |used| *used + n > self.limit)
-            .unwrap();
-        *used += n;
+        let mut state = self.state.lock().unwrap();
+        while state.used + n > self.limit {
+            state.waiting += 1;
+            state = self.freed.wait(state).unwrap();
+            state.waiting -= 1;
+        }
+        state.used += n;
         Lease {
             budget: self.clone(),
             n,
@@ -82,8 +92,11 @@ struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        *self.budget.used.lock().unwrap() -= self.n;
-        self.budget.freed.notify_all();
+        let mut state = self.budget.state.lock().unwrap();
+        state.used -= self.n;
+        if state.waiting > 0 {
+            self.budget.freed.notify_all();
+        }
     }
 }
 
