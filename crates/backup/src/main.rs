@@ -232,9 +232,11 @@ fn serve(
     tcp: Option<&str>,
 ) -> Result<(), Failure> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let manifest = repo.manifest(id)?;
     // Shared, as a backup holds it: prune cannot remove what is served.
+    // Taken before the manifest is read: a prune between the two could
+    // remove that backup and its chunks.
     let _lock = repo.lock(false)?;
+    let manifest = repo.manifest(id)?;
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let exports = BackupExports::new(std::sync::Arc::new(repo), &manifest);

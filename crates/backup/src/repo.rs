@@ -360,14 +360,18 @@ impl Repository {
         self.chunk_path(id).exists()
     }
 
-    /// Stores a chunk unless it is there already; returns whether it was
-    /// new and its stored size. It is made durable by
+    /// Stores a chunk unless it is there already (whole); returns whether
+    /// it was new and its stored size. It is made durable by
     /// [`Repository::sync_chunks`] (one `syncfs` for all the chunks of a
     /// backup) before any manifest names it. Data that zstd cannot shrink
     /// by 1/32 is stored as it is.
     pub fn put_chunk(&self, id: &str, data: &[u8]) -> Result<Option<u64>> {
         let path = self.chunk_path(id);
-        if path.exists() {
+        // A chunk file is renamed into place before the `syncfs` that makes
+        // its data durable: after a power loss its name can be there with
+        // the file empty or cut. Such a file is written again (renamed over)
+        // rather than named as it is.
+        if stored_whole(&path, data.len() as u64) {
             return Ok(None);
         }
         let dir = path.parent().expect("chunks/xx");
@@ -696,6 +700,28 @@ impl Repository {
             }
         }
     }
+}
+
+/// Whether the chunk file at `path` is there whole, for a chunk of `len`
+/// plain bytes, as far as its header and length tell without reading it
+/// (a cut zstd body is found only when the chunk is read).
+fn stored_whole(path: &Path, len: u64) -> bool {
+    let Ok(mut file) = File::open(path) else {
+        return false;
+    };
+    let mut header = [0u8; CHUNK_HEADER];
+    let (Ok(meta), Ok(())) = (file.metadata(), file.read_exact(&mut header)) else {
+        return false;
+    };
+    let plain = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
+    &header[..4] == CHUNK_MAGIC
+        && header[4] == CHUNK_VERSION
+        && plain == len
+        && match header[5] {
+            CODEC_RAW => meta.len() == CHUNK_HEADER as u64 + len,
+            CODEC_ZSTD => meta.len() > CHUNK_HEADER as u64,
+            _ => false,
+        }
 }
 
 /// Alignment of `O_DIRECT` buffers, offsets and lengths (enough for every
