@@ -474,8 +474,9 @@ mod tests {
             })
             .collect();
         let p = plan(prev, now);
-        let (backup, stats, _) =
+        let (backup, stats, new) =
             backup_device(repo, "d", now, &p, prev, map, sources, &|_, _| {}).unwrap();
+        repo.sync_chunks(&new).unwrap();
         (backup, stats)
     }
 

@@ -302,6 +302,7 @@ fn chunk_files_of_aligned_and_unaligned_lengths_read_back() {
             .bytes(file_len as u64, (file_len - HEADER) as u64);
         let id = blksnap_backup::repo::chunk_id(&data);
         repo.put_chunk(&id, &data).unwrap();
+        repo.sync_chunks(&[id.clone()].into()).unwrap();
         let path = dir.path().join("r/chunks").join(&id[..2]).join(&id);
         assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, file_len);
         // Twice: the second read reuses this thread's buffer.
@@ -345,6 +346,8 @@ fn a_later_backup_does_not_trust_a_chunk_file_a_crash_left_empty_or_cut() {
     for (i, (id, _)) in leftovers.iter().enumerate() {
         repo.put_chunk(id, region(i)).unwrap();
     }
+    repo.sync_chunks(&leftovers.iter().map(|(id, _)| id.clone()).collect())
+        .unwrap();
     for (id, keep) in &leftovers {
         let bytes = std::fs::read(chunk_path(id)).unwrap();
         std::fs::write(chunk_path(id), &bytes[..*keep]).unwrap();
