@@ -435,9 +435,22 @@ fn back_up(
         };
         let previous = repo.last_backup_of(&image.device);
         let previous = previous.as_ref().map(|(m, i)| &m.devices[*i]);
-        let plan = create::plan(previous, &now);
+        let mut plan = create::plan(previous, &now);
         let map = if plan.incremental {
-            Some(client.read_cbt_map(&image.device)?)
+            let map = client.read_cbt_map(&image.device)?;
+            // A map that does not cover the device cannot prove the rest
+            // unchanged.
+            let blocks = now.size.div_ceil(u64::from(now.block_size));
+            if map.len() as u64 != blocks {
+                plan = create::Plan {
+                    incremental: false,
+                    reason: format!(
+                        "the change map has {} blocks, the device {blocks}",
+                        map.len()
+                    ),
+                };
+            }
+            plan.incremental.then_some(map)
         } else {
             None
         };

@@ -238,6 +238,46 @@ impl DeviceBackup {
         Ok(())
     }
 
+    /// The shape a manifest must have for its regions to be read: checked
+    /// when it is loaded, so that a manifest whose checksum holds but whose
+    /// content is inconsistent is damage with a name, not a panic later.
+    fn check(&self) -> std::result::Result<(), String> {
+        let bs = u64::from(self.block_size);
+        if bs == 0 || self.chunk_size == 0 || self.chunk_size % bs != 0 {
+            return Err(format!(
+                "chunk size {} is not whole blocks of {bs}",
+                self.chunk_size
+            ));
+        }
+        let regions = self.size.div_ceil(self.chunk_size);
+        if self.chunks.len() as u64 != regions {
+            return Err(format!(
+                "{} regions for {} bytes in regions of {}",
+                self.chunks.len(),
+                self.size,
+                self.chunk_size
+            ));
+        }
+        let hash = |id: &ChunkId| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit());
+        for (i, region) in self.chunks.iter().enumerate() {
+            let (base, patches) = match region {
+                Region::Whole(base) => (base, &[][..]),
+                Region::Patched { base, patches } => (base, &patches[..]),
+            };
+            let len = self.region_len(i);
+            let patch_ok = |p: &Patch| {
+                p.1 > 0
+                    && u64::from(p.0) * bs < len
+                    && u64::from(p.0) + u64::from(p.1) <= self.chunk_size / bs
+                    && p.2.as_ref().is_none_or(hash)
+            };
+            if !base.as_ref().is_none_or(hash) || !patches.iter().all(patch_ok) {
+                return Err(format!("region {i} is malformed"));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether region `i` reads as zeroes without reading a chunk.
     pub fn region_is_hole(&self, i: usize) -> bool {
         self.chunks[i] == Region::Whole(None)
@@ -565,6 +605,10 @@ impl Repository {
             serde_json::from_str(body).map_err(|e| bad(format!("unreadable: {e}")))?;
         if m.format != FORMAT || m.id != id {
             return Err(bad(format!("format {} id {}", m.format, m.id)));
+        }
+        for d in &m.devices {
+            d.check()
+                .map_err(|e| bad(format!("device {}: {e}", d.name)))?;
         }
         Ok(m)
     }
@@ -938,7 +982,7 @@ mod tests {
         let base = vec![1u8; 1024];
         let p1 = vec![2u8; 1024]; // blocks 0..2 of the short last region
         let p2 = vec![3u8; 512]; // block 1 again, later: it wins
-        let tail = vec![4u8; 412]; // block 5 of the 3rd region: cut at its end
+        let tail = vec![4u8; 412]; // block 1 of the short 3rd region (924 bytes): cut at its end
         let ids: Vec<ChunkId> = [&base, &p1, &p2, &tail]
             .iter()
             .map(|d| {
@@ -964,7 +1008,7 @@ mod tests {
                 },
                 Region::Patched {
                     base: None,
-                    patches: vec![Patch(1, 2, Some(ids[3].clone()))],
+                    patches: vec![Patch(1, 1, Some(ids[3].clone()))],
                 },
             ],
         );
@@ -1036,6 +1080,59 @@ mod tests {
         repo.prune(10).unwrap();
         assert_eq!(staged(), 0, "prune left a dead backup's staging directory");
         assert!(!repo.has_chunk(&ia), "no manifest names it: pruned");
+    }
+
+    /// A manifest whose checksum holds but whose shape does not (a region
+    /// too many, a patch past its region, a bad hash) is damage with a
+    /// name, never a panic when read.
+    #[test]
+    fn inconsistent_manifests_are_refused_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&dir.path().join("r"), true).unwrap();
+        let h = || Some("ab".repeat(32));
+        let cases: Vec<(&str, Vec<Region>)> = vec![
+            ("regions", vec![Region::Whole(None); 4]),
+            (
+                "malformed",
+                vec![
+                    Region::Whole(None),
+                    Region::Whole(None),
+                    // The last region is 924 bytes: block 1 starts at 512,
+                    // block 2 would start past its end.
+                    Region::Patched {
+                        base: None,
+                        patches: vec![Patch(2, 1, h())],
+                    },
+                ],
+            ),
+            (
+                "malformed",
+                vec![
+                    Region::Whole(Some("xyz".into())),
+                    Region::Whole(None),
+                    Region::Whole(None),
+                ],
+            ),
+        ];
+        for (n, (needle, chunks)) in cases.into_iter().enumerate() {
+            let id = format!("bad{n}");
+            repo.put_manifest(&patched_manifest(&id, chunks)).unwrap();
+            let e = repo.manifest(&id).unwrap_err().to_string();
+            assert!(e.contains(needle), "case {n}: {e}");
+        }
+        let good = patched_manifest(
+            "good",
+            vec![
+                Region::Whole(h()),
+                Region::Whole(None),
+                Region::Patched {
+                    base: h(),
+                    patches: vec![Patch(1, 1, None)],
+                },
+            ],
+        );
+        repo.put_manifest(&good).unwrap();
+        assert_eq!(repo.manifest("good").unwrap(), good);
     }
 
     #[test]
