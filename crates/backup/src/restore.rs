@@ -138,5 +138,15 @@ pub fn restore(repo: &Repository, device: &DeviceBackup, to: &Path, threads: usi
         return Err(e);
     }
     file.sync_all().map_err(|e| target_error(to, e))?;
+    // A new file's name is durable only with its directory.
+    if !block {
+        let dir = to
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| target_error(to, e))?;
+    }
     Ok(written.into_inner())
 }
