@@ -443,32 +443,50 @@ impl Repository {
             header[..4].copy_from_slice(CHUNK_MAGIC);
             header[4..8].copy_from_slice(&[CHUNK_VERSION, codec, 0, 0]);
             header[8..].copy_from_slice(&(data.len() as u64).to_le_bytes());
-            self.write_parts(&path, &[&header, body])?;
+            if !self.write_staged(&path, &[&header, body])? {
+                return Ok(None);
+            }
             Ok(Some((CHUNK_HEADER + body.len()) as u64))
         })
     }
 
-    /// Writes a chunk file (no fsync: [`Repository::sync_chunks`] makes
-    /// chunks durable together). Large ones get write-behind: its
-    /// writeback starts now, and this thread's previous large chunk file is
-    /// waited for and its pages dropped. Small ones (patches of a few
-    /// blocks) are left to the final sync: waiting for each would cost more
+    /// Writes a staged chunk file straight under its name (no temp file:
+    /// the staging directory is this backup's own and is published only
+    /// once every writer is done), without fsync: [`Repository::sync_chunks`]
+    /// makes chunks durable together. Returns false when another thread of
+    /// this backup is writing the same chunk. Large ones get write-behind:
+    /// its writeback starts now, and this thread's previous large chunk
+    /// file is waited for and its pages dropped. Small ones (patches of a
+    /// few blocks) are left to the sync: waiting for each would cost more
     /// than the page cache they hold.
-    fn write_parts(&self, path: &Path, parts: &[&[u8]]) -> Result<()> {
+    fn write_staged(&self, path: &Path, parts: &[&[u8]]) -> Result<bool> {
         const WRITE_BEHIND_MIN: u64 = 1 << 20;
         thread_local! {
             static PREVIOUS: std::cell::RefCell<Option<(File, u64)>> =
                 const { std::cell::RefCell::new(None) };
         }
-        let (f, len) = self.write_in_place(path, parts, false)?;
-        if len < WRITE_BEHIND_MIN {
-            return Ok(());
+        let mut f = match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(io_at(path)(e)),
+        };
+        let mut len = 0;
+        for part in parts {
+            f.write_all(part).map_err(io_at(path))?;
+            len += part.len() as u64;
         }
-        start_writeback(&f, 0, len);
-        if let Some((previous, plen)) = PREVIOUS.with_borrow_mut(|p| p.replace((f, len))) {
-            drop_written(&previous, 0, plen);
+        if len >= WRITE_BEHIND_MIN {
+            start_writeback(&f, 0, len);
+            if let Some((previous, plen)) = PREVIOUS.with_borrow_mut(|p| p.replace((f, len))) {
+                drop_written(&previous, 0, plen);
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Makes the chunks this backup staged durable, then visible: one
