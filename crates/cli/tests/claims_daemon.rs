@@ -5,7 +5,8 @@
 //! the socket's group); a start over the socket and lock file a killed
 //! daemon left behind; SIGTERM during start-up; `attach_loop = true`
 //! without `--fuse-dir`; reserved device names; the systemd readiness
-//! notification after the recorded devices are back. No root needed (image files, sockets in the
+//! notification after the recorded devices are back; SIGTERM with stderr
+//! gone. No root needed (image files, sockets in the
 //! test's temporary directory).
 
 mod common;
@@ -435,4 +436,43 @@ fn auto_destroy_snapshots_go_with_their_connection() {
             .len()
             == 1
     );
+}
+
+/// SIGTERM stops the daemon though its stderr is gone (the reader of a
+/// pipe exited, as when journald restarts): a log line that cannot be
+/// written is lost, it does not kill the thread that handles signals.
+#[test]
+fn sigterm_stops_a_daemon_whose_stderr_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let mut child = blksnapd_command(&control, &dir.path().join("state"))
+        .arg("--nbd-socket")
+        .arg(dir.path().join("nbd.sock"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("control socket ready") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "blksnapd ended before it was ready"
+        );
+    }
+    drop(stderr);
+    common::signal(child.id(), "TERM");
+    let stopped = wait_until(Duration::from_secs(20), || {
+        child.try_wait().unwrap().is_some()
+    });
+    if !stopped {
+        let _ = child.kill();
+    }
+    assert!(
+        stopped,
+        "SIGTERM did not stop a daemon whose stderr is gone"
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "blksnapd ended with {status}");
 }

@@ -53,6 +53,12 @@ struct Options {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A log that cannot be written (stderr's reader gone, journald
+        // restarted) is lost, not fatal: the default reports it with
+        // eprintln!, which panics on that same broken stderr, in whatever
+        // thread logged: the signal thread then died and SIGTERM no longer
+        // stopped the daemon.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BLKSNAP_LOG")
