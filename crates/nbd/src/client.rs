@@ -32,7 +32,6 @@ pub const DEFAULT_PORT: u16 = 10809;
 
 // Protocol values protocol.rs does not have (our server never sends them).
 const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
-const TFLAG_READ_ONLY: u16 = 1 << 1;
 const REP_ERR_POLICY: u32 = (1 << 31) | 2;
 const REP_ERR_PLATFORM: u32 = (1 << 31) | 4;
 const REP_ERR_TLS_REQD: u32 = (1 << 31) | 5;
