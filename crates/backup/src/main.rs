@@ -17,7 +17,9 @@ use blksnap_backup::restore;
 use blksnap_backup::serve::BackupExports;
 use blksnap_client::Client;
 use blksnap_nbd::client::{NbdAddress, NbdClient};
-use blksnap_nbd::{unix_uri, NbdServer};
+use blksnap_nbd::{
+    check_tcp_exposure, tls_from_options, unix_uri, NbdServer, NbdSettings, TlsMode,
+};
 use blksnap_proto::SnapshotCreateArgs;
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -102,10 +104,36 @@ enum Command {
         #[arg(long, required_unless_present = "nbd_tcp")]
         nbd_socket: Option<PathBuf>,
         /// A TCP address to listen on as well, HOST:PORT (port 0: any).
-        /// NBD has no encryption yet: only on a trusted network.
+        /// Another address than loopback needs `--nbd-tls require`, or
+        /// `--nbd-insecure`.
         #[arg(long, value_name = "HOST:PORT")]
         nbd_tcp: Option<String>,
+        #[command(flatten)]
+        tls: TlsOptions,
     },
+}
+
+/// TLS of `serve`, as blksnapd's NBD options.
+#[derive(clap::Args, Debug)]
+struct TlsOptions {
+    /// TLS for clients on TCP: off, on (offered), or require (nothing but
+    /// STARTTLS before TLS). Default: require when a certificate is given,
+    /// else off. On the Unix socket TLS is offered, never required.
+    #[arg(long, value_name = "MODE")]
+    nbd_tls: Option<TlsMode>,
+    /// The server's certificate chain (PEM).
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_cert: Option<PathBuf>,
+    /// The private key of --nbd-tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_key: Option<PathBuf>,
+    /// Only clients with a certificate from this CA (PEM) get in.
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_ca: Option<PathBuf>,
+    /// Serve --nbd-tcp on another address than loopback without TLS
+    /// required: only on a network where every host is trusted.
+    #[arg(long)]
+    nbd_insecure: bool,
 }
 
 /// A failure: its message, and whether the command already printed its
@@ -183,12 +211,14 @@ fn run(o: &Options) -> Result<(), Failure> {
             id,
             nbd_socket,
             nbd_tcp,
+            tls,
         } => serve(
             o,
             Repository::open(repo_path, false)?,
             id,
             nbd_socket.as_deref(),
             nbd_tcp.as_deref(),
+            tls,
         ),
         Command::Restore { id, device, to } => {
             let repo = Repository::open(repo_path, false)?;
@@ -230,8 +260,23 @@ fn serve(
     id: &str,
     socket: Option<&Path>,
     tcp: Option<&str>,
+    tls: &TlsOptions,
 ) -> Result<(), Failure> {
     use signal_hook::consts::{SIGINT, SIGTERM};
+    let tls = tls_from_options(
+        tls.nbd_tls,
+        tls.nbd_tls_cert.as_deref(),
+        tls.nbd_tls_key.as_deref(),
+        tls.nbd_tls_ca.as_deref(),
+    )
+    .and_then(|settings| match tcp {
+        Some(addr) => {
+            check_tcp_exposure(addr, settings.as_ref(), tls.nbd_insecure).map(|_| settings)
+        }
+        None => Ok(settings),
+    })?;
+    // A client reading the URI knows to start TLS from its scheme.
+    let tcp_scheme = if tls.is_some() { "nbds://" } else { "nbd://" };
     // Shared, as a backup holds it: prune cannot remove what is served.
     // Taken before the manifest is read: a prune between the two could
     // remove that backup and its chunks.
@@ -240,7 +285,13 @@ fn serve(
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let exports = BackupExports::new(std::sync::Arc::new(repo), &manifest);
-    let server = NbdServer::serving(std::sync::Arc::new(exports));
+    let server = NbdServer::serving_with(
+        std::sync::Arc::new(exports),
+        NbdSettings {
+            tls,
+            ..NbdSettings::default()
+        },
+    );
     let mut uris = Vec::new();
     if let Some(socket) = socket {
         server
@@ -259,6 +310,7 @@ fn serve(
                 export: d.name.clone(),
             }
             .to_string()
+            .replacen("nbd://", tcp_scheme, 1)
         }));
     }
     if o.json {

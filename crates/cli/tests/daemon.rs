@@ -174,5 +174,54 @@ fn nbd_over_tcp_is_loopback_only_unless_allowed() {
         .args(["--nbd-tcp", "0.0.0.0:0"])
         .output()
         .unwrap();
-    assert_refused(&out, &["not a loopback address", "nbd_tcp_allow_remote"]);
+    assert_refused(
+        &out,
+        &[
+            "not a loopback address",
+            "--nbd-tls require",
+            "--nbd-insecure",
+        ],
+    );
+    // TLS offered is not enough either: a client may stay in plain text.
+    let pki = blksnap_test_support::pki::TestPki::generate(dir.path());
+    let tls = [
+        "--nbd-tls-cert",
+        pki.server_cert.to_str().unwrap(),
+        "--nbd-tls-key",
+        pki.server_key.to_str().unwrap(),
+    ];
+    let out = blksnapd_command(&dir.path().join("c.sock"), &dir.path().join("state"))
+        .args(["--nbd-tcp", "0.0.0.0:0", "--nbd-tls", "on"])
+        .args(tls)
+        .output()
+        .unwrap();
+    assert_refused(&out, &["not a loopback address"]);
+    // Half the TLS files, or files with TLS off: named.
+    let out = blksnapd_command(&dir.path().join("c.sock"), &dir.path().join("state"))
+        .args(["--nbd-tls", "require", "--nbd-tls-cert"])
+        .arg(&pki.server_cert)
+        .output()
+        .unwrap();
+    assert_refused(&out, &["--nbd-tls-key"]);
+    let out = blksnapd_command(&dir.path().join("c.sock"), &dir.path().join("state"))
+        .args(["--nbd-tls", "off"])
+        .args(tls)
+        .output()
+        .unwrap();
+    assert_refused(&out, &["--nbd-tls off"]);
+    // A key that is not the certificate's.
+    let out = blksnapd_command(&dir.path().join("c.sock"), &dir.path().join("state"))
+        .args(["--nbd-tls-cert"])
+        .arg(&pki.server_cert)
+        .arg("--nbd-tls-key")
+        .arg(pki.client_dir.join("client-key.pem"))
+        .output()
+        .unwrap();
+    assert_refused(&out, &["do not go together"]);
+    // Required TLS (a certificate implies it), or --nbd-insecure: served.
+    for extra in [&tls[..], &["--nbd-insecure"][..]] {
+        let mut args = vec!["--nbd-tcp", "0.0.0.0:0"];
+        args.extend_from_slice(extra);
+        drop(Daemon::start_with(&args));
+    }
 }

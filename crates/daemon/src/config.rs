@@ -18,14 +18,22 @@ pub struct DaemonConfig {
     /// Group (name or number) allowed to use the control socket; without
     /// one the socket is root-only (mode 0600).
     pub control_group: Option<String>,
-    /// Allow `--nbd-tcp` on an address other than loopback. NBD has no
-    /// authentication here: only for trusted networks.
+    /// Allow `--nbd-tcp` on an address other than loopback without TLS
+    /// required (as `--nbd-insecure`): only for trusted networks.
     pub nbd_tcp_allow_remote: bool,
+    /// TLS for NBD (`off`, `on`, `require`) and its files, as the
+    /// `--nbd-tls*` options, which win over these.
+    pub nbd_tls: Option<String>,
+    pub nbd_tls_cert: Option<std::path::PathBuf>,
+    pub nbd_tls_key: Option<std::path::PathBuf>,
+    pub nbd_tls_ca: Option<std::path::PathBuf>,
     /// Longest an NBD client may take from connecting to choosing an
     /// export, in ms; 0: no limit.
     pub nbd_handshake_timeout_ms: u64,
-    /// Most NBD connections open at once (handshakes included).
+    /// Most NBD connections open at once (handshakes included), in all
+    /// and from one TCP client address.
     pub nbd_max_connections: usize,
+    pub nbd_max_connections_per_client: usize,
     /// Most bytes of NBD write payload read and not yet written, per
     /// connection and over all connections.
     pub nbd_max_queued_write_bytes_per_connection: u64,
@@ -54,8 +62,13 @@ impl Default for DaemonConfig {
             engine: Config::default(),
             control_group: None,
             nbd_tcp_allow_remote: false,
+            nbd_tls: None,
+            nbd_tls_cert: None,
+            nbd_tls_key: None,
+            nbd_tls_ca: None,
             nbd_handshake_timeout_ms: 10_000,
             nbd_max_connections: 1024,
+            nbd_max_connections_per_client: 64,
             nbd_max_queued_write_bytes_per_connection: 64 << 20,
             nbd_max_queued_write_bytes: 1 << 30,
             attach_loop: false,
@@ -72,6 +85,7 @@ impl DaemonConfig {
             handshake_timeout: (self.nbd_handshake_timeout_ms > 0)
                 .then(|| std::time::Duration::from_millis(self.nbd_handshake_timeout_ms)),
             max_connections: self.nbd_max_connections,
+            max_connections_per_client: self.nbd_max_connections_per_client,
             max_queued_write_bytes_per_connection: self.nbd_max_queued_write_bytes_per_connection,
             max_queued_write_bytes: self.nbd_max_queued_write_bytes,
         }

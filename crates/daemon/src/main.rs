@@ -12,7 +12,7 @@ use blksnap_daemon::service::Service;
 use blksnap_daemon::state::Persistence;
 use blksnap_engine::Engine;
 use blksnap_fuse::LocalDevices;
-use blksnap_nbd::NbdServer;
+use blksnap_nbd::{check_tcp_exposure, tls_from_options, NbdServer, NbdSettings, NbdTls, TlsMode};
 use clap::Parser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
@@ -39,10 +39,28 @@ struct Options {
     /// export there. Default: `nbd.sock` beside the control socket.
     #[arg(long)]
     nbd_socket: Option<PathBuf>,
-    /// Also serve NBD on this TCP address (ADDR:PORT); loopback only unless
-    /// the configuration sets nbd_tcp_allow_remote.
+    /// Also serve NBD on this TCP address (ADDR:PORT). Another address than
+    /// loopback needs `--nbd-tls require`, or `--nbd-insecure`.
     #[arg(long)]
     nbd_tcp: Option<String>,
+    /// TLS for NBD clients on TCP: off, on (offered), or require (nothing
+    /// but STARTTLS before TLS). Default: require when a certificate is
+    /// given, else off. On the Unix socket TLS is offered, never required.
+    #[arg(long, value_name = "MODE")]
+    nbd_tls: Option<TlsMode>,
+    /// The NBD server's certificate chain (PEM).
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_cert: Option<PathBuf>,
+    /// The private key of --nbd-tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_key: Option<PathBuf>,
+    /// Only NBD clients with a certificate from this CA (PEM) get in.
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_ca: Option<PathBuf>,
+    /// Serve --nbd-tcp on another address than loopback without TLS
+    /// required: only on a network where every host is trusted.
+    #[arg(long)]
+    nbd_insecure: bool,
     /// Mount the FUSE frontend here: one file per tracked device and per
     /// snapshot image (under snapshot/), which loop devices turn into local
     /// block devices. Needs root (or FUSE permissions) and /dev/fuse.
@@ -89,11 +107,12 @@ fn run(options: Options) -> Result<(), String> {
     // during start-up is still a clean stop.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let nbd_tcp = options
-        .nbd_tcp
-        .as_deref()
-        .map(|a| check_tcp_address(a, config.nbd_tcp_allow_remote))
-        .transpose()?;
+    let nbd_tls = nbd_tls(&options, &config)?;
+    if let Some(addr) = &options.nbd_tcp {
+        let insecure = options.nbd_insecure || config.nbd_tcp_allow_remote;
+        check_tcp_exposure(addr, nbd_tls.as_ref(), insecure)?;
+    }
+    let nbd_tcp = options.nbd_tcp.clone();
     let nbd_socket = options
         .nbd_socket
         .clone()
@@ -103,7 +122,13 @@ fn run(options: Options) -> Result<(), String> {
     // every frontend ready.
     let lock = DaemonLock::acquire(&options.control)?;
     persistence.start_heartbeat(engine.clone());
-    let nbd = NbdServer::with_limits(engine.clone(), config.nbd_limits());
+    let nbd = NbdServer::with_limits(
+        engine.clone(),
+        NbdSettings {
+            limits: config.nbd_limits(),
+            tls: nbd_tls,
+        },
+    );
     let mut service =
         Service::new(engine.clone(), Some(nbd_socket.clone())).with_persistence(persistence);
     let local = match &options.fuse_dir {
@@ -212,17 +237,18 @@ fn notify_ready() {
     }
 }
 
-/// NBD has no authentication: serve TCP on loopback unless told otherwise.
-fn check_tcp_address(addr: &str, allow_remote: bool) -> Result<String, String> {
-    use std::net::ToSocketAddrs;
-    let resolved: Vec<_> = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("--nbd-tcp {addr}: {e}"))?
-        .collect();
-    if !allow_remote && resolved.iter().any(|a| !a.ip().is_loopback()) {
-        return Err(format!(
-            "--nbd-tcp {addr} is not a loopback address; set nbd_tcp_allow_remote = true in the configuration to allow it"
-        ));
-    }
-    Ok(addr.to_string())
+/// TLS for NBD from the command line, else from the configuration.
+fn nbd_tls(options: &Options, config: &DaemonConfig) -> Result<Option<NbdTls>, String> {
+    let mode = match (&options.nbd_tls, &config.nbd_tls) {
+        (Some(mode), _) => Some(*mode),
+        (None, Some(text)) => Some(text.parse().map_err(|e| format!("nbd_tls: {e}"))?),
+        (None, None) => None,
+    };
+    let or_config = |flag: &Option<PathBuf>, key: &Option<PathBuf>| flag.clone().or(key.clone());
+    tls_from_options(
+        mode,
+        or_config(&options.nbd_tls_cert, &config.nbd_tls_cert).as_deref(),
+        or_config(&options.nbd_tls_key, &config.nbd_tls_key).as_deref(),
+        or_config(&options.nbd_tls_ca, &config.nbd_tls_ca).as_deref(),
+    )
 }

@@ -27,6 +27,7 @@ pub mod export;
 mod negotiate;
 pub mod protocol;
 mod server;
+mod tls;
 mod transmission;
 
 pub use client::{NbdAddress, NbdClient};
@@ -34,3 +35,4 @@ pub use client::{NbdAddress, NbdClient};
 pub use engine_export::EngineExports;
 pub use export::{ChangeMap, Export, ExportError, ExportResult, ExportSource, ZeroFlags};
 pub use server::*;
+pub use tls::{check_tcp_exposure, tls_from_options, NbdTls, TlsMode};

@@ -59,12 +59,34 @@ fn send_error(w: &mut impl Write, option: u32, kind: u32, message: &str) -> io::
     send(w, option, kind, message.as_bytes())
 }
 
-/// Runs the handshake; `Ok(None)` when the client ended it without an
-/// export (ABORT, unknown EXPORT_NAME, or hanging up).
-pub fn negotiate<S: Read + Write>(
-    stream: &mut S,
-    source: &dyn ExportSource,
-) -> io::Result<Option<Session>> {
+/// Where TLS stands on a connection during option haggling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsState {
+    /// The server has no TLS: STARTTLS is refused.
+    Unavailable,
+    /// STARTTLS is accepted; plain text too.
+    Offered,
+    /// Nothing but STARTTLS and ABORT until TLS is on (FORCEDTLS).
+    Required,
+    /// The connection is encrypted.
+    Active,
+}
+
+/// How option haggling ended.
+pub enum Outcome {
+    /// The client chose an export.
+    Export(Session),
+    /// STARTTLS was acknowledged: the caller runs the TLS handshake, then
+    /// haggles again on the encrypted stream, from a clean state.
+    StartTls,
+    /// The client left without an export (ABORT, unknown EXPORT_NAME,
+    /// hanging up).
+    Leave,
+}
+
+/// Sends the greeting and reads the client's flags; returns whether the
+/// client asked for no zeroes after EXPORT_NAME's reply.
+pub fn greet<S: Read + Write>(stream: &mut S) -> io::Result<bool> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -74,7 +96,18 @@ pub fn negotiate<S: Read + Write>(
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
         return Err(invalid("unknown client flags"));
     }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    Ok(client_flags & CLIENT_NO_ZEROES != 0)
+}
+
+/// Option haggling, until the client picks an export, starts TLS or
+/// leaves. State set by options (structured replies, contexts) starts
+/// empty: after STARTTLS nothing from before it may be kept.
+pub fn haggle<S: Read + Write>(
+    stream: &mut S,
+    source: &dyn ExportSource,
+    tls: TlsState,
+    no_zeroes: bool,
+) -> io::Result<Outcome> {
     let mut structured = false;
     // Contexts chosen by SET_META_CONTEXT, for the export they were set on.
     let mut selected: Option<Selected> = None;
@@ -82,7 +115,7 @@ pub fn negotiate<S: Read + Write>(
         let mut header = [0u8; 16];
         match stream.read_exact(&mut header) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Leave),
             Err(e) => return Err(e),
         }
         if u64::from_be_bytes(header[..8].try_into().unwrap()) != IHAVEOPT {
@@ -107,17 +140,53 @@ pub fn negotiate<S: Read + Write>(
         }
         let mut data = vec![0u8; len as usize];
         stream.read_exact(&mut data)?;
+        if tls == TlsState::Required && option != OPT_STARTTLS && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                // EXPORT_NAME cannot be refused: the only answer is to hang up.
+                tracing::info!("NBD client chose an export without TLS, which is required");
+                return Ok(Outcome::Leave);
+            }
+            tracing::debug!(
+                option = option_name(option),
+                "NBD option refused before TLS, which is required"
+            );
+            send_error(
+                stream,
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            )?;
+            continue;
+        }
         match option {
+            OPT_STARTTLS => match tls {
+                _ if !data.is_empty() => {
+                    send_error(stream, option, REP_ERR_INVALID, "STARTTLS takes no data")?
+                }
+                TlsState::Unavailable => send_error(
+                    stream,
+                    option,
+                    REP_ERR_POLICY,
+                    "this server is not configured for TLS",
+                )?,
+                TlsState::Active => {
+                    send_error(stream, option, REP_ERR_INVALID, "TLS is already on")?
+                }
+                TlsState::Offered | TlsState::Required => {
+                    send(stream, option, REP_ACK, &[])?;
+                    return Ok(Outcome::StartTls);
+                }
+            },
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
                 let Some(export) = source.open(&name) else {
                     tracing::info!(export = %name, "NBD client asked for an unknown export");
-                    return Ok(None);
+                    return Ok(Outcome::Leave);
                 };
                 // No error reply exists for EXPORT_NAME: hang up.
                 if let Err(why) = stale_contexts(&selected, &name, &*export) {
                     tracing::info!(export = %name, "{why}");
-                    return Ok(None);
+                    return Ok(Outcome::Leave);
                 }
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&export.size().to_be_bytes());
@@ -129,7 +198,7 @@ pub fn negotiate<S: Read + Write>(
                 }
                 stream.write_all(&reply)?;
                 let contexts = contexts_for(&selected, &name);
-                return Ok(Some(Session {
+                return Ok(Outcome::Export(Session {
                     export,
                     structured,
                     contexts,
@@ -137,7 +206,7 @@ pub fn negotiate<S: Read + Write>(
             }
             OPT_ABORT => {
                 let _ = send(stream, option, REP_ACK, &[]);
-                return Ok(None);
+                return Ok(Outcome::Leave);
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -223,7 +292,7 @@ pub fn negotiate<S: Read + Write>(
                 send(stream, option, REP_ACK, &[])?;
                 if option == OPT_GO {
                     let contexts = contexts_for(&selected, &name);
-                    return Ok(Some(Session {
+                    return Ok(Outcome::Export(Session {
                         export,
                         structured,
                         contexts,

@@ -19,6 +19,7 @@ pub const CLIENT_NO_ZEROES: u32 = 1 << 1;
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -32,7 +33,9 @@ pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
+pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
 pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR | 5;
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
 pub const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
 
@@ -103,7 +106,7 @@ pub fn option_name(option: u32) -> &'static str {
         OPT_EXPORT_NAME => "EXPORT_NAME",
         OPT_ABORT => "ABORT",
         OPT_LIST => "LIST",
-        5 => "STARTTLS",
+        OPT_STARTTLS => "STARTTLS",
         OPT_INFO => "INFO",
         OPT_GO => "GO",
         OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",

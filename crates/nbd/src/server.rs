@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,6 +15,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::export::ExportSource;
+use crate::negotiate::{self, Outcome, Session, TlsState};
+use crate::tls::{NbdTls, TlsMode};
 use crate::transmission::PayloadBudget;
 
 /// A stream the server can serve on.
@@ -25,6 +27,11 @@ pub trait Conn: Read + Write + Send + 'static {
     fn shutdown_conn(&self, how: Shutdown);
     /// Timeout of every read and write (`None`: wait forever).
     fn set_io_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Ends the session above the socket (TLS's close_notify), before the
+    /// socket is closed.
+    fn close(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Conn for UnixStream {
@@ -63,6 +70,10 @@ pub struct NbdLimits {
     /// Most connections open at once, handshakes included; one more is
     /// closed at once, before the greeting. Default 1024.
     pub max_connections: usize,
+    /// Most connections open at once from one TCP client address; one more
+    /// is closed before the greeting. Unix socket clients are held to
+    /// `max_connections` only. Default 64.
+    pub max_connections_per_client: usize,
     /// Most bytes of write payload one connection may have read but not
     /// yet written; past it the connection stops reading until writes
     /// finish. At least one write (32 MiB) fits. Default 64 MiB.
@@ -76,9 +87,25 @@ impl Default for NbdLimits {
         NbdLimits {
             handshake_timeout: Some(Duration::from_secs(10)),
             max_connections: 1024,
+            max_connections_per_client: 64,
             max_queued_write_bytes_per_connection: 64 << 20,
             max_queued_write_bytes: 1 << 30,
         }
+    }
+}
+
+/// What a server is built with: its limits and, optionally, TLS.
+#[derive(Debug, Clone, Default)]
+pub struct NbdSettings {
+    pub limits: NbdLimits,
+    /// TLS for TCP clients as its mode says; on the Unix socket, whose
+    /// file mode guards it, TLS is offered but never required.
+    pub tls: Option<NbdTls>,
+}
+
+impl From<NbdLimits> for NbdSettings {
+    fn from(limits: NbdLimits) -> Self {
+        NbdSettings { limits, tls: None }
     }
 }
 
@@ -128,16 +155,22 @@ impl Listening {
 /// that repeats does not spin a core and flood the log.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
-/// Shuts down one direction of a client connection.
-type CloseFn = Box<dyn Fn(Shutdown) + Send>;
+/// An open client connection, as the server keeps track of it.
+struct Connection {
+    /// Shuts down one direction of its socket.
+    close: Box<dyn Fn(Shutdown) + Send>,
+    /// The TCP client's address (`None` on the Unix socket).
+    client: Option<IpAddr>,
+}
 
 pub struct NbdServer {
     source: Arc<dyn ExportSource>,
     limits: NbdLimits,
+    tls: Option<NbdTls>,
     queued_writes: Arc<PayloadBudget>,
     stopping: AtomicBool,
     next_id: AtomicU64,
-    connections: Mutex<HashMap<u64, CloseFn>>,
+    connections: Mutex<HashMap<u64, Connection>>,
     listening: Mutex<Vec<Listening>>,
 }
 
@@ -159,12 +192,16 @@ impl NbdServer {
         Self::serving(Arc::new(crate::engine_export::EngineExports(engine)))
     }
 
-    /// A server of every volume of `engine`, within `limits`.
+    /// A server of every volume of `engine`, with `settings` (or just
+    /// limits).
     #[cfg(feature = "engine")]
-    pub fn with_limits(engine: Arc<blksnap_engine::Engine>, limits: NbdLimits) -> Arc<Self> {
+    pub fn with_limits(
+        engine: Arc<blksnap_engine::Engine>,
+        settings: impl Into<NbdSettings>,
+    ) -> Arc<Self> {
         Self::serving_with(
             Arc::new(crate::engine_export::EngineExports(engine)),
-            limits,
+            settings,
         )
     }
 
@@ -173,11 +210,17 @@ impl NbdServer {
         Self::serving_with(source, NbdLimits::default())
     }
 
-    /// A server of the exports `source` names, within `limits`.
-    pub fn serving_with(source: Arc<dyn ExportSource>, limits: NbdLimits) -> Arc<Self> {
+    /// A server of the exports `source` names, with `settings` (or just
+    /// limits).
+    pub fn serving_with(
+        source: Arc<dyn ExportSource>,
+        settings: impl Into<NbdSettings>,
+    ) -> Arc<Self> {
+        let NbdSettings { limits, tls } = settings.into();
         Arc::new(Self {
             source,
             limits,
+            tls,
             queued_writes: PayloadBudget::new(limits.max_queued_write_bytes),
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
@@ -215,7 +258,7 @@ impl NbdServer {
                         break;
                     }
                     match stream {
-                        Ok(s) => this.spawn_connection(s),
+                        Ok(s) => this.spawn_connection(s, None),
                         Err(e) => {
                             tracing::warn!(error = %e, "NBD accept failed");
                             std::thread::sleep(ACCEPT_RETRY);
@@ -244,7 +287,8 @@ impl NbdServer {
                     match stream {
                         Ok(s) => {
                             let _ = s.set_nodelay(true);
-                            this.spawn_connection(s)
+                            let client = s.peer_addr().ok().map(|a| a.ip());
+                            this.spawn_connection(s, client)
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "NBD accept failed");
@@ -267,15 +311,32 @@ impl NbdServer {
         }
     }
 
-    fn spawn_connection<S: Conn>(self: &Arc<Self>, stream: S) {
+    /// Whether a new connection from `client` (TCP) or the Unix socket
+    /// (`None`) would pass a connection cap; the reason if not.
+    fn over_cap(&self, open: &HashMap<u64, Connection>, client: Option<IpAddr>) -> Option<String> {
+        if open.len() >= self.limits.max_connections {
+            return Some(format!(
+                "too many open connections (limit {})",
+                self.limits.max_connections
+            ));
+        }
+        let ip = client?;
+        let from_client = open.values().filter(|c| c.client == Some(ip)).count();
+        if from_client >= self.limits.max_connections_per_client {
+            return Some(format!(
+                "too many open connections from {ip} (limit {})",
+                self.limits.max_connections_per_client
+            ));
+        }
+        None
+    }
+
+    fn spawn_connection<S: Conn>(self: &Arc<Self>, stream: S, client: Option<IpAddr>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(clone) = stream.try_clone_conn() {
             let mut connections = self.connections.lock().unwrap();
-            if connections.len() >= self.limits.max_connections {
-                tracing::warn!(
-                    limit = self.limits.max_connections,
-                    "NBD connection refused: too many open connections"
-                );
+            if let Some(why) = self.over_cap(&connections, client) {
+                tracing::warn!(client = ?client, "NBD connection refused: {why}");
                 return;
             }
             // Checked under the lock that shutdown takes after setting
@@ -285,13 +346,21 @@ impl NbdServer {
             if self.stopping.load(Ordering::SeqCst) {
                 clone.shutdown_conn(Shutdown::Read);
             }
-            connections.insert(id, Box::new(move |how| clone.shutdown_conn(how)));
+            let close = Box::new(move |how| clone.shutdown_conn(how));
+            connections.insert(id, Connection { close, client });
         }
+        // TCP clients get TLS as configured; Unix socket clients, whom the
+        // socket file's mode already admits, may use it but need not.
+        let tls = match (&self.tls, client) {
+            (None, _) => TlsState::Unavailable,
+            (Some(t), Some(_)) if t.mode() == TlsMode::Require => TlsState::Required,
+            (Some(_), _) => TlsState::Offered,
+        };
         let this = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-{id}"))
             .spawn(move || {
-                if let Err(e) = this.serve(stream) {
+                if let Err(e) = this.serve(stream, tls) {
                     tracing::info!(connection = id, error = %e, "NBD connection ended");
                 }
                 this.connections.lock().unwrap().remove(&id);
@@ -301,13 +370,29 @@ impl NbdServer {
         }
     }
 
-    fn serve<S: Conn>(&self, mut stream: S) -> io::Result<()> {
+    fn serve<S: Conn>(&self, mut stream: S, tls: TlsState) -> io::Result<()> {
         // A client that connects and says nothing (or too slowly) must not
         // hold a connection and its thread forever.
         stream.set_io_timeout(self.limits.handshake_timeout)?;
-        let Some(session) = crate::negotiate::negotiate(&mut stream, &*self.source)? else {
-            return Ok(());
-        };
+        let no_zeroes = negotiate::greet(&mut stream)?;
+        match negotiate::haggle(&mut stream, &*self.source, tls, no_zeroes)? {
+            Outcome::Leave => Ok(()),
+            Outcome::Export(session) => self.transmit(stream, session),
+            Outcome::StartTls => {
+                let settings = self
+                    .tls
+                    .as_ref()
+                    .expect("STARTTLS is accepted only with TLS");
+                let mut stream = settings.accept(stream)?;
+                match negotiate::haggle(&mut stream, &*self.source, TlsState::Active, no_zeroes)? {
+                    Outcome::Export(session) => self.transmit(stream, session),
+                    Outcome::Leave | Outcome::StartTls => stream.close(),
+                }
+            }
+        }
+    }
+
+    fn transmit<S: Conn>(&self, stream: S, session: Session) -> io::Result<()> {
         stream.set_io_timeout(None)?;
         tracing::debug!(
             size = session.export.size(),
@@ -338,8 +423,8 @@ impl NbdServer {
         if self.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
-        for close in self.connections.lock().unwrap().values() {
-            close(Shutdown::Read);
+        for connection in self.connections.lock().unwrap().values() {
+            (connection.close)(Shutdown::Read);
         }
         // Dropped once stopped: the accept loop closes its own descriptor
         // as it ends, and nothing then holds the socket (or its TCP port).

@@ -137,6 +137,10 @@ pub fn transmit<S: Conn>(
     for w in workers {
         let _ = w.join();
     }
+    // Every reply is out: end the session above the socket (TLS).
+    if let Ok(mut w) = writer.lock() {
+        let _ = w.flush().and_then(|_| w.get_mut().close());
+    }
     let summary: Vec<String> = counts
         .iter()
         .enumerate()

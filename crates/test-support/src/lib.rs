@@ -1,9 +1,11 @@
 //! Helpers shared by the test suites of the blksnap crates: deterministic
 //! test data ([`Pattern`]), sparse files, reading a change map, and whether
-//! the tests run as root.
+//! the tests run as root, and a throw-away PKI for TLS tests ([`pki`]).
 //!
 //! A dev-dependency only, never published. It depends on no blksnap crate,
 //! so the tests of every crate, the engine's included, can use it.
+
+pub mod pki;
 
 use std::path::{Path, PathBuf};
 
