@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use blksnap_test_support::Pattern;
-use common::nbd_tools::{have, map, nbd_write, read_all};
+use common::nbd_tools::{have, map, nbd_write, read_all, run};
 use common::{blksnap_backup, Daemon};
 use serde_json::Value;
 
@@ -488,16 +488,23 @@ fn images_can_be_read_over_tcp() {
 struct Served {
     child: std::process::Child,
     uri: String,
+    uris: Vec<String>,
 }
 
 impl Served {
     fn start(d: &Daemon, repo: &Path, id: &str, socket: &Path) -> Served {
+        Self::start_with(d, repo, id, socket, &[])
+    }
+
+    /// With more `serve` options; `uris` are every URI it printed.
+    fn start_with(d: &Daemon, repo: &Path, id: &str, socket: &Path, extra: &[&str]) -> Served {
         let mut child = Command::new(blksnap_backup())
             .arg("--json")
             .arg("--repo")
             .arg(repo)
             .args(["serve", "--id", id, "--nbd-socket"])
             .arg(socket)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -509,8 +516,14 @@ impl Served {
         let event: Value = serde_json::from_str(&first)
             .unwrap_or_else(|e| panic!("serve said {first:?} ({e}); daemon log:\n{}", d.log()));
         assert_eq!(event["event"], "serving", "{event}");
-        let uri = event["uris"][0].as_str().unwrap().to_string();
-        Served { child, uri }
+        let uris = event["uris"].as_array().unwrap();
+        let uris = uris.iter().map(|u| u.as_str().unwrap().to_string());
+        let uris: Vec<String> = uris.collect();
+        Served {
+            child,
+            uri: uris[0].clone(),
+            uris,
+        }
     }
 
     /// SIGTERM: the server stops cleanly and removes its socket.
@@ -622,4 +635,63 @@ fn a_served_backup_reads_as_its_device_at_the_take() {
         "an undamaged region no longer reads: {beyond:?}"
     );
     served.stop(&socket);
+}
+
+/// Issue 13: a backup served on TCP with TLS required reads as its device
+/// to a client with a certificate from the CA (an `nbds://` URI), and is
+/// refused to one without; a TCP address that is not loopback is refused
+/// without TLS required.
+#[test]
+fn a_backup_is_served_over_tls_to_clients_with_a_certificate() {
+    if !(have("nbdcopy") && have("nbdinfo") && have("openssl")) {
+        return;
+    }
+    let d = Daemon::start();
+    let repo = d.path("repo");
+    let path = device(&d, "t.img", 2 * CHUNK + 4096, 12);
+    ok(&d, &repo, &["create", "--device", "t.img"]);
+    let id = ok(&d, &repo, &["list"])["backups"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = blksnap_test_support::pki::TestPki::generate(pki_dir.path());
+    let tls = [
+        "--nbd-tls-cert",
+        pki.server_cert.to_str().unwrap(),
+        "--nbd-tls-key",
+        pki.server_key.to_str().unwrap(),
+        "--nbd-tls-ca",
+        pki.ca.to_str().unwrap(),
+    ];
+    let socket = d.path("tls.sock");
+    let mut args = vec!["--nbd-tcp", "localhost:0"];
+    args.extend_from_slice(&tls);
+    let served = Served::start_with(&d, &repo, &id, &socket, &args);
+    let tcp = served
+        .uris
+        .iter()
+        .find(|u| u.starts_with("nbds://"))
+        .unwrap_or_else(|| panic!("no nbds:// URI in {:?}", served.uris))
+        .clone();
+    let with = |dir: &Path| format!("{tcp}?tls-certificates={}", dir.display());
+    let copy = d.path("t.copy");
+    run(Command::new("nbdcopy").args([&with(&pki.client_dir), copy.to_str().unwrap()]));
+    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&path).unwrap());
+    let refused = Command::new("nbdinfo")
+        .arg(with(&pki.anonymous_dir))
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "a client without a certificate got in"
+    );
+    served.stop(&socket);
+
+    fails(
+        &d,
+        &repo,
+        &["serve", "--id", &id, "--nbd-tcp", "0.0.0.0:0"],
+        &["not a loopback address", "--nbd-insecure"],
+    );
 }

@@ -143,6 +143,25 @@ mod tests {
     }
 
     #[test]
+    fn nbd_tls_and_connection_caps() {
+        let c = DaemonConfig::parse(
+            "nbd_tls = \"require\"\nnbd_tls_cert = \"/etc/blksnap/c.pem\"\nnbd_tls_key = \"/etc/blksnap/k.pem\"\nnbd_max_connections_per_client = 8\n",
+        )
+        .unwrap();
+        assert_eq!(c.nbd_tls.as_deref(), Some("require"));
+        assert_eq!(
+            c.nbd_tls_cert.as_deref(),
+            Some(Path::new("/etc/blksnap/c.pem"))
+        );
+        assert_eq!(c.nbd_tls_ca, None);
+        assert_eq!(c.nbd_limits().max_connections_per_client, 8);
+        assert_eq!(
+            DaemonConfig::parse("").unwrap().nbd_limits(),
+            blksnap_nbd::NbdLimits::default()
+        );
+    }
+
+    #[test]
     fn cbt_persistence_modes() {
         use blksnap_proto::CbtPersistence;
         assert_eq!(
