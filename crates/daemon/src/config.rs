@@ -38,6 +38,9 @@ pub struct DaemonConfig {
     /// connection and over all connections.
     pub nbd_max_queued_write_bytes_per_connection: u64,
     pub nbd_max_queued_write_bytes: u64,
+    /// Most NBD worker threads over all connections (each connection's
+    /// reader not counted).
+    pub nbd_max_worker_threads: usize,
     /// Give every attached device (and its snapshot image) a loop device,
     /// unless the attach request says otherwise. Needs `--fuse-dir`.
     pub attach_loop: bool,
@@ -71,6 +74,7 @@ impl Default for DaemonConfig {
             nbd_max_connections_per_client: 64,
             nbd_max_queued_write_bytes_per_connection: 64 << 20,
             nbd_max_queued_write_bytes: 1 << 30,
+            nbd_max_worker_threads: 256,
             attach_loop: false,
             freeze_on_take: true,
             cbt_persistence: blksnap_proto::CbtPersistence::CleanStop,
@@ -88,6 +92,7 @@ impl DaemonConfig {
             max_connections_per_client: self.nbd_max_connections_per_client,
             max_queued_write_bytes_per_connection: self.nbd_max_queued_write_bytes_per_connection,
             max_queued_write_bytes: self.nbd_max_queued_write_bytes,
+            max_worker_threads: self.nbd_max_worker_threads,
         }
     }
 

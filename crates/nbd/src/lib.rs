@@ -8,7 +8,8 @@
 //! export calls and nothing else; the daemon owns its lifetime.
 //!
 //! Each connection gets a thread for the handshake and request reading, and
-//! a few workers ([`transmission`]). Shutdown stops accepting and closes the
+//! up to four workers while its requests overlap, capped over the server
+//! (`pipeline`). Shutdown stops accepting and closes the
 //! read side of every connection: requests already read still complete and
 //! are answered. It never goes through a path or a connect: it shuts the
 //! listening sockets themselves down, which ends their accept loops even
@@ -25,6 +26,7 @@ pub mod client;
 mod engine_export;
 pub mod export;
 mod negotiate;
+mod pipeline;
 pub mod protocol;
 mod server;
 mod tls;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::export::ExportSource;
 use crate::negotiate::{self, Outcome, Session, TlsState};
+use crate::pipeline::WorkerPermits;
 use crate::tls::{NbdTls, TlsMode};
 use crate::transmission::PayloadBudget;
 
@@ -80,6 +81,11 @@ pub struct NbdLimits {
     pub max_queued_write_bytes_per_connection: u64,
     /// The same over all connections. Default 1 GiB.
     pub max_queued_write_bytes: u64,
+    /// Most threads, over the server, that run requests besides each
+    /// connection's own reader (at most 4 per connection, started when its
+    /// requests overlap, ended after 2 s idle). A connection that gets none
+    /// runs its requests one at a time on its reader. Default 256.
+    pub max_worker_threads: usize,
 }
 
 impl Default for NbdLimits {
@@ -90,6 +96,7 @@ impl Default for NbdLimits {
             max_connections_per_client: 64,
             max_queued_write_bytes_per_connection: 64 << 20,
             max_queued_write_bytes: 1 << 30,
+            max_worker_threads: 256,
         }
     }
 }
@@ -168,6 +175,7 @@ pub struct NbdServer {
     limits: NbdLimits,
     tls: Option<NbdTls>,
     queued_writes: Arc<PayloadBudget>,
+    workers: Arc<WorkerPermits>,
     stopping: AtomicBool,
     next_id: AtomicU64,
     connections: Mutex<HashMap<u64, Connection>>,
@@ -222,6 +230,7 @@ impl NbdServer {
             limits,
             tls,
             queued_writes: PayloadBudget::new(limits.max_queued_write_bytes),
+            workers: WorkerPermits::new(limits.max_worker_threads),
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             connections: Mutex::new(HashMap::new()),
@@ -404,12 +413,19 @@ impl NbdServer {
             session,
             self.limits.max_queued_write_bytes_per_connection,
             &self.queued_writes,
+            self.workers.clone(),
         )
     }
 
     /// Bytes of write payload read from clients and not yet written.
     pub fn queued_write_bytes(&self) -> u64 {
         self.queued_writes.used()
+    }
+
+    /// Threads running requests now, over every connection (each
+    /// connection's reader not counted).
+    pub fn worker_threads(&self) -> usize {
+        self.workers.used()
     }
 
     /// Number of open client connections.

@@ -1,25 +1,30 @@
 //! The transmission phase: requests are read in order by the connection's
-//! reader and handed to a small pool of workers, which run them on the
-//! engine and reply as each finishes — so replies may come out of order, as
-//! NBD allows (the cookie matches them). Replies are written whole under one
+//! reader and handed to its workers ([`crate::pipeline`]: started when
+//! requests overlap, capped over the server), which run them on the export
+//! and reply as each finishes — so replies may come out of order, as NBD
+//! allows (the cookie matches them). Replies are written whole under one
 //! lock. A bad request gets an error reply; a broken stream (bad magic, a
 //! write payload over the maximum) ends the connection; either way nothing
 //! acknowledged is lost, because a reply is only sent after the engine call
 //! returned.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::export::{self, Context, Export, ExportError, ZeroFlags};
 use crate::negotiate::Session;
+use crate::pipeline::{Pipeline, PipelineLimits, WorkerPermits};
 use crate::protocol::*;
 use crate::Conn;
 
-/// Workers per connection: requests in flight at once.
+/// Workers per connection at most: requests in flight at once.
 const WORKERS: usize = 4;
 /// Requests read ahead of the workers before the reader waits.
 const QUEUE: usize = 64;
+/// A worker without a request for this long ends (and is started again
+/// when requests overlap again).
+const WORKER_IDLE: Duration = Duration::from_secs(2);
 /// Zero runs at least this long go out as hole chunks in structured reads.
 const HOLE_UNIT: usize = 64 << 10;
 /// Most descriptors in one block status chunk.
@@ -110,6 +115,7 @@ pub fn transmit<S: Conn>(
     session: Session,
     connection_limit: u64,
     server: &Arc<PayloadBudget>,
+    permits: Arc<WorkerPermits>,
 ) -> io::Result<()> {
     let budgets = (PayloadBudget::new(connection_limit), server.clone());
     let writer: Writer<S> = Arc::new(Mutex::new(BufWriter::with_capacity(
@@ -117,26 +123,22 @@ pub fn transmit<S: Conn>(
         stream.try_clone_conn()?,
     )));
     let session = Arc::new(session);
-    let (tx, rx) = sync_channel::<Job>(QUEUE);
-    let rx = Arc::new(Mutex::new(rx));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|i| {
-            let (rx, writer, session) = (rx.clone(), writer.clone(), session.clone());
-            std::thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn(move || work(&rx, &writer, &session))
-        })
-        .collect::<io::Result<_>>()?;
+    let pipeline = {
+        let writer = writer.clone();
+        let limits = PipelineLimits {
+            max_workers: WORKERS,
+            depth: QUEUE,
+            idle_timeout: WORKER_IDLE,
+        };
+        Pipeline::new(move |job| answer(&session, &writer, job), permits, limits)
+    };
     let mut reader = BufReader::with_capacity(256 << 10, stream);
     let mut counts = [0u64; COMMAND_NAMES.len() + 1];
     let result = read_requests(&mut reader, &budgets, |job| {
         counts[(job.request.command as usize).min(COMMAND_NAMES.len())] += 1;
-        tx.send(job).is_ok()
+        pipeline.submit(job)
     });
-    drop(tx);
-    for w in workers {
-        let _ = w.join();
-    }
+    pipeline.close();
     // Every reply is out: end the session above the socket (TLS).
     if let Ok(mut w) = writer.lock() {
         let _ = w.flush().and_then(|_| w.get_mut().close());
@@ -206,23 +208,20 @@ fn read_requests(
     }
 }
 
-fn work<S: Write>(rx: &Mutex<Receiver<Job>>, writer: &Writer<S>, session: &Session) {
-    loop {
-        let job = match rx.lock().unwrap().recv() {
-            Ok(job) => job,
-            Err(_) => return,
-        };
-        let cookie = job.request.cookie;
-        let reply = handle(session, job);
-        let mut w = writer.lock().unwrap();
-        let sent = reply
-            .send(&mut *w, session.structured, cookie)
-            .and_then(|_| w.flush());
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "NBD reply not sent: client gone");
-            return;
-        }
+/// Runs one request and sends its reply; false once the reply cannot be
+/// sent (the client is gone).
+fn answer<S: Write>(session: &Session, writer: &Writer<S>, job: Job) -> bool {
+    let cookie = job.request.cookie;
+    let reply = handle(session, job);
+    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+    let sent = reply
+        .send(&mut *w, session.structured, cookie)
+        .and_then(|_| w.flush());
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, "NBD reply not sent: client gone");
+        return false;
     }
+    true
 }
 
 /// The outcome of one request, ready to encode.
