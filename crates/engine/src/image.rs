@@ -86,15 +86,7 @@ impl Image {
     /// storage keeps whole chunks, so there is nothing to unmap).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.device.check_range(offset, len)?;
-        const PIECE: u64 = 1 << 20;
-        let zeroes = vec![0u8; len.min(PIECE) as usize];
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(PIECE);
-            self.write(&zeroes[..n as usize], pos)?;
-            pos += n;
-        }
-        Ok(())
+        crate::device::write_zero_pieces(offset, len, |zeroes, at| self.write(zeroes, at))
     }
 
     /// Image writes are not durable by design (the snapshot does not survive

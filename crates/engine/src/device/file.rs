@@ -168,16 +168,8 @@ impl FileDevice {
         self.write_zero_bytes(mid_end, end - mid_end)
     }
 
-    fn write_zero_bytes(&self, mut offset: u64, len: u64) -> io::Result<()> {
-        const PIECE: u64 = 1 << 20;
-        let zeroes = vec![0u8; len.min(PIECE) as usize];
-        let end = offset + len;
-        while offset < end {
-            let n = (end - offset).min(PIECE) as usize;
-            self.file.write_all_at(&zeroes[..n], offset)?;
-            offset += n as u64;
-        }
-        Ok(())
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
+        super::write_zero_pieces(offset, len, |zeroes, at| self.file.write_all_at(zeroes, at))
     }
 }
 

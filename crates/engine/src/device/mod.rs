@@ -14,6 +14,30 @@ use std::io;
 pub use file::FileDevice;
 pub use memory::MemDevice;
 
+/// One shared buffer of zeroes (in .bss: it costs no memory until read, and
+/// then one set of pages for the whole process), for writing zeroes where
+/// the device cannot zero a range itself.
+static ZEROES: [u8; ZERO_PIECE] = [0; ZERO_PIECE];
+const ZERO_PIECE: usize = 1 << 20;
+
+/// Calls `write(zeroes, at)` over `offset..offset + len`, in pieces of at
+/// most 1 MiB taken from [`ZEROES`]: zeroing by writing, without a zeroed
+/// buffer per call.
+pub(crate) fn write_zero_pieces<E>(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> Result<(), E>,
+) -> Result<(), E> {
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let n = (end - at).min(ZERO_PIECE as u64) as usize;
+        write(&ZEROES[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Merges adjacent extents of the same kind.
 pub fn push_extent(extents: &mut Vec<Extent>, e: Extent) {
     if e.len == 0 {
