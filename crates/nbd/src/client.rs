@@ -1097,7 +1097,7 @@ impl NbdClient {
             command,
             cookie: self.next_cookie,
             offset,
-            length,
+            length: length.into(),
         };
         if payload.is_empty() {
             self.writer.write_all(&request.encode())?;

@@ -127,8 +127,9 @@ impl Context {
     }
 }
 
-/// The transmission flags of `export`.
-pub fn transmission_flags(export: &dyn Export, structured: bool) -> u16 {
+/// The transmission flags of `export`, for a client whose replies come in
+/// chunks (structured replies or extended headers) or not.
+pub fn transmission_flags(export: &dyn Export, chunked_replies: bool) -> u16 {
     let mut flags = TFLAG_HAS_FLAGS
         | TFLAG_SEND_FLUSH
         | TFLAG_SEND_FUA
@@ -141,7 +142,7 @@ pub fn transmission_flags(export: &dyn Export, structured: bool) -> u16 {
     } else {
         flags |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
     }
-    if structured {
+    if chunked_replies {
         flags |= TFLAG_SEND_DF;
     }
     flags
@@ -185,17 +186,21 @@ pub fn list_matches(export: &dyn Export, query: &str) -> Vec<(String, Context)> 
 
 /// Status descriptors `(length, flags)` of one context from `offset`:
 /// contiguous, covering `[offset, offset+len)` or, when more than `max`
-/// descriptors would be needed, a prefix of it.
+/// descriptors would be needed, a prefix of it. No descriptor is longer
+/// than `max_extent` (a longer extent is split): compact block status
+/// replies have 32-bit lengths, extended ones 64-bit.
 pub fn block_status(
     export: &dyn Export,
     context: &Context,
     offset: u64,
     len: u64,
     max: usize,
-) -> ExportResult<Vec<(u32, u32)>> {
+    max_extent: u64,
+) -> ExportResult<Vec<(u64, u32)>> {
     let mut out = Descriptors {
         list: Vec::new(),
         max,
+        max_extent,
         full: false,
     };
     match context {
@@ -224,22 +229,22 @@ pub fn block_status(
     Ok(out.list)
 }
 
-/// Block status descriptors being built: merged when alike, split at 1 GiB
-/// (lengths are 32-bit), and cut off for good at `max`.
+/// Block status descriptors being built: merged when alike, split at
+/// `max_extent`, and cut off for good at `max`.
 struct Descriptors {
-    list: Vec<(u32, u32)>,
+    list: Vec<(u64, u32)>,
     max: usize,
+    max_extent: u64,
     full: bool,
 }
 
 impl Descriptors {
     fn push(&mut self, mut len: u64, flags: u32) {
-        const PIECE: u64 = 1 << 30;
         while len > 0 && !self.full {
             if let Some(last) = self.list.last_mut() {
-                if last.1 == flags && (last.0 as u64) < PIECE {
-                    let n = len.min(PIECE - last.0 as u64);
-                    last.0 += n as u32;
+                if last.1 == flags && last.0 < self.max_extent {
+                    let n = len.min(self.max_extent - last.0);
+                    last.0 += n;
                     len -= n;
                     continue;
                 }

@@ -14,6 +14,10 @@ use crate::protocol::*;
 pub struct Session {
     pub export: Arc<dyn Export>,
     pub structured: bool,
+    /// Extended headers: 32-byte requests and replies with 64-bit lengths;
+    /// every reply is an extended chunk (this takes precedence over
+    /// `structured`).
+    pub extended: bool,
     pub contexts: Vec<Context>,
 }
 
@@ -109,6 +113,7 @@ pub fn haggle<S: Read + Write>(
     no_zeroes: bool,
 ) -> io::Result<Outcome> {
     let mut structured = false;
+    let mut extended = false;
     // Contexts chosen by SET_META_CONTEXT, for the export they were set on.
     let mut selected: Option<Selected> = None;
     loop {
@@ -179,6 +184,14 @@ pub fn haggle<S: Read + Write>(
             },
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
+                if extended {
+                    // The spec forbids it, and its reply cannot say no.
+                    tracing::info!(
+                        export = %name,
+                        "NBD client sent EXPORT_NAME after EXTENDED_HEADERS"
+                    );
+                    return Ok(Outcome::Leave);
+                }
                 let Some(export) = source.open(&name) else {
                     tracing::info!(export = %name, "NBD client asked for an unknown export");
                     return Ok(Outcome::Leave);
@@ -191,7 +204,7 @@ pub fn haggle<S: Read + Write>(
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&export.size().to_be_bytes());
                 reply.extend_from_slice(
-                    &export::transmission_flags(&*export, structured).to_be_bytes(),
+                    &export::transmission_flags(&*export, structured || extended).to_be_bytes(),
                 );
                 if !no_zeroes {
                     reply.extend_from_slice(&[0u8; 124]);
@@ -201,6 +214,7 @@ pub fn haggle<S: Read + Write>(
                 return Ok(Outcome::Export(Session {
                     export,
                     structured,
+                    extended,
                     contexts,
                 }));
             }
@@ -228,6 +242,14 @@ pub fn haggle<S: Read + Write>(
                         REP_ERR_INVALID,
                         "STRUCTURED_REPLY takes no data",
                     )?;
+                } else if extended {
+                    // The spec's answer: no going back to 20-byte chunks.
+                    send_error(
+                        stream,
+                        option,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers are on, and take precedence over structured replies",
+                    )?;
                 } else if structured {
                     send_error(
                         stream,
@@ -237,6 +259,27 @@ pub fn haggle<S: Read + Write>(
                     )?;
                 } else {
                     structured = true;
+                    send(stream, option, REP_ACK, &[])?;
+                }
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    send_error(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        "EXTENDED_HEADERS takes no data",
+                    )?;
+                } else if extended {
+                    send_error(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        "extended headers already on",
+                    )?;
+                } else {
+                    // Also after STRUCTURED_REPLY, which it then supersedes.
+                    extended = true;
                     send(stream, option, REP_ACK, &[])?;
                 }
             }
@@ -271,7 +314,7 @@ pub fn haggle<S: Read + Write>(
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&export.size().to_be_bytes());
                 info.extend_from_slice(
-                    &export::transmission_flags(&*export, structured).to_be_bytes(),
+                    &export::transmission_flags(&*export, structured || extended).to_be_bytes(),
                 );
                 send(stream, option, REP_INFO, &info)?;
                 if requests.contains(&INFO_NAME) {
@@ -295,18 +338,19 @@ pub fn haggle<S: Read + Write>(
                     return Ok(Outcome::Export(Session {
                         export,
                         structured,
+                        extended,
                         contexts,
                     }));
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let set = option == OPT_SET_META_CONTEXT;
-                if set && !structured {
+                if set && !structured && !extended {
                     send_error(
                         stream,
                         option,
                         REP_ERR_INVALID,
-                        "SET_META_CONTEXT needs structured replies first",
+                        "SET_META_CONTEXT needs structured replies or extended headers first",
                     )?;
                     continue;
                 }

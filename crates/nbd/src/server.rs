@@ -406,6 +406,7 @@ impl NbdServer {
         tracing::debug!(
             size = session.export.size(),
             structured = session.structured,
+            extended = session.extended,
             "NBD client in transmission"
         );
         crate::transmission::transmit(

@@ -7,6 +7,10 @@
 //! write payload over the maximum) ends the connection; either way nothing
 //! acknowledged is lost, because a reply is only sent after the engine call
 //! returned.
+//!
+//! Requests and replies come in the framing the handshake chose: compact
+//! requests with simple or structured replies, or extended headers (32-byte
+//! requests and reply chunks with 64-bit lengths) — see [`Framing`].
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
@@ -29,6 +33,34 @@ const WORKER_IDLE: Duration = Duration::from_secs(2);
 const HOLE_UNIT: usize = 64 << 10;
 /// Most descriptors in one block status chunk.
 const MAX_DESCRIPTORS: usize = 8192;
+/// Longest descriptor in a compact block status chunk: its lengths are
+/// 32-bit, and a power of two keeps the pieces of a longer extent aligned.
+const COMPACT_MAX_EXTENT: u64 = 1 << 30;
+
+/// How a connection frames its replies (and, with extended headers, its
+/// requests), as the handshake chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Simple replies only (nothing negotiated).
+    Simple,
+    /// Structured reply chunks, 20-byte headers.
+    Structured,
+    /// Extended reply chunks, 32-byte headers with the request's offset
+    /// and a 64-bit length; requests are 32 bytes too.
+    Extended,
+}
+
+impl Framing {
+    fn of(session: &Session) -> Framing {
+        if session.extended {
+            Framing::Extended
+        } else if session.structured {
+            Framing::Structured
+        } else {
+            Framing::Simple
+        }
+    }
+}
 
 struct Job {
     request: Request,
@@ -122,6 +154,7 @@ pub fn transmit<S: Conn>(
         256 << 10,
         stream.try_clone_conn()?,
     )));
+    let extended = session.extended;
     let session = Arc::new(session);
     let pipeline = {
         let writer = writer.clone();
@@ -134,7 +167,7 @@ pub fn transmit<S: Conn>(
     };
     let mut reader = BufReader::with_capacity(256 << 10, stream);
     let mut counts = [0u64; COMMAND_NAMES.len() + 1];
-    let result = read_requests(&mut reader, &budgets, |job| {
+    let result = read_requests(&mut reader, extended, &budgets, |job| {
         counts[(job.request.command as usize).min(COMMAND_NAMES.len())] += 1;
         pipeline.submit(job)
     });
@@ -155,37 +188,33 @@ pub fn transmit<S: Conn>(
 
 fn read_requests(
     reader: &mut impl Read,
+    extended: bool,
     (connection, server): &(Arc<PayloadBudget>, Arc<PayloadBudget>),
     mut submit: impl FnMut(Job) -> bool,
 ) -> io::Result<()> {
     loop {
-        let mut header = [0u8; REQUEST_LEN];
-        match reader.read_exact(&mut header) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        let Some(request) = Request::parse(&header) else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "request with a bad magic",
-            ));
+        let Some(request) = read_header(reader, extended)? else {
+            return Ok(());
         };
+        if request.command == CMD_DISC {
+            return Ok(());
+        }
         let mut payload = Vec::new();
         let mut leases = None;
-        match request.command {
-            CMD_DISC => return Ok(()),
-            CMD_WRITE => {
-                if request.length > MAX_PAYLOAD {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "write of {} bytes is over the maximum {MAX_PAYLOAD}",
-                            request.length
-                        ),
-                    ));
-                }
-                let n = u64::from(request.length);
+        match payload_length(&request, extended) {
+            None => {}
+            // Past the header nothing can be trusted: skipping that much
+            // would let a client hold a reader for ever.
+            Some(n) if n > u64::from(MAX_PAYLOAD) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} payload of {n} bytes is over the maximum {MAX_PAYLOAD}",
+                        command_name(request.command)
+                    ),
+                ));
+            }
+            Some(n) if request.command == CMD_WRITE => {
                 // Connection first, then server, always in that order.
                 leases = Some((connection.acquire(n), server.acquire(n)));
                 // Filled as it arrives: a client that stalls halfway holds
@@ -196,7 +225,14 @@ fn read_requests(
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
-            _ => {}
+            // A payload no command of ours takes: consumed so that the
+            // stream stays in step, never held; `handle` refuses it.
+            Some(n) => {
+                let got = io::copy(&mut Read::by_ref(reader).take(n), &mut io::sink())?;
+                if got != n {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
         }
         if !submit(Job {
             request,
@@ -208,14 +244,73 @@ fn read_requests(
     }
 }
 
+/// The next request header, `None` at the end of the stream. The magic is
+/// read and checked first, so that a header of the other form (a compact
+/// one on an extended connection) ends the connection at once rather than
+/// waiting for bytes that are not coming.
+fn read_header(reader: &mut impl Read, extended: bool) -> io::Result<Option<Request>> {
+    let (len, magic) = if extended {
+        (EXTENDED_REQUEST_LEN, EXTENDED_REQUEST_MAGIC)
+    } else {
+        (REQUEST_LEN, REQUEST_MAGIC)
+    };
+    let mut header = [0u8; EXTENDED_REQUEST_LEN];
+    if !fill(reader, &mut header[..4])? {
+        return Ok(None);
+    }
+    let got = u32::from_be_bytes(header[..4].try_into().unwrap());
+    if got != magic {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("request with a bad magic {got:#010x} (expected {magic:#010x})"),
+        ));
+    }
+    if !fill(reader, &mut header[4..len])? {
+        return Ok(None);
+    }
+    Ok(if extended {
+        Request::parse_extended(&header)
+    } else {
+        Request::parse(header[..REQUEST_LEN].try_into().unwrap())
+    })
+}
+
+/// `read_exact`, but `false` when the stream ends first.
+fn fill(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    match reader.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The length of the payload after a request header, if it has one:
+/// compact headers carry one with writes only; extended ones with writes
+/// and whenever the client sets `PAYLOAD_LEN` (else the length is the
+/// command's extent). The spec wants `PAYLOAD_LEN` on every extended write,
+/// but qemu (10.0) leaves it off and sends the payload all the same, as
+/// qemu's own server expects: a write's length is its payload's either way.
+fn payload_length(request: &Request, extended: bool) -> Option<u64> {
+    let has_payload =
+        request.command == CMD_WRITE || (extended && request.flags & CMD_FLAG_PAYLOAD_LEN != 0);
+    has_payload.then_some(request.length)
+}
+
+fn command_name(command: u16) -> &'static str {
+    COMMAND_NAMES
+        .get(command as usize)
+        .copied()
+        .unwrap_or("unknown command")
+}
+
 /// Runs one request and sends its reply; false once the reply cannot be
 /// sent (the client is gone).
 fn answer<S: Write>(session: &Session, writer: &Writer<S>, job: Job) -> bool {
-    let cookie = job.request.cookie;
+    let Request { cookie, offset, .. } = job.request;
     let reply = handle(session, job);
     let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
     let sent = reply
-        .send(&mut *w, session.structured, cookie)
+        .send(&mut *w, Framing::of(session), cookie, offset)
         .and_then(|_| w.flush());
     if let Err(e) = sent {
         tracing::debug!(error = %e, "NBD reply not sent: client gone");
@@ -232,7 +327,8 @@ enum Reply {
         data: Vec<u8>,
         fragment: bool,
     },
-    BlockStatus(Vec<(u32, Vec<(u32, u32)>)>),
+    /// Per selected context: its id and its `(length, flags)` descriptors.
+    BlockStatus(Vec<(u32, Vec<(u64, u32)>)>),
     Error {
         errno: u32,
         message: String,
@@ -260,13 +356,25 @@ fn handle(session: &Session, job: Job) -> Reply {
         ..
     } = job;
     let export = &*session.export;
-    if r.flags & !KNOWN_FLAGS != 0 {
+    let framing = Framing::of(session);
+    let known = match framing {
+        Framing::Extended => KNOWN_FLAGS | CMD_FLAG_PAYLOAD_LEN,
+        _ => KNOWN_FLAGS,
+    };
+    if r.flags & !known != 0 {
         return error(EINVAL, format!("unknown command flags {:#x}", r.flags));
+    }
+    // Only writes take a payload; read_requests consumed any other.
+    if r.flags & CMD_FLAG_PAYLOAD_LEN != 0 && r.command != CMD_WRITE {
+        return error(
+            EINVAL,
+            "NBD_CMD_FLAG_PAYLOAD_LEN on a command that takes no payload",
+        );
     }
     let size = export.size();
     let in_range = r
         .offset
-        .checked_add(r.length as u64)
+        .checked_add(r.length)
         .is_some_and(|end| end <= size);
     let fua = r.flags & CMD_FLAG_FUA != 0;
     let flush_if_fua = |result: Result<(), ExportError>| match result.and_then(|_| {
@@ -300,12 +408,12 @@ fn handle(session: &Session, job: Job) -> Reply {
             ),
         ),
         CMD_READ => {
-            if r.length > MAX_PAYLOAD {
+            if r.length > u64::from(MAX_PAYLOAD) {
                 return error(
-                    if session.structured {
-                        EOVERFLOW
-                    } else {
+                    if framing == Framing::Simple {
                         EINVAL
+                    } else {
+                        EOVERFLOW
                     },
                     "read over the maximum size",
                 );
@@ -322,7 +430,7 @@ fn handle(session: &Session, job: Job) -> Reply {
         }
         CMD_WRITE => flush_if_fua(export.write(&payload, r.offset)),
         CMD_FLUSH => flush_if_fua(export.flush()),
-        CMD_TRIM => flush_if_fua(export.discard(r.offset, r.length as u64)),
+        CMD_TRIM => flush_if_fua(export.discard(r.offset, r.length)),
         CMD_WRITE_ZEROES => {
             if r.flags & CMD_FLAG_FAST_ZERO != 0 && !export.fast_zero() {
                 return error(
@@ -334,17 +442,17 @@ fn handle(session: &Session, job: Job) -> Reply {
                 no_hole: r.flags & CMD_FLAG_NO_HOLE != 0,
                 fast: r.flags & CMD_FLAG_FAST_ZERO != 0,
             };
-            flush_if_fua(export.write_zeroes(r.offset, r.length as u64, how))
+            flush_if_fua(export.write_zeroes(r.offset, r.length, how))
         }
         // The engine reads straight from the device: nothing to warm.
         CMD_CACHE => Reply::Done,
-        CMD_BLOCK_STATUS => block_status(export, &session.contexts, session.structured, &r),
+        CMD_BLOCK_STATUS => block_status(export, &session.contexts, framing, &r),
         other => error(EINVAL, format!("unknown command {other}")),
     }
 }
 
-fn block_status(export: &dyn Export, contexts: &[Context], structured: bool, r: &Request) -> Reply {
-    if !structured || contexts.is_empty() {
+fn block_status(export: &dyn Export, contexts: &[Context], framing: Framing, r: &Request) -> Reply {
+    if framing == Framing::Simple || contexts.is_empty() {
         return error(
             EINVAL,
             "BLOCK_STATUS needs structured replies and a metadata context",
@@ -358,9 +466,14 @@ fn block_status(export: &dyn Export, contexts: &[Context], structured: bool, r: 
     } else {
         MAX_DESCRIPTORS
     };
+    // 64-bit descriptors: a clean or unallocated range of any size is one.
+    let max_extent = match framing {
+        Framing::Extended => u64::MAX,
+        _ => COMPACT_MAX_EXTENT,
+    };
     let mut chunks = Vec::new();
     for context in contexts {
-        match export::block_status(export, context, r.offset, r.length as u64, max) {
+        match export::block_status(export, context, r.offset, r.length, max, max_extent) {
             Ok(descriptors) => chunks.push((context.id(), descriptors)),
             Err(e) => return export_error(e),
         }
@@ -375,34 +488,37 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl Reply {
-    fn send(&self, w: &mut impl Write, structured: bool, cookie: u64) -> io::Result<()> {
-        if !structured {
-            return match self {
-                Reply::Done => w.write_all(&simple_reply(0, cookie)),
-                Reply::Read { data, .. } => {
-                    w.write_all(&simple_reply(0, cookie))?;
-                    w.write_all(data)
-                }
-                Reply::Error { errno, .. } => w.write_all(&simple_reply(*errno, cookie)),
-                Reply::BlockStatus(_) => unreachable!("block status needs structured replies"),
-            };
-        }
+    /// Encodes the reply to the request `cookie` at `offset` (which only
+    /// extended chunk headers carry).
+    fn send(
+        &self,
+        w: &mut impl Write,
+        framing: Framing,
+        cookie: u64,
+        offset: u64,
+    ) -> io::Result<()> {
+        let chunks = match framing {
+            Framing::Simple => return self.send_simple(w, cookie),
+            Framing::Structured => Chunks {
+                cookie,
+                extended_offset: None,
+            },
+            Framing::Extended => Chunks {
+                cookie,
+                extended_offset: Some(offset),
+            },
+        };
         match self {
-            Reply::Done => w.write_all(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)),
+            Reply::Done => chunks.header(w, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0),
             Reply::Error { errno, message } => {
                 let message = error_text(message).as_bytes();
-                w.write_all(&chunk_header(
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_ERROR,
-                    cookie,
-                    6 + message.len() as u32,
-                ))?;
+                chunks.header(w, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + message.len())?;
                 w.write_all(&errno.to_be_bytes())?;
                 w.write_all(&(message.len() as u16).to_be_bytes())?;
                 w.write_all(message)
             }
             Reply::Read { data, .. } if data.is_empty() => {
-                w.write_all(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0))
+                chunks.header(w, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
             }
             Reply::Read {
                 offset,
@@ -415,36 +531,79 @@ impl Reply {
                     let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
                     let at = offset + start as u64;
                     if hole {
-                        w.write_all(&chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12))?;
+                        chunks.header(w, flags, REPLY_TYPE_OFFSET_HOLE, 12)?;
                         w.write_all(&at.to_be_bytes())?;
                         w.write_all(&((end - start) as u32).to_be_bytes())?;
                     } else {
-                        w.write_all(&chunk_header(
-                            flags,
-                            REPLY_TYPE_OFFSET_DATA,
-                            cookie,
-                            8 + (end - start) as u32,
-                        ))?;
+                        chunks.header(w, flags, REPLY_TYPE_OFFSET_DATA, 8 + (end - start))?;
                         w.write_all(&at.to_be_bytes())?;
                         w.write_all(&data[start..end])?;
                     }
                 }
                 Ok(())
             }
-            Reply::BlockStatus(chunks) => {
-                let last = chunks.len() - 1;
-                for (i, (id, descriptors)) in chunks.iter().enumerate() {
+            Reply::BlockStatus(contexts) => {
+                let last = contexts.len() - 1;
+                for (i, (id, descriptors)) in contexts.iter().enumerate() {
                     let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-                    let len = 4 + 8 * descriptors.len() as u32;
-                    w.write_all(&chunk_header(flags, REPLY_TYPE_BLOCK_STATUS, cookie, len))?;
-                    w.write_all(&id.to_be_bytes())?;
-                    for (length, state) in descriptors {
-                        w.write_all(&length.to_be_bytes())?;
-                        w.write_all(&state.to_be_bytes())?;
+                    let n = descriptors.len();
+                    if framing == Framing::Extended {
+                        chunks.header(w, flags, REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * n)?;
+                        w.write_all(&id.to_be_bytes())?;
+                        w.write_all(&(n as u32).to_be_bytes())?;
+                        for &(length, state) in descriptors {
+                            w.write_all(&length.to_be_bytes())?;
+                            w.write_all(&u64::from(state).to_be_bytes())?;
+                        }
+                    } else {
+                        chunks.header(w, flags, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n)?;
+                        w.write_all(&id.to_be_bytes())?;
+                        for &(length, state) in descriptors {
+                            let length = u32::try_from(length)
+                                .expect("compact descriptors are cut at COMPACT_MAX_EXTENT");
+                            w.write_all(&length.to_be_bytes())?;
+                            w.write_all(&state.to_be_bytes())?;
+                        }
                     }
                 }
                 Ok(())
             }
+        }
+    }
+
+    fn send_simple(&self, w: &mut impl Write, cookie: u64) -> io::Result<()> {
+        match self {
+            Reply::Done => w.write_all(&simple_reply(0, cookie)),
+            Reply::Read { data, .. } => {
+                w.write_all(&simple_reply(0, cookie))?;
+                w.write_all(data)
+            }
+            Reply::Error { errno, .. } => w.write_all(&simple_reply(*errno, cookie)),
+            Reply::BlockStatus(_) => unreachable!("block status needs structured replies"),
+        }
+    }
+}
+
+/// The chunk headers of one reply: structured, or extended (which repeat
+/// the request's offset in every chunk).
+struct Chunks {
+    cookie: u64,
+    extended_offset: Option<u64>,
+}
+
+impl Chunks {
+    /// A chunk header for a payload of `len` bytes (at most a read's
+    /// maximum plus its offset: 32 bits are plenty).
+    fn header(&self, w: &mut impl Write, flags: u16, kind: u16, len: usize) -> io::Result<()> {
+        match self.extended_offset {
+            None => w.write_all(&chunk_header(flags, kind, self.cookie, len as u32)),
+            Some(offset) => w.write_all(&extended_chunk_header(
+                flags,
+                kind,
+                self.cookie,
+                offset,
+                len as u64,
+            )),
         }
     }
 }
@@ -515,7 +674,7 @@ mod tests {
             errno: EINVAL,
             message: long,
         }
-        .send(&mut out, true, 7)
+        .send(&mut out, Framing::Structured, 7, 0)
         .unwrap();
         // A 20-byte chunk header, then errno (4) and the text length (2).
         let text = &out[20 + 6..];
@@ -546,14 +705,206 @@ mod tests {
         stream.extend_from_slice(&[0xff; 28]);
         let mut jobs = Vec::new();
         let budgets = (PayloadBudget::new(1 << 20), PayloadBudget::new(1 << 20));
-        read_requests(&mut stream.as_slice(), &budgets, |j| {
+        read_requests(&mut stream.as_slice(), false, &budgets, |j| {
             jobs.push(j);
             true
         })
         .unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].payload, b"abc");
-        let err = read_requests(&mut [0xffu8; 28].as_slice(), &budgets, |_| true).unwrap_err();
+        let err =
+            read_requests(&mut [0xffu8; 28].as_slice(), false, &budgets, |_| true).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn extended_stream_is_framed_by_payload_flag_and_writes() {
+        let budgets = (PayloadBudget::new(1 << 20), PayloadBudget::new(1 << 20));
+        let write = Request {
+            flags: CMD_FLAG_PAYLOAD_LEN,
+            command: CMD_WRITE,
+            cookie: 1,
+            offset: 512,
+            length: 3,
+        };
+        let mut stream = write.encode_extended().to_vec();
+        stream.extend_from_slice(b"abc");
+        // A write without the flag (as qemu sends them) has its payload too.
+        let bare_write = Request {
+            flags: 0,
+            length: 2,
+            ..write
+        };
+        stream.extend_from_slice(&bare_write.encode_extended());
+        stream.extend_from_slice(b"de");
+        // A 64-bit effect length: no payload follows.
+        let trim = Request {
+            flags: 0,
+            command: CMD_TRIM,
+            length: 5 << 32,
+            ..write
+        };
+        stream.extend_from_slice(&trim.encode_extended());
+        // A payload on a command that takes none: skipped, not kept.
+        let status = Request {
+            flags: CMD_FLAG_PAYLOAD_LEN,
+            command: CMD_BLOCK_STATUS,
+            length: 12,
+            ..write
+        };
+        stream.extend_from_slice(&status.encode_extended());
+        stream.extend_from_slice(&[0xee; 12]);
+        // A compact header: refused from its magic alone, without waiting
+        // for the 4 bytes an extended header would have more.
+        stream.extend_from_slice(&Request { length: 0, ..trim }.encode());
+        let mut jobs = Vec::new();
+        let err = read_requests(&mut stream.as_slice(), true, &budgets, |j| {
+            jobs.push(j);
+            true
+        })
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let got: Vec<_> = jobs
+            .iter()
+            .map(|j| (j.request, j.payload.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (write, b"abc".to_vec()),
+                (bare_write, b"de".to_vec()),
+                (trim, vec![]),
+                (status, vec![])
+            ]
+        );
+        // Only the writes' payloads are held; the skipped one never was.
+        assert_eq!(budgets.0.used(), 5);
+        drop(jobs);
+        assert_eq!(budgets.0.used(), 0);
+
+        // A payload over the maximum, on any command: the stream ends.
+        for command in [CMD_WRITE, CMD_READ] {
+            let over = Request {
+                command,
+                length: u64::from(MAX_PAYLOAD) + 1,
+                ..write
+            };
+            let mut submitted = 0;
+            let err = read_requests(
+                &mut over.encode_extended().as_slice(),
+                true,
+                &budgets,
+                |_| {
+                    submitted += 1;
+                    true
+                },
+            )
+            .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            assert_eq!(submitted, 0);
+        }
+    }
+
+    /// Splits extended reply chunks: `(flags, type, cookie, offset,
+    /// payload)`.
+    fn extended_chunks(mut b: &[u8]) -> Vec<(u16, u16, u64, u64, Vec<u8>)> {
+        let be = |b: &[u8], at: usize, n: usize| {
+            b[at..at + n]
+                .iter()
+                .fold(0u64, |v, &x| (v << 8) | u64::from(x))
+        };
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            assert_eq!(be(b, 0, 4) as u32, EXTENDED_REPLY_MAGIC);
+            let len = be(b, 24, 8) as usize;
+            out.push((
+                be(b, 4, 2) as u16,
+                be(b, 6, 2) as u16,
+                be(b, 8, 8),
+                be(b, 16, 8),
+                b[32..32 + len].to_vec(),
+            ));
+            b = &b[32 + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn extended_replies_are_extended_chunks_with_the_request_offset() {
+        let encode = |reply: Reply| {
+            let mut out = Vec::new();
+            reply.send(&mut out, Framing::Extended, 9, 1 << 33).unwrap();
+            extended_chunks(&out)
+        };
+        assert_eq!(
+            encode(Reply::Done),
+            vec![(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 9, 1 << 33, vec![])]
+        );
+        let [(flags, kind, 9, offset, p)] = &encode(error(EOVERFLOW, "too big"))[..] else {
+            panic!("an error reply is one chunk");
+        };
+        assert_eq!(
+            (*flags, *kind, *offset),
+            (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 1 << 33)
+        );
+        assert_eq!(&p[..6], &[0, 0, 0, 75, 0, 7]);
+        assert_eq!(&p[6..], b"too big");
+
+        // A read of data, a hole and data: every header names the request's
+        // offset, each payload its own piece's.
+        let mut data = vec![0u8; 3 * HOLE_UNIT];
+        data[0] = 1;
+        data[2 * HOLE_UNIT] = 2;
+        let chunks = encode(Reply::Read {
+            offset: 1 << 33,
+            data,
+            fragment: true,
+        });
+        let at = |i: usize| (1u64 << 33) + (i * HOLE_UNIT) as u64;
+        let kinds: Vec<_> = chunks.iter().map(|c| (c.0, c.1, c.3)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, REPLY_TYPE_OFFSET_DATA, 1 << 33),
+                (0, REPLY_TYPE_OFFSET_HOLE, 1 << 33),
+                (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 1 << 33),
+            ]
+        );
+        assert_eq!(&chunks[0].4[..8], &at(0).to_be_bytes());
+        assert_eq!(chunks[0].4.len(), 8 + HOLE_UNIT);
+        let mut hole = at(1).to_be_bytes().to_vec();
+        hole.extend_from_slice(&(HOLE_UNIT as u32).to_be_bytes());
+        assert_eq!(chunks[1].4, hole);
+        assert_eq!(&chunks[2].4[..8], &at(2).to_be_bytes());
+
+        // Block status: one BLOCK_STATUS_EXT chunk per context, with a
+        // descriptor count and 64-bit lengths and flags.
+        let chunks = encode(Reply::BlockStatus(vec![
+            (1, vec![(6 << 30, STATE_HOLE | STATE_ZERO), (512, 0)]),
+            (256, vec![(1 << 40, STATE_DIRTY)]),
+        ]));
+        let mut first = 1u32.to_be_bytes().to_vec();
+        first.extend_from_slice(&2u32.to_be_bytes());
+        for (length, state) in [(6u64 << 30, 3u64), (512, 0)] {
+            first.extend_from_slice(&length.to_be_bytes());
+            first.extend_from_slice(&state.to_be_bytes());
+        }
+        let mut second = 256u32.to_be_bytes().to_vec();
+        second.extend_from_slice(&1u32.to_be_bytes());
+        second.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        second.extend_from_slice(&1u64.to_be_bytes());
+        assert_eq!(
+            chunks,
+            vec![
+                (0, REPLY_TYPE_BLOCK_STATUS_EXT, 9, 1 << 33, first),
+                (
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_BLOCK_STATUS_EXT,
+                    9,
+                    1 << 33,
+                    second
+                ),
+            ]
+        );
     }
 }

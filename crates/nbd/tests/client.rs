@@ -854,7 +854,9 @@ fn error_chunk(cookie: u64, errno: u32, message: &str) -> Vec<u8> {
     b
 }
 
-fn status_chunk(flags: u16, cookie: u64, id: u32, descriptors: &[(u32, u32)]) -> Vec<u8> {
+/// A compact block status chunk; the lengths (a request's, say) must fit
+/// its 32 bits.
+fn status_chunk(flags: u16, cookie: u64, id: u32, descriptors: &[(u64, u32)]) -> Vec<u8> {
     let mut b = chunk_header(
         flags,
         REPLY_TYPE_BLOCK_STATUS,
@@ -863,8 +865,8 @@ fn status_chunk(flags: u16, cookie: u64, id: u32, descriptors: &[(u32, u32)]) ->
     )
     .to_vec();
     b.extend_from_slice(&id.to_be_bytes());
-    for (l, f) in descriptors {
-        b.extend_from_slice(&l.to_be_bytes());
+    for &(l, f) in descriptors {
+        b.extend_from_slice(&u32::try_from(l).unwrap().to_be_bytes());
         b.extend_from_slice(&f.to_be_bytes());
     }
     b
@@ -877,7 +879,7 @@ fn fake_bytes(offset: u64, len: u64) -> Vec<u8> {
 
 /// A correct structured read reply: data, with the middle third a hole.
 fn good_read(r: &Request) -> Vec<u8> {
-    let len = u64::from(r.length);
+    let len = r.length;
     let third = len / 3;
     let mut b = data_chunk(0, r.cookie, r.offset, &fake_bytes(r.offset, third));
     if third > 0 {
@@ -1033,7 +1035,7 @@ fn scripted_reads_split_at_max_payload_and_errors_keep_the_connection() {
     c.flush().unwrap();
     c.disconnect().unwrap();
     let requests = server.join().unwrap();
-    let shape: Vec<(u16, u64, u32)> = requests
+    let shape: Vec<(u16, u64, u64)> = requests
         .iter()
         .map(|r| (r.command, r.offset, r.length))
         .collect();
@@ -1099,7 +1101,7 @@ fn scripted_block_status_is_clipped_and_asked_again() {
     );
     assert_eq!(extents.iter().map(|e| e.0).sum::<u64>(), 10000);
     c.disconnect().unwrap();
-    let shape: Vec<(u64, u32)> = server
+    let shape: Vec<(u64, u64)> = server
         .join()
         .unwrap()
         .iter()

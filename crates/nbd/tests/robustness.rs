@@ -1,8 +1,8 @@
 //! Robustness of the NBD server against bad and hostile input: an engine and
 //! an `NbdServer` in this process, on a Unix socket in a temporary
 //! directory, and a minimal raw NBD client written here (fixed newstyle with
-//! NO_ZEROES, STRUCTURED_REPLY, SET_META_CONTEXT, GO; simple and structured
-//! replies) that misbehaves on purpose. Connections that only have to
+//! NO_ZEROES, STRUCTURED_REPLY or EXTENDED_HEADERS, SET_META_CONTEXT, GO;
+//! simple, structured and extended replies) that misbehaves on purpose. Connections that only have to
 //! behave (the survivors and the health checks) use the crate's
 //! [`NbdClient`] instead, so that they cannot misbehave by accident.
 //!
@@ -22,7 +22,9 @@ use std::sync::{Arc, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use blksnap_engine::{BlockDevice, Config, Engine, MemDevice, SnapshotOptions, StorageSpec};
+use blksnap_engine::{
+    BlockDevice, Config, Engine, FileDevice, MemDevice, SnapshotOptions, StorageSpec,
+};
 use blksnap_nbd::protocol::*;
 use blksnap_nbd::{NbdAddress, NbdClient, NbdServer};
 use blksnap_test_support::Pattern;
@@ -272,6 +274,11 @@ enum Chunk {
         id: u32,
         descriptors: Vec<(u32, u32)>,
     },
+    /// BLOCK_STATUS_EXT (extended headers): 64-bit lengths and flags.
+    StatusExt {
+        id: u32,
+        descriptors: Vec<(u64, u64)>,
+    },
     Error {
         errno: u32,
         message: String,
@@ -308,6 +315,25 @@ fn parse_chunk(kind: u16, p: &[u8]) -> Chunk {
                 descriptors: p[4..].chunks(8).map(|d| (be32(d, 0), be32(d, 4))).collect(),
             }
         }
+        REPLY_TYPE_BLOCK_STATUS_EXT => {
+            assert!(
+                p.len() >= 24 && (p.len() - 8) % 16 == 0,
+                "BLOCK_STATUS_EXT length"
+            );
+            let descriptors: Vec<_> = p[8..]
+                .chunks(16)
+                .map(|d| (be64(d, 0), be64(d, 8)))
+                .collect();
+            assert_eq!(
+                be32(p, 4) as usize,
+                descriptors.len(),
+                "BLOCK_STATUS_EXT descriptor count"
+            );
+            Chunk::StatusExt {
+                id: be32(p, 0),
+                descriptors,
+            }
+        }
         REPLY_TYPE_ERROR => {
             assert!(p.len() >= 6, "ERROR chunk length");
             let len = be16(p, 4) as usize;
@@ -331,16 +357,23 @@ struct Reply {
     data: Vec<u8>,
     /// `(flags, chunk)` of a structured reply, in arrival order.
     chunks: Vec<(u16, Chunk)>,
+    /// The offset in each extended chunk header (the request's, says the
+    /// spec).
+    offsets: Vec<u64>,
 }
 
 struct RawClient {
     s: UnixStream,
+    /// Replies in chunks: structured replies or extended headers.
     structured: bool,
+    /// Extended headers: 32-byte requests, extended reply chunks.
+    extended: bool,
     size: u64,
     flags: u16,
     /// Selected metadata contexts: id -> name.
     contexts: HashMap<u32, String>,
-    partial: HashMap<u64, Vec<(u16, Chunk)>>,
+    /// Replies whose last chunk has not come yet, by cookie.
+    partial: HashMap<u64, Reply>,
     next_cookie: u64,
 }
 
@@ -362,6 +395,24 @@ impl RawClient {
         Self::go(s, export, structured, contexts)
     }
 
+    /// A connection with extended headers (and no STRUCTURED_REPLY).
+    fn open_extended(socket: &Path, export: &str, queries: &[&str]) -> RawClient {
+        let mut s = greeted(socket);
+        expect_opt_reply(&mut s, OPT_EXTENDED_HEADERS, &[], REP_ACK);
+        let contexts = if queries.is_empty() {
+            HashMap::new()
+        } else {
+            set_meta_context(&mut s, export, queries)
+        };
+        Self::go(s, export, true, contexts).extended()
+    }
+
+    /// From now on, requests and replies in extended headers.
+    fn extended(mut self) -> RawClient {
+        self.extended = true;
+        self
+    }
+
     /// Sends GO and enters transmission.
     fn go(
         mut s: UnixStream,
@@ -376,6 +427,7 @@ impl RawClient {
         RawClient {
             s,
             structured,
+            extended: false,
             size,
             flags,
             contexts,
@@ -390,18 +442,21 @@ impl RawClient {
         command: u16,
         cookie: u64,
         offset: u64,
-        length: u32,
+        length: u64,
         payload: &[u8],
     ) {
-        let mut b = Request {
+        let request = Request {
             flags,
             command,
             cookie,
             offset,
             length,
-        }
-        .encode()
-        .to_vec();
+        };
+        let mut b = if self.extended {
+            request.encode_extended().to_vec()
+        } else {
+            request.encode().to_vec()
+        };
         b.extend_from_slice(payload);
         self.s.write_all(&b).unwrap();
     }
@@ -420,6 +475,7 @@ impl RawClient {
                         !(self.structured && n > 0),
                         "simple reply to a read on a structured connection"
                     );
+                    assert!(!self.extended, "simple reply with extended headers");
                     let data = if error == 0 {
                         read_n(&mut self.s, n)
                     } else {
@@ -430,30 +486,56 @@ impl RawClient {
                         error,
                         data,
                         chunks: Vec::new(),
+                        offsets: Vec::new(),
                     };
                 }
-                STRUCTURED_REPLY_MAGIC if self.structured => {
-                    let h = read_n(&mut self.s, 16);
-                    let (flags, kind, cookie, len) =
-                        (be16(&h, 0), be16(&h, 2), be64(&h, 4), be32(&h, 12));
+                STRUCTURED_REPLY_MAGIC | EXTENDED_REPLY_MAGIC => {
+                    let extended = magic == EXTENDED_REPLY_MAGIC;
+                    assert!(self.structured, "a reply chunk without structured replies");
+                    assert_eq!(
+                        extended, self.extended,
+                        "reply magic {magic:#x} on a connection with extended headers {}",
+                        self.extended
+                    );
+                    let (flags, kind, cookie, offset, len) = if extended {
+                        let h = read_n(&mut self.s, 28);
+                        let len = be64(&h, 20);
+                        assert!(len <= u32::MAX as u64, "a chunk of {len} bytes");
+                        let offset = Some(be64(&h, 12));
+                        (be16(&h, 0), be16(&h, 2), be64(&h, 4), offset, len)
+                    } else {
+                        let h = read_n(&mut self.s, 16);
+                        let len = be32(&h, 12).into();
+                        (be16(&h, 0), be16(&h, 2), be64(&h, 4), None, len)
+                    };
                     let payload = read_n(&mut self.s, len as usize);
                     let chunk = parse_chunk(kind, &payload);
-                    self.partial.entry(cookie).or_default().push((flags, chunk));
+                    let wide = matches!(chunk, Chunk::StatusExt { .. });
+                    let narrow = matches!(chunk, Chunk::Status { .. });
+                    assert!(
+                        !(wide && !extended || narrow && extended),
+                        "block status chunk type {kind} with extended headers {extended}"
+                    );
+                    let partial = self.partial.entry(cookie).or_insert_with(|| Reply {
+                        cookie,
+                        error: 0,
+                        data: Vec::new(),
+                        chunks: Vec::new(),
+                        offsets: Vec::new(),
+                    });
+                    partial.chunks.push((flags, chunk));
+                    partial.offsets.extend(offset);
                     if flags & REPLY_FLAG_DONE != 0 {
-                        let chunks = self.partial.remove(&cookie).unwrap();
-                        let error = chunks
+                        let mut reply = self.partial.remove(&cookie).unwrap();
+                        reply.error = reply
+                            .chunks
                             .iter()
                             .find_map(|(_, c)| match c {
                                 Chunk::Error { errno, .. } => Some(*errno),
                                 _ => None,
                             })
                             .unwrap_or(0);
-                        return Reply {
-                            cookie,
-                            error,
-                            data: Vec::new(),
-                            chunks,
-                        };
+                        return reply;
                     }
                 }
                 other => panic!("bad reply magic {other:#x}"),
@@ -472,7 +554,7 @@ impl RawClient {
         flags: u16,
         command: u16,
         offset: u64,
-        length: u32,
+        length: u64,
         payload: &[u8],
     ) -> Reply {
         let cookie = self.cookie();
@@ -484,11 +566,18 @@ impl RawClient {
         };
         let r = self.reply(&|_| n);
         assert_eq!(r.cookie, cookie, "reply for another request");
+        if self.extended {
+            assert_eq!(
+                r.offsets,
+                vec![offset; r.chunks.len()],
+                "chunk header offsets"
+            );
+        }
         r
     }
 
     /// The error of a request that must fail.
-    fn errno(&mut self, flags: u16, command: u16, offset: u64, length: u32, payload: &[u8]) -> u32 {
+    fn errno(&mut self, flags: u16, command: u16, offset: u64, length: u64, payload: &[u8]) -> u32 {
         let r = self.request(flags, command, offset, length, payload);
         assert_ne!(
             r.error, 0,
@@ -502,7 +591,7 @@ impl RawClient {
     }
 
     fn try_read(&mut self, flags: u16, offset: u64, len: usize) -> Result<Vec<u8>, u32> {
-        let r = self.request(flags, CMD_READ, offset, len as u32, &[]);
+        let r = self.request(flags, CMD_READ, offset, len as u64, &[]);
         if r.error != 0 {
             return Err(r.error);
         }
@@ -515,7 +604,12 @@ impl RawClient {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let r = self.request(0, CMD_WRITE, offset, data.len() as u32, data);
+        let flags = if self.extended {
+            CMD_FLAG_PAYLOAD_LEN
+        } else {
+            0
+        };
+        let r = self.request(flags, CMD_WRITE, offset, data.len() as u64, data);
         assert_eq!(r.error, 0, "write {offset}+{} failed", data.len());
     }
 
@@ -578,20 +672,33 @@ fn assemble(r: &Reply, structured: bool, offset: u64, len: usize) -> Vec<u8> {
 /// Block status chunks by context id, checking one chunk per context and
 /// DONE on the last.
 fn status_chunks(r: &Reply) -> HashMap<u32, Vec<(u32, u32)>> {
+    chunks_by_context(r, |chunk| match chunk {
+        Chunk::Status { id, descriptors } => Some((*id, descriptors.clone())),
+        _ => None,
+    })
+}
+
+/// [`status_chunks`] of a reply with extended headers (BLOCK_STATUS_EXT).
+fn status_ext_chunks(r: &Reply) -> HashMap<u32, Vec<(u64, u64)>> {
+    chunks_by_context(r, |chunk| match chunk {
+        Chunk::StatusExt { id, descriptors } => Some((*id, descriptors.clone())),
+        _ => None,
+    })
+}
+
+fn chunks_by_context<T>(r: &Reply, status: impl Fn(&Chunk) -> Option<(u32, T)>) -> HashMap<u32, T> {
     assert_eq!(r.error, 0, "block status failed: {r:?}");
     let mut out = HashMap::new();
     let last = r.chunks.len() - 1;
     for (i, (flags, chunk)) in r.chunks.iter().enumerate() {
         assert_eq!(flags & REPLY_FLAG_DONE != 0, i == last);
-        match chunk {
-            Chunk::Status { id, descriptors } => {
-                assert!(
-                    out.insert(*id, descriptors.clone()).is_none(),
-                    "two chunks for context {id}"
-                )
-            }
-            other => panic!("unexpected chunk in a block status reply: {other:?}"),
-        }
+        let Some((id, descriptors)) = status(chunk) else {
+            panic!("unexpected chunk in a block status reply: {chunk:?}");
+        };
+        assert!(
+            out.insert(id, descriptors).is_none(),
+            "two chunks for context {id}"
+        );
     }
     out
 }
@@ -599,28 +706,46 @@ fn status_chunks(r: &Reply) -> HashMap<u32, Vec<(u32, u32)>> {
 // ---------------------------------------------------------------------------
 // The server under test.
 
-struct Fixture {
-    _dir: tempfile::TempDir,
+/// An engine tracking a device `disk` (in memory, unless said otherwise),
+/// served on a Unix socket in a temporary directory.
+struct Fixture<D = MemDevice> {
+    dir: tempfile::TempDir,
     socket: PathBuf,
     engine: Arc<Engine>,
     server: Arc<NbdServer>,
-    disk: Arc<MemDevice>,
+    disk: Arc<D>,
 }
 
 impl Fixture {
-    /// An engine tracking a memory device `disk` of `size` bytes, served on
-    /// a Unix socket.
+    /// `disk` is a memory device of `size` bytes.
     fn new(size: u64) -> Fixture {
-        watch_server_panics();
+        Fixture::serving(tempfile::tempdir().unwrap(), MemDevice::new(size))
+    }
+}
+
+impl Fixture<FileDevice> {
+    /// `disk` is a sparse file of `size` bytes in the fixture's directory:
+    /// exports far larger than memory, holes and all.
+    fn sparse_file(size: u64) -> Fixture<FileDevice> {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        let device = FileDevice::open(&path).unwrap();
+        Fixture::serving(dir, device)
+    }
+}
+
+impl<D: BlockDevice + 'static> Fixture<D> {
+    fn serving(dir: tempfile::TempDir, disk: D) -> Fixture<D> {
+        watch_server_panics();
         let engine = Arc::new(Engine::new(Config::default()).unwrap());
-        let disk = Arc::new(MemDevice::new(size));
+        let disk = Arc::new(disk);
         engine.attach(DISK, disk.clone()).unwrap();
         let server = NbdServer::new(engine.clone());
         let socket = dir.path().join("nbd.sock");
         server.listen_unix(&socket).unwrap();
         Fixture {
-            _dir: dir,
+            dir,
             socket,
             engine,
             server,
@@ -719,7 +844,7 @@ fn read_back(c: &mut NbdClient, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
-impl Drop for Fixture {
+impl<D> Drop for Fixture<D> {
     fn drop(&mut self) {
         self.server.shutdown();
     }
@@ -758,15 +883,24 @@ fn bad_requests_get_protocol_errors() {
         let wrap = u64::MAX - 100;
         assert_eq!(c.errno(0, CMD_READ, wrap, 4096, &[]), EINVAL);
         assert_eq!(c.errno(0, CMD_WRITE, wrap, 4096, &[9; 4096]), ENOSPC);
-        assert_eq!(c.errno(0, CMD_TRIM, wrap, u32::MAX, &[]), EINVAL);
-        assert_eq!(c.errno(0, CMD_WRITE_ZEROES, wrap, u32::MAX, &[]), EINVAL);
-        assert_eq!(c.errno(0, CMD_CACHE, wrap, u32::MAX, &[]), EINVAL);
-        assert_eq!(c.errno(0, CMD_BLOCK_STATUS, wrap, u32::MAX, &[]), EINVAL);
+        assert_eq!(c.errno(0, CMD_TRIM, wrap, u32::MAX.into(), &[]), EINVAL);
+        assert_eq!(
+            c.errno(0, CMD_WRITE_ZEROES, wrap, u32::MAX.into(), &[]),
+            EINVAL
+        );
+        assert_eq!(c.errno(0, CMD_CACHE, wrap, u32::MAX.into(), &[]), EINVAL);
+        assert_eq!(
+            c.errno(0, CMD_BLOCK_STATUS, wrap, u32::MAX.into(), &[]),
+            EINVAL
+        );
 
         // Over the maximum payload: EINVAL, or EOVERFLOW with structured
         // replies.
         let over = if structured { EOVERFLOW } else { EINVAL };
-        assert_eq!(c.errno(0, CMD_READ, 0, MAX_PAYLOAD + 1, &[]), over);
+        assert_eq!(
+            c.errno(0, CMD_READ, 0, u64::from(MAX_PAYLOAD) + 1, &[]),
+            over
+        );
 
         // Unknown command types and flags.
         assert_eq!(c.errno(0, 99, 0, 512, &[]), EINVAL);
@@ -832,7 +966,14 @@ fn oversized_write_header_and_bad_magic_disconnect() {
         bad.write(at, &data);
         acked.push((at, data));
         // A write announcing 32 MiB + 1: the server hangs up, no reply.
-        bad.send(0, CMD_WRITE, 5, at, MAX_PAYLOAD + 1, &[0xee; 4096]);
+        bad.send(
+            0,
+            CMD_WRITE,
+            5,
+            at,
+            u64::from(MAX_PAYLOAD) + 1,
+            &[0xee; 4096],
+        );
         assert_closed(&mut bad.s, "write over the maximum payload");
         fx.check_healthy(&mut survivor, &acked, 1);
     }
@@ -864,13 +1005,13 @@ fn client_vanishing_mid_write_loses_nothing_acknowledged() {
         c.write(at, &before);
         // A WRITE header and half its payload, then gone.
         let half = Pattern::XorShift.bytes(3, 32 * KIB);
-        c.send(0, CMD_WRITE, 77, at, 64 * KIB as u32, &half);
+        c.send(0, CMD_WRITE, 77, at, 64 * KIB, &half);
         drop(c);
         fx.wait_connections(1);
         // A FUA write whose payload never completes, closing only our side
         // for writing: no reply may come for it.
         let mut c = fx.raw_client(structured);
-        c.send(CMD_FLAG_FUA, CMD_WRITE, 78, at, 64 * KIB as u32, &half);
+        c.send(CMD_FLAG_FUA, CMD_WRITE, 78, at, 64 * KIB, &half);
         c.s.shutdown(Shutdown::Write).unwrap();
         let rest = read_until_closed(&mut c.s, "half a write, then EOF");
         assert!(
@@ -1158,6 +1299,7 @@ fn handshake_errors_let_the_handshake_continue() {
     let mut c = RawClient {
         s,
         structured: false,
+        extended: false,
         size: 4 * MIB,
         flags: be16(&b, 8),
         contexts: HashMap::new(),
@@ -1209,7 +1351,7 @@ fn many_requests_in_flight_on_one_connection() {
                     command,
                     cookie,
                     offset,
-                    length: BLOCK as u32,
+                    length: BLOCK as u64,
                 }
                 .encode(),
             );
@@ -1348,7 +1490,7 @@ fn structured_reads_send_holes_and_respect_df() {
 
     for offset in [0u64, 1000] {
         let n = len - offset as usize;
-        let r = c.request(0, CMD_READ, offset, n as u32, &[]);
+        let r = c.request(0, CMD_READ, offset, n as u64, &[]);
         assert_eq!(assemble(&r, true, offset, n), expected[offset as usize..]);
         let holes: Vec<_> = r
             .chunks
@@ -1373,20 +1515,20 @@ fn structured_reads_send_holes_and_respect_df() {
     }
 
     // DF: one data chunk with everything.
-    let r = c.request(CMD_FLAG_DF, CMD_READ, 0, len as u32, &[]);
+    let r = c.request(CMD_FLAG_DF, CMD_READ, 0, len as u64, &[]);
     assert_eq!(r.chunks.len(), 1, "DF read in {} chunks", r.chunks.len());
     match &r.chunks[0] {
         (REPLY_FLAG_DONE, Chunk::Data { offset: 0, data }) => assert_eq!(data, &expected),
         other => panic!("DF read reply {other:?}"),
     }
     // All zeroes with DF: still data, not a hole.
-    let r = c.request(CMD_FLAG_DF, CMD_READ, 2 * MIB, 256 * KIB as u32, &[]);
+    let r = c.request(CMD_FLAG_DF, CMD_READ, 2 * MIB, 256 * KIB, &[]);
     assert!(
         matches!(&r.chunks[..], [(REPLY_FLAG_DONE, Chunk::Data { offset, data })]
             if *offset == 2 * MIB && data.len() == 256 * KIB as usize && data.iter().all(|&b| b == 0))
     );
     // All zeroes without DF: one hole.
-    let r = c.request(0, CMD_READ, 2 * MIB, 256 * KIB as u32, &[]);
+    let r = c.request(0, CMD_READ, 2 * MIB, 256 * KIB, &[]);
     assert_eq!(
         r.chunks,
         vec![(
@@ -1500,7 +1642,7 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     let mut expect0 = expect1.clone();
     expect0[0] = true;
 
-    let r = c.request(0, CMD_BLOCK_STATUS, 0, size as u32, &[]);
+    let r = c.request(0, CMD_BLOCK_STATUS, 0, size, &[]);
     let status = status_chunks(&r);
     assert_eq!(status.len(), 3);
     assert_eq!(dirty_blocks(&status[&since1], block, size), expect1);
@@ -1513,7 +1655,7 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     }
 
     // An unaligned range: dirty up to the end of block 12, then clean.
-    let r = c.request(0, CMD_BLOCK_STATUS, 10 * block + 100, 3 * block as u32, &[]);
+    let r = c.request(0, CMD_BLOCK_STATUS, 10 * block + 100, 3 * block, &[]);
     let status = status_chunks(&r);
     assert_eq!(
         status[&since1],
@@ -1521,7 +1663,7 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     );
 
     // REQ_ONE: exactly one descriptor per context, within the request.
-    let r = c.request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 0, size as u32, &[]);
+    let r = c.request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 0, size, &[]);
     let status = status_chunks(&r);
     assert_eq!(status.len(), 3);
     for descriptors in status.values() {
@@ -1532,6 +1674,15 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     assert_eq!(status[&since0], vec![(block as u32, STATE_DIRTY)]);
     let r = c.request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 3 * block + 5, 10, &[]);
     assert_eq!(status_chunks(&r)[&since1], vec![(10, STATE_DIRTY)]);
+
+    // With extended headers: the same descriptors, in BLOCK_STATUS_EXT
+    // chunks with 64-bit lengths and flags.
+    let mut ext = RawClient::open_extended(&fx.socket, &image, &queries);
+    assert_eq!(ext.contexts, c.contexts);
+    let compact = status_chunks(&c.request(0, CMD_BLOCK_STATUS, 0, size, &[]));
+    let wide = status_ext_chunks(&ext.request(0, CMD_BLOCK_STATUS, 0, size, &[]));
+    assert_eq!(wide, widen(compact));
+    ext.disconnect();
 
     // The image reads as the device at the second take.
     assert_eq!(
@@ -1549,13 +1700,13 @@ fn block_status_of_allocation_and_dirty_bitmaps_on_an_image() {
     fx.engine.snapshot_destroy(&second).unwrap();
     assert_eq!(c.try_read(0, 0, 4096).unwrap_err(), EIO);
     assert_eq!(
-        c.errno(0, CMD_BLOCK_STATUS, 0, size as u32, &[]),
+        c.errno(0, CMD_BLOCK_STATUS, 0, size, &[]),
         EIO,
         "block status with base:allocation after the destroy"
     );
     // ...and one asking for dirty bitmaps only is still answered, from the
     // copy of the map taken when they were selected.
-    let r = bitmaps.request(0, CMD_BLOCK_STATUS, 0, size as u32, &[]);
+    let r = bitmaps.request(0, CMD_BLOCK_STATUS, 0, size, &[]);
     assert_eq!(r.error, 0, "dirty bitmap after the destroy: {r:?}");
     let status = status_chunks(&r);
     assert_eq!(status.len(), 1);
@@ -1629,7 +1780,7 @@ fn repeated_context_names_select_each_context_once() {
         // BLOCK_STATUS: exactly one chunk per selected context, in the
         // order they were selected.
         for flags in [0, CMD_FLAG_REQ_ONE] {
-            let r = c.request(flags, CMD_BLOCK_STATUS, 0, size as u32, &[]);
+            let r = c.request(flags, CMD_BLOCK_STATUS, 0, size, &[]);
             assert_eq!(r.error, 0, "block status on {export}: {r:?}");
             let ids: Vec<u32> = r
                 .chunks
@@ -1921,35 +2072,61 @@ impl Fixture {
     }
 }
 
+/// A random test's request header, compact or extended by its length.
+fn parse_header(header: &[u8]) -> Option<Request> {
+    match header.len() {
+        REQUEST_LEN => Request::parse(header.try_into().unwrap()),
+        _ => Request::parse_extended(header.try_into().unwrap()),
+    }
+}
+
 /// How many replies a request header followed by `extra` bytes (then EOF)
 /// must get.
-fn replies_due(header: &[u8; REQUEST_LEN], extra: usize) -> usize {
-    if be32(header, 0) != 0x2560_9513 {
+fn replies_due(header: &[u8], extra: usize) -> usize {
+    let Some(r) = parse_header(header) else {
         return 0;
-    }
-    let (command, length) = (be16(header, 6), be32(header, 24));
-    match command {
+    };
+    let extended = header.len() != REQUEST_LEN;
+    let has_payload = r.command == CMD_WRITE || extended && r.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+    match r.command {
         CMD_DISC => 0,
-        CMD_WRITE => usize::from(length <= MAX_PAYLOAD && length as usize <= extra),
+        _ if has_payload => {
+            usize::from(r.length <= u64::from(MAX_PAYLOAD) && r.length <= extra as u64)
+        }
         _ => 1,
     }
 }
 
 /// Parses every reply in `out` (the whole stream up to EOF) to `header`.
-fn parse_replies(out: &[u8], header: &[u8; REQUEST_LEN], structured: bool) -> usize {
-    let (command, cookie, length) = (be16(header, 6), be64(header, 8), be32(header, 24));
+fn parse_replies(out: &[u8], header: &[u8], structured: bool) -> usize {
+    let Some(request) = parse_header(header) else {
+        assert!(out.is_empty(), "a reply to a request with a bad magic");
+        return 0;
+    };
+    let extended = header.len() != REQUEST_LEN;
+    let (header_len, magic) = if extended {
+        (32, EXTENDED_REPLY_MAGIC)
+    } else {
+        (20, STRUCTURED_REPLY_MAGIC)
+    };
     let mut rest = out;
     let mut count = 0;
     while !rest.is_empty() {
         if structured {
             loop {
-                assert!(rest.len() >= 20, "truncated chunk header");
-                assert_eq!(be32(rest, 0), STRUCTURED_REPLY_MAGIC);
-                assert_eq!(be64(rest, 8), cookie);
-                let (flags, kind, len) = (be16(rest, 4), be16(rest, 6), be32(rest, 16) as usize);
-                assert!(rest.len() >= 20 + len, "truncated chunk");
-                parse_chunk(kind, &rest[20..20 + len]);
-                rest = &rest[20 + len..];
+                assert!(rest.len() >= header_len, "truncated chunk header");
+                assert_eq!(be32(rest, 0), magic);
+                assert_eq!(be64(rest, 8), request.cookie);
+                let (flags, kind) = (be16(rest, 4), be16(rest, 6));
+                let len = if extended {
+                    assert_eq!(be64(rest, 16), request.offset, "chunk header offset");
+                    be64(rest, 24) as usize
+                } else {
+                    be32(rest, 16) as usize
+                };
+                assert!(rest.len() >= header_len + len, "truncated chunk");
+                parse_chunk(kind, &rest[header_len..header_len + len]);
+                rest = &rest[header_len + len..];
                 if flags & REPLY_FLAG_DONE != 0 {
                     break;
                 }
@@ -1957,9 +2134,9 @@ fn parse_replies(out: &[u8], header: &[u8; REQUEST_LEN], structured: bool) -> us
         } else {
             assert!(rest.len() >= 16, "truncated simple reply");
             assert_eq!(be32(rest, 0), SIMPLE_REPLY_MAGIC);
-            assert_eq!(be64(rest, 8), cookie);
-            let data = if be32(rest, 4) == 0 && command == CMD_READ {
-                length as usize
+            assert_eq!(be64(rest, 8), request.cookie);
+            let data = if be32(rest, 4) == 0 && request.command == CMD_READ {
+                request.length as usize
             } else {
                 0
             };
@@ -1971,8 +2148,10 @@ fn parse_replies(out: &[u8], header: &[u8; REQUEST_LEN], structured: bool) -> us
     count
 }
 
-fn header_strategy(size: u64) -> impl Strategy<Value = [u8; REQUEST_LEN]> {
-    let flags = prop_oneof![Just(0u16), 0u16..32, any::<u16>()];
+/// Request headers, mostly well-formed: compact ones (28 bytes), or
+/// extended ones (32 bytes, lengths over 32 bits and `PAYLOAD_LEN` too).
+fn header_strategy(size: u64, extended: bool) -> impl Strategy<Value = Vec<u8>> {
+    let flags = prop_oneof![Just(0u16), 0u16..64, any::<u16>()];
     let command = prop_oneof![4 => 0u16..10, 1 => any::<u16>()];
     let offset = prop_oneof![
         0..size,
@@ -1980,45 +2159,63 @@ fn header_strategy(size: u64) -> impl Strategy<Value = [u8; REQUEST_LEN]> {
         Just(u64::MAX),
         any::<u64>()
     ];
+    let widest = if extended { u64::MAX } else { u32::MAX.into() };
     let length = prop_oneof![
-        0u32..REQUEST_LEN as u32,
-        0u32..8192,
-        Just(MAX_PAYLOAD),
-        Just(MAX_PAYLOAD + 1),
-        any::<u32>()
+        0u64..REQUEST_LEN as u64,
+        0u64..8192,
+        Just(u64::from(MAX_PAYLOAD)),
+        Just(u64::from(MAX_PAYLOAD) + 1),
+        0..=widest
     ];
+    let len = if extended {
+        EXTENDED_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
     prop_oneof![
-        1 => any::<[u8; REQUEST_LEN]>(),
+        1 => proptest::collection::vec(any::<u8>(), len),
         4 => (flags, command, any::<u64>(), offset, length).prop_map(
-            |(flags, command, cookie, offset, length)| {
-                Request {
+            move |(flags, command, cookie, offset, length)| {
+                let r = Request {
                     flags,
                     command,
                     cookie,
                     offset,
                     length,
+                };
+                if extended {
+                    r.encode_extended().to_vec()
+                } else {
+                    r.encode().to_vec()
                 }
-                .encode()
             }
         ),
     ]
 }
 
+/// Modes 0-2: simple replies, structured, structured with a context;
+/// mode 3: extended headers with a context.
 #[test]
 fn random_request_headers_never_break_the_server() {
     let (fx, mut survivor, mine) = random_fixture();
     let mut runner = random_runner();
-    let strategy = (
-        header_strategy(MIB),
-        proptest::collection::vec(any::<u8>(), 0..REQUEST_LEN),
-        0u8..3,
-    );
+    let strategy = (0u8..4).prop_flat_map(|mode| {
+        (
+            Just(mode),
+            header_strategy(MIB, mode == 3),
+            proptest::collection::vec(any::<u8>(), 0..EXTENDED_REQUEST_LEN),
+        )
+    });
     runner
-        .run(&strategy, |(header, extra, mode)| {
+        .run(&strategy, |(mode, header, extra)| {
             let structured = mode > 0;
-            let queries: &[&str] = if mode == 2 { &["base:allocation"] } else { &[] };
-            let mut c = RawClient::open(&fx.socket, DISK, structured, queries);
-            let mut bytes = header.to_vec();
+            let queries: &[&str] = if mode >= 2 { &["base:allocation"] } else { &[] };
+            let mut c = if mode == 3 {
+                RawClient::open_extended(&fx.socket, DISK, queries)
+            } else {
+                RawClient::open(&fx.socket, DISK, structured, queries)
+            };
+            let mut bytes = header.clone();
             bytes.extend_from_slice(&extra);
             // The server may hang up before taking everything.
             let _ = c.s.write_all(&bytes);
@@ -2265,7 +2462,7 @@ fn destroyed_and_detached_exports_answer_with_a_clear_error() {
 /// export reaches every one of these paths.
 #[test]
 fn no_hole_never_punches_and_fast_zero_is_refused_where_zeroing_is_slow() {
-    use blksnap_engine::{FileDevice, Zeroing};
+    use blksnap_engine::Zeroing;
     use std::os::unix::fs::MetadataExt;
     let skip = |why: &str| {
         eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
@@ -2297,13 +2494,8 @@ fn no_hole_never_punches_and_fast_zero_is_refused_where_zeroing_is_slow() {
         "a refused zeroing changed data"
     );
 
-    watch_server_panics();
-    let engine = Arc::new(Engine::new(Config::default()).unwrap());
-    engine.attach("shm", Arc::new(device)).unwrap();
-    let server = NbdServer::new(engine.clone());
-    let socket = dir.path().join("nbd.sock");
-    server.listen_unix(&socket).unwrap();
-    let mut c = RawClient::open(&socket, "shm", true, &[]);
+    let fx = Fixture::serving(dir, device);
+    let mut c = fx.raw_client(true);
     let blocks = || std::fs::metadata(&path).unwrap().blocks();
     let allocated = blocks();
 
@@ -2312,19 +2504,19 @@ fn no_hole_never_punches_and_fast_zero_is_refused_where_zeroing_is_slow() {
         CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE,
         CMD_WRITE_ZEROES,
         MIB,
-        MIB as u32,
+        MIB,
         &[],
     );
     assert_eq!(e, ENOTSUP);
     assert!(c.read(MIB, MIB as usize) == before[MIB as usize..2 * MIB as usize]);
     // Without a hole: zeroes written, still allocated.
-    let r = c.request(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, MIB, MIB as u32, &[]);
+    let r = c.request(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, MIB, MIB, &[]);
     assert_eq!(r.error, 0);
     assert!(c.read(MIB, MIB as usize).iter().all(|&b| b == 0));
     assert_eq!(blocks(), allocated, "NO_HOLE punched a hole");
     // May punch: a hole; and a punch is fast, so FAST_ZERO goes through.
     for (flags, at) in [(0, 2 * MIB), (CMD_FLAG_FAST_ZERO, 3 * MIB)] {
-        let r = c.request(flags, CMD_WRITE_ZEROES, at, MIB as u32, &[]);
+        let r = c.request(flags, CMD_WRITE_ZEROES, at, MIB, &[]);
         assert_eq!(r.error, 0, "flags {flags:#x}");
         assert!(c.read(at, MIB as usize).iter().all(|&b| b == 0));
     }
@@ -2337,9 +2529,8 @@ fn no_hole_never_punches_and_fast_zero_is_refused_where_zeroing_is_slow() {
         c.read(0, MIB as usize) == before[..MIB as usize],
         "data outside the zeroed ranges changed"
     );
-    drop(c);
-    server.shutdown();
-    assert_no_server_panic();
+    c.disconnect();
+    fx.check_all_closed();
 }
 
 /// Issue 13, item 3 (part): a client that connects and says nothing is
@@ -2443,7 +2634,7 @@ fn queued_write_payload_is_bounded_per_connection_and_in_total() {
                     command: CMD_WRITE,
                     cookie: i,
                     offset: at,
-                    length: MIB as u32,
+                    length: MIB,
                 }
                 .encode()
                 .to_vec();
@@ -2505,4 +2696,274 @@ fn queued_write_payload_is_bounded_per_connection_and_in_total() {
     drop((first, second, check));
     server.shutdown();
     assert_no_server_panic();
+}
+
+// ---------------------------------------------------------------------------
+// Extended headers.
+
+const GIB: u64 = 1 << 30;
+
+/// Compact block status descriptors as extended ones.
+fn widen(chunks: HashMap<u32, Vec<(u32, u32)>>) -> HashMap<u32, Vec<(u64, u64)>> {
+    chunks
+        .into_iter()
+        .map(|(id, d)| {
+            (
+                id,
+                d.into_iter().map(|(l, f)| (l.into(), f.into())).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn extended_headers_frame_every_request_and_reply_in_32_bytes() {
+    // Larger than the maximum payload, so an oversized read is in range.
+    let size = 40 * MIB;
+    let fx = Fixture::new(size);
+    let (mut survivor, mine) = fx.survivor_with_data();
+    let mut c = RawClient::open_extended(&fx.socket, DISK, &[]);
+    assert_eq!(c.size, size);
+    let data = Pattern::XorShift.bytes(2, 4096);
+    c.write(MIB, &data);
+    let mut acked = vec![(0, mine), (MIB, data.clone())];
+    // A read across it: hole, data, hole; every chunk header carries the
+    // request's offset (RawClient::request checks).
+    let (at, len) = (MIB - 128 * KIB, 256 * KIB);
+    let r = c.request(0, CMD_READ, at, len, &[]);
+    let mut expected = vec![0u8; len as usize];
+    expected[128 * KIB as usize..][..4096].copy_from_slice(&data);
+    assert_eq!(assemble(&r, true, at, len as usize), expected);
+    assert!(r
+        .chunks
+        .iter()
+        .any(|(_, ch)| matches!(ch, Chunk::Hole { .. })));
+    // Replies without data are NONE chunks, never simple replies.
+    for command in [CMD_FLUSH, CMD_CACHE] {
+        let r = c.request(CMD_FLAG_FUA, command, 0, 4096, &[]);
+        assert_eq!(r.chunks, vec![(REPLY_FLAG_DONE, Chunk::None)], "{command}");
+    }
+
+    // A read over the maximum: EOVERFLOW in an extended error chunk.
+    let over = u64::from(MAX_PAYLOAD) + 1;
+    assert_eq!(c.errno(0, CMD_READ, 0, over, &[]), EOVERFLOW);
+    // 64-bit lengths are taken whole, not cut to 32 bits (4 GiB + 4 KiB
+    // would be a fine 4 KiB request).
+    for command in [CMD_READ, CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE] {
+        assert_eq!(c.errno(0, command, 0, (1 << 32) + 4096, &[]), EINVAL);
+    }
+    // A write without PAYLOAD_LEN (qemu's) still has its payload.
+    let bare = Pattern::XorShift.bytes(3, 4096);
+    assert_eq!(c.request(0, CMD_WRITE, 2 * MIB, 4096, &bare).error, 0);
+    acked.push((2 * MIB, bare));
+    // A payload on a command that takes none: consumed, and refused.
+    assert_eq!(
+        c.errno(CMD_FLAG_PAYLOAD_LEN, CMD_READ, MIB, 16, &[0xee; 16]),
+        EINVAL
+    );
+    assert_eq!(
+        c.errno(CMD_FLAG_PAYLOAD_LEN, CMD_BLOCK_STATUS, 0, 12, &[0xee; 12]),
+        EINVAL
+    );
+    assert_eq!(c.errno(1 << 6, CMD_READ, 0, 512, &[]), EINVAL);
+    // No context selected: no block status.
+    assert_eq!(c.errno(0, CMD_BLOCK_STATUS, 0, 4096, &[]), EINVAL);
+    // Still in step, data intact; it stays open through what follows.
+    assert_eq!(c.read(MIB, 4096), data);
+
+    // A write announcing more than the maximum payload (in 64 bits, or
+    // just one byte over): the server hangs up, no reply.
+    for length in [1 << 60, over] {
+        let mut bad = RawClient::open_extended(&fx.socket, DISK, &[]);
+        bad.send(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 5, 0, length, &[0xee; 4096]);
+        assert_closed(&mut bad.s, "write over the maximum payload");
+        fx.check_healthy(&mut survivor, &acked, 2);
+    }
+    // A compact request where extended ones were agreed: a bad magic, so
+    // the stream cannot be trusted; closed at once, not after 4 more bytes.
+    let mut bad = RawClient::open_extended(&fx.socket, DISK, &[]);
+    let compact = Request {
+        flags: 0,
+        command: CMD_READ,
+        cookie: 1,
+        offset: 0,
+        length: 512,
+    };
+    bad.s.write_all(&compact.encode()).unwrap();
+    assert_closed(&mut bad.s, "a compact request with extended headers");
+    fx.check_healthy(&mut survivor, &acked, 2);
+    assert_eq!(c.read(0, 4096), acked[0].1);
+    c.disconnect();
+    fx.check_healthy(&mut survivor, &acked, 1);
+}
+
+#[test]
+fn extended_headers_negotiate_as_the_spec_says() {
+    let fx = Fixture::new(4 * MIB);
+    let (mut survivor, mine) = fx.survivor_with_data();
+
+    // EXTENDED_HEADERS takes no data and is said once; after it,
+    // STRUCTURED_REPLY is refused with the error made for that.
+    let mut s = greeted(&fx.socket);
+    expect_opt_reply(&mut s, OPT_EXTENDED_HEADERS, &[0], REP_ERR_INVALID);
+    expect_opt_reply(&mut s, OPT_EXTENDED_HEADERS, &[], REP_ACK);
+    expect_opt_reply(&mut s, OPT_EXTENDED_HEADERS, &[], REP_ERR_INVALID);
+    expect_opt_reply(&mut s, OPT_STRUCTURED_REPLY, &[], REP_ERR_EXT_HEADER_REQD);
+    // It is enough for metadata contexts, and DF is offered.
+    let contexts = set_meta_context(&mut s, DISK, &["base:allocation"]);
+    let mut c = RawClient::go(s, DISK, true, contexts).extended();
+    assert_eq!(c.read(0, 4096), mine);
+    let r = c.request(0, CMD_BLOCK_STATUS, 0, 4096, &[]);
+    let status = status_ext_chunks(&r);
+    let total: u64 = status.values().next().unwrap().iter().map(|d| d.0).sum();
+    assert_eq!(total, 4096);
+    c.disconnect();
+
+    // STRUCTURED_REPLY first is allowed, and EXTENDED_HEADERS then wins:
+    // the replies are extended chunks (RawClient refuses any other).
+    let mut s = greeted(&fx.socket);
+    expect_opt_reply(&mut s, OPT_STRUCTURED_REPLY, &[], REP_ACK);
+    expect_opt_reply(&mut s, OPT_EXTENDED_HEADERS, &[], REP_ACK);
+    let mut c = RawClient::go(s, DISK, true, HashMap::new()).extended();
+    assert_eq!(c.read(0, 4096), mine);
+    assert_eq!(c.errno(0, CMD_READ, 4 * MIB, 1, &[]), EINVAL);
+    c.disconnect();
+
+    // The block size limits keep their 32-bit form (the spec gives no
+    // other): the maximum payload is still 32 MiB.
+    let mut s = greeted(&fx.socket);
+    expect_opt_reply(&mut s, OPT_EXTENDED_HEADERS, &[], REP_ACK);
+    send_option(&mut s, OPT_INFO, &go_payload(DISK, &[INFO_BLOCK_SIZE]));
+    let mut max = None;
+    loop {
+        let r = read_opt_reply(&mut s);
+        match r.kind {
+            REP_INFO if be16(&r.data, 0) == INFO_BLOCK_SIZE => {
+                assert_eq!(r.data.len(), 14);
+                max = Some(be32(&r.data, 10));
+            }
+            REP_INFO => {}
+            REP_ACK => break,
+            kind => panic!("INFO after EXTENDED_HEADERS: {kind:#x}"),
+        }
+    }
+    assert_eq!(max, Some(MAX_PAYLOAD));
+    // EXPORT_NAME is forbidden once extended headers are on, and it has no
+    // error reply: the server hangs up.
+    send_option(&mut s, OPT_EXPORT_NAME, DISK.as_bytes());
+    assert_closed(&mut s, "EXPORT_NAME after EXTENDED_HEADERS");
+
+    fx.check_healthy(&mut survivor, &[(0, mine)], 1);
+}
+
+/// On a 9 GiB sparse file, with extended headers: block status describes a
+/// hole of more than 4 GiB in one descriptor (a compact connection sees
+/// the same extents in pieces of at most 1 GiB), REQ_ONE keeps to the
+/// request, and WRITE_ZEROES and TRIM of more than 4 GiB are one request
+/// each.
+#[test]
+fn extended_headers_reach_past_4_gib_in_one_request() {
+    use std::os::unix::fs::MetadataExt;
+    let size = 9 * GIB;
+    let fx = Fixture::sparse_file(size);
+    let path = fx.dir.path().join("disk.img");
+    let queries = ["base:allocation"];
+    let mut c = RawClient::open_extended(&fx.socket, DISK, &queries);
+    let alloc = *c.contexts.keys().next().unwrap();
+    let (head, tail) = (MIB, 8 * GIB);
+    let head_data = Pattern::XorShift.bytes(1, 64 * KIB);
+    let tail_data = Pattern::XorShift.bytes(2, 64 * KIB);
+    c.write(head, &head_data);
+    c.write(tail, &tail_data);
+    assert_eq!(c.read(tail, 64 * KIB as usize), tail_data);
+    let hole = STATE_HOLE | STATE_ZERO;
+
+    let descriptors = |c: &mut RawClient, flags: u16, offset: u64, len: u64| {
+        let r = c.request(flags, CMD_BLOCK_STATUS, offset, len, &[]);
+        let mut status = status_ext_chunks(&r);
+        assert_eq!(status.len(), 1);
+        let d = status.remove(&alloc).unwrap();
+        assert!(d.iter().all(|&(l, f)| l > 0 && f & !u64::from(hole) == 0));
+        d
+    };
+    // The whole export: the two writes are data, and what lies between
+    // them is one hole (what the filesystem allocates around a write may
+    // vary, so only that much is certain).
+    let all = descriptors(&mut c, 0, 0, size);
+    assert_eq!(all.iter().map(|d| d.0).sum::<u64>(), size);
+    let extent_at = |d: &[(u64, u64)], at: u64| {
+        let mut pos = 0;
+        *d.iter()
+            .find(|&&(l, _)| {
+                pos += l;
+                pos > at
+            })
+            .unwrap()
+    };
+    assert_eq!(extent_at(&all, head).1, 0);
+    assert_eq!(extent_at(&all, tail).1, 0);
+    let between = extent_at(&all, 4 * GIB);
+    assert!(
+        between.0 > 7 * GIB && between.1 == u64::from(hole),
+        "the hole between the writes: {all:?}"
+    );
+    // A compact connection: the same extents, none over 1 GiB.
+    let mut compact = RawClient::open(&fx.socket, DISK, true, &queries);
+    let len = 4 * GIB - 4096;
+    let pieces = status_chunks(&compact.request(0, CMD_BLOCK_STATUS, 0, len, &[]));
+    let pieces = widen(pieces).remove(&alloc).unwrap();
+    assert!(pieces.iter().all(|d| d.0 <= GIB), "{pieces:?}");
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (l, f) in pieces {
+        match merged.last_mut() {
+            Some(last) if last.1 == f => last.0 += l,
+            _ => merged.push((l, f)),
+        }
+    }
+    assert_eq!(merged, descriptors(&mut c, 0, 0, len));
+    compact.disconnect();
+    // REQ_ONE: one descriptor, within the request, though over 4 GiB.
+    assert_eq!(
+        descriptors(&mut c, CMD_FLAG_REQ_ONE, 2 * MIB, 6 * GIB),
+        vec![(6 * GIB, u64::from(hole))]
+    );
+
+    // WRITE_ZEROES of 6 GiB over the first write, in one request.
+    let r = c.request(0, CMD_WRITE_ZEROES, 0, 6 * GIB, &[]);
+    assert_eq!(r.error, 0, "{r:?}");
+    assert!(c.read(head, 64 * KIB as usize).iter().all(|&b| b == 0));
+    assert_eq!(c.read(tail, 64 * KIB as usize), tail_data);
+    // TRIM of the first 8 GiB, in one request: all of it one hole, the
+    // file's blocks given back, the second write still there.
+    let r = c.request(0, CMD_TRIM, 0, tail, &[]);
+    assert_eq!(r.error, 0, "{r:?}");
+    let all = descriptors(&mut c, 0, 0, size);
+    assert_eq!(all[0], (tail, u64::from(hole)), "{all:?}");
+    assert_eq!(extent_at(&all, tail).1, 0);
+    assert!(
+        std::fs::metadata(&path).unwrap().blocks() * 512 < 8 * MIB,
+        "the trim left {} blocks allocated",
+        std::fs::metadata(&path).unwrap().blocks()
+    );
+    assert_eq!(c.read(tail, 64 * KIB as usize), tail_data);
+
+    // Dirty bitmaps too: on the image, what the trim and the writes
+    // touched (the first 8 GiB and a little) is one dirty descriptor.
+    let storage = StorageSpec::Device(Arc::new(MemDevice::new(16 * MIB)));
+    let options = SnapshotOptions::default();
+    let id = fx.engine.snapshot_create(storage, options).unwrap();
+    fx.engine.snapshot_add(&id, DISK).unwrap();
+    fx.engine.snapshot_take(&id).unwrap();
+    let image = format!("snapshot/{DISK}");
+    let since0 = "qemu:dirty-bitmap:since-0";
+    let mut bitmap = RawClient::open_extended(&fx.socket, &image, &[since0]);
+    let r = bitmap.request(0, CMD_BLOCK_STATUS, 0, size, &[]);
+    let status = status_ext_chunks(&r);
+    let dirty = &status[bitmap.contexts.keys().next().unwrap()];
+    assert_eq!(dirty.len(), 2, "{dirty:?}");
+    assert!(dirty[0].0 > tail && dirty[0].1 == u64::from(STATE_DIRTY));
+    assert_eq!((dirty[0].0 + dirty[1].0, dirty[1].1), (size, 0));
+    bitmap.disconnect();
+    c.disconnect();
+    fx.check_all_closed();
 }

@@ -207,14 +207,14 @@ fn round_trip(s: &mut impl ReadWrite, offset: u64, data: &[u8]) {
         length,
     };
     // One at a time: replies may come in any order.
-    let mut out = request(CMD_WRITE, 1, data.len() as u32).encode().to_vec();
+    let mut out = request(CMD_WRITE, 1, data.len() as u64).encode().to_vec();
     out.extend_from_slice(data);
     s.write_all(&out).unwrap();
     s.flush().unwrap();
     let mut reply = [0u8; 16];
     s.read_exact(&mut reply).unwrap();
     assert_eq!(reply, simple_reply(0, 1), "write reply");
-    s.write_all(&request(CMD_READ, 2, data.len() as u32).encode())
+    s.write_all(&request(CMD_READ, 2, data.len() as u64).encode())
         .unwrap();
     s.flush().unwrap();
     s.read_exact(&mut reply).unwrap();

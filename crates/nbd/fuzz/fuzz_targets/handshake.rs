@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use blksnap_engine::{Config, Engine, MemDevice, SnapshotOptions, StorageSpec};
 use blksnap_nbd::protocol::{
-    CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, IHAVEOPT, NBDMAGIC, REQUEST_LEN, REQUEST_MAGIC,
+    CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, EXTENDED_REQUEST_LEN, EXTENDED_REQUEST_MAGIC,
+    IHAVEOPT, NBDMAGIC, REQUEST_LEN, REQUEST_MAGIC,
 };
 use blksnap_nbd::NbdServer;
 use libfuzzer_sys::fuzz_target;
@@ -88,7 +89,7 @@ fn string(out: &mut Vec<u8>, s: &str) {
 /// some unknown ones) and whose high nibble the form of the step: a raw
 /// payload (0-6), a length field that lies (7), an INFO/GO payload (8-10),
 /// a META_CONTEXT payload (11-13), or a transmission request with the right
-/// magic (14-15).
+/// magic: compact (14) or extended (15, for after EXTENDED_HEADERS).
 fn recipe(mut it: &[u8]) -> Vec<u8> {
     let mut out = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
         .to_be_bytes()
@@ -130,9 +131,14 @@ fn recipe(mut it: &[u8]) -> Vec<u8> {
                     );
                 }
             }
-            _ => {
+            14 => {
                 out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
                 out.extend_from_slice(take(&mut it, REQUEST_LEN - 4));
+                continue;
+            }
+            _ => {
+                out.extend_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+                out.extend_from_slice(take(&mut it, EXTENDED_REQUEST_LEN - 4));
                 continue;
             }
         }

@@ -1,14 +1,16 @@
-//! Fuzzes the transmission request parser: `Request::parse` never panics on
-//! any 28 bytes, accepts exactly the headers with the request magic, and
-//! whatever it accepts `encode()` turns back into the same bytes. The rest
-//! of the input drives the reply encoders, which must frame what they are
-//! given exactly.
+//! Fuzzes the transmission request parsers: `Request::parse` never panics on
+//! any 28 bytes, nor `Request::parse_extended` on any 32, each accepts
+//! exactly the headers with its magic, and whatever it accepts `encode()`
+//! (`encode_extended()`) turns back into the same bytes. The rest of the
+//! input drives the reply encoders, which must frame what they are given
+//! exactly.
 
 #![no_main]
 
 use blksnap_nbd::protocol::{
-    chunk_header, option_reply, simple_reply, wire_error, Request, EINVAL, EIO, ENOMEM, ENOSPC,
-    ENOTSUP, EOVERFLOW, EPERM, ESHUTDOWN, REPLY_MAGIC, REQUEST_LEN, REQUEST_MAGIC,
+    chunk_header, extended_chunk_header, option_reply, simple_reply, wire_error, Request, EINVAL,
+    EIO, ENOMEM, ENOSPC, ENOTSUP, EOVERFLOW, EPERM, ESHUTDOWN, EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_LEN, EXTENDED_REQUEST_MAGIC, REPLY_MAGIC, REQUEST_LEN, REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
 use libfuzzer_sys::fuzz_target;
@@ -32,9 +34,25 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(be32(header, 0), REQUEST_MAGIC);
             assert_eq!(request.cookie, be64(header, 8));
             assert_eq!(request.offset, be64(header, 16));
-            assert_eq!(request.length, be32(header, 24));
+            assert_eq!(request.length, u64::from(be32(header, 24)));
         }
         None => assert_ne!(be32(header, 0), REQUEST_MAGIC),
+    }
+    if let Some((wide, _)) = data.split_first_chunk::<EXTENDED_REQUEST_LEN>() {
+        match Request::parse_extended(wide) {
+            Some(request) => {
+                assert_eq!(
+                    &request.encode_extended(),
+                    wide,
+                    "encode_extended() of {request:?}"
+                );
+                assert_eq!(be32(wide, 0), EXTENDED_REQUEST_MAGIC);
+                assert_eq!(request.cookie, be64(wide, 8));
+                assert_eq!(request.offset, be64(wide, 16));
+                assert_eq!(request.length, be64(wide, 24));
+            }
+            None => assert_ne!(be32(wide, 0), EXTENDED_REQUEST_MAGIC),
+        }
     }
 
     // The reply encoders, driven by the header's fields and the tail.
@@ -51,6 +69,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(be32(&chunk, 0), STRUCTURED_REPLY_MAGIC);
     assert_eq!(be64(&chunk, 8), cookie);
     assert_eq!(be32(&chunk, 16), be32(header, 24));
+    let wide = extended_chunk_header(flags, kind, cookie, be64(header, 16), be64(header, 8));
+    assert_eq!(be32(&wide, 0), EXTENDED_REPLY_MAGIC);
+    assert_eq!(be64(&wide, 8), cookie);
+    assert_eq!(be64(&wide, 16), be64(header, 16));
+    assert_eq!(be64(&wide, 24), be64(header, 8));
     let reply = option_reply(be32(header, 16), be32(header, 20), rest);
     assert_eq!(reply.len(), 20 + rest.len());
     assert_eq!(be64(&reply, 0), REPLY_MAGIC);
