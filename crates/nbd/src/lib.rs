@@ -25,6 +25,9 @@ pub mod client;
 #[cfg(feature = "engine")]
 mod engine_export;
 pub mod export;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod negotiate;
 mod pipeline;
 pub mod protocol;

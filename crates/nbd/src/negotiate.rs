@@ -134,18 +134,27 @@ pub fn haggle<S: Read + Write>(
             len,
             "NBD option"
         );
-        if len > MAX_OPTION_LEN {
+        // Before required TLS, only STARTTLS and ABORT are read for what
+        // they say: every other option gets the same refusal, whatever its
+        // size or content.
+        let before_tls = tls == TlsState::Required && option != OPT_STARTTLS && option != OPT_ABORT;
+        let data = if len > MAX_OPTION_LEN {
             // EXPORT_NAME has no option reply: the only answer is to hang up.
             if len > 1 << 20 || option == OPT_EXPORT_NAME {
                 return Err(invalid("option payload too large"));
             }
             io::copy(&mut Read::by_ref(stream).take(len as u64), &mut io::sink())?;
-            send_error(stream, option, REP_ERR_TOO_BIG, "option payload too large")?;
-            continue;
-        }
-        let mut data = vec![0u8; len as usize];
-        stream.read_exact(&mut data)?;
-        if tls == TlsState::Required && option != OPT_STARTTLS && option != OPT_ABORT {
+            if !before_tls {
+                send_error(stream, option, REP_ERR_TOO_BIG, "option payload too large")?;
+                continue;
+            }
+            Vec::new()
+        } else {
+            let mut data = vec![0u8; len as usize];
+            stream.read_exact(&mut data)?;
+            data
+        };
+        if before_tls {
             if option == OPT_EXPORT_NAME {
                 // EXPORT_NAME cannot be refused: the only answer is to hang up.
                 tracing::info!("NBD client chose an export without TLS, which is required");

@@ -267,6 +267,8 @@ fn require_refuses_every_option_but_starttls_and_abort_before_tls() {
         (OPT_STRUCTURED_REPLY, Vec::new()),
         (OPT_LIST_META_CONTEXT, Vec::new()),
         (99, Vec::new()),
+        // Too big to be read: still the same refusal, not a different one.
+        (OPT_INFO, vec![0; 70_000]),
     ] {
         let (kind, text) = option(&mut s, opt, &data);
         assert_eq!(kind, REP_ERR_TLS_REQD, "option {opt} before TLS: {text}");
