@@ -18,7 +18,7 @@ use blksnap_backup::serve::BackupExports;
 use blksnap_client::Client;
 use blksnap_nbd::client::{NbdAddress, NbdClient};
 use blksnap_nbd::{
-    check_tcp_exposure, tls_from_options, unix_uri, NbdServer, NbdSettings, TlsMode,
+    check_tcp_exposure, tls_from_options, unix_uri, NbdServer, NbdSettings, NbdTlsClient, TlsMode,
 };
 use blksnap_proto::SnapshotCreateArgs;
 use clap::{Parser, Subcommand};
@@ -68,6 +68,12 @@ enum Command {
         /// another host (with the control socket forwarded).
         #[arg(long, value_name = "HOST:PORT")]
         nbd_tcp: Option<String>,
+        /// Read the images over TLS (for a blksnapd with --nbd-tls), with
+        /// the credentials in DIR: ca-cert.pem (the CA of the daemon's
+        /// certificate), and client-cert.pem with client-key.pem when the
+        /// daemon checks clients (the layout of qemu's tls-creds-x509).
+        #[arg(long, value_name = "DIR")]
+        nbd_tls_certificates: Option<PathBuf>,
         /// NBD connections per device.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
         connections: u8,
@@ -183,6 +189,7 @@ fn run(o: &Options) -> Result<(), Failure> {
             storage,
             limit,
             nbd_tcp,
+            nbd_tls_certificates,
             connections,
         } => create(
             o,
@@ -190,8 +197,11 @@ fn run(o: &Options) -> Result<(), Failure> {
             devices,
             storage.as_deref(),
             limit.as_deref(),
-            nbd_tcp.as_deref(),
-            *connections,
+            ImageReach::from_options(
+                nbd_tcp.as_deref(),
+                nbd_tls_certificates.as_deref(),
+                *connections,
+            )?,
         ),
         Command::List => list(o, &Repository::open(repo_path, false)?),
         Command::Prune { keep_last } => {
@@ -389,26 +399,53 @@ fn host() -> String {
         .unwrap_or_default()
 }
 
+/// How the snapshot images are read: over the daemon's Unix socket or
+/// another TCP address, with TLS or not, over how many connections.
+struct ImageReach {
+    tcp: Option<(String, u16)>,
+    tls: Option<NbdTlsClient>,
+    connections: u8,
+}
+
+impl ImageReach {
+    fn from_options(
+        tcp: Option<&str>,
+        tls: Option<&Path>,
+        connections: u8,
+    ) -> Result<ImageReach, Failure> {
+        let tcp = tcp
+            .map(|a| {
+                let (host, port) = a
+                    .rsplit_once(':')
+                    .ok_or_else(|| fail(format!("--nbd-tcp {a}: not HOST:PORT")))?;
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| fail(format!("--nbd-tcp {a}: bad port")))?;
+                Ok::<_, Failure>((host.trim_matches(['[', ']']).to_string(), port))
+            })
+            .transpose()?;
+        let tls = tls
+            .map(|dir| {
+                NbdTlsClient::from_dir(dir)
+                    .map_err(|e| fail(format!("--nbd-tls-certificates: {e}")))
+            })
+            .transpose()?;
+        Ok(ImageReach {
+            tcp,
+            tls,
+            connections,
+        })
+    }
+}
+
 fn create(
     o: &Options,
     repo_path: &Path,
     devices: &[String],
     storage: Option<&Path>,
     limit: Option<&str>,
-    nbd_tcp: Option<&str>,
-    connections: u8,
+    reach: ImageReach,
 ) -> Result<(), Failure> {
-    let nbd_tcp = nbd_tcp
-        .map(|a| {
-            let (host, port) = a
-                .rsplit_once(':')
-                .ok_or_else(|| fail(format!("--nbd-tcp {a}: not HOST:PORT")))?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| fail(format!("--nbd-tcp {a}: bad port")))?;
-            Ok::<_, Failure>((host.trim_matches(['[', ']']).to_string(), port))
-        })
-        .transpose()?;
     let started = Instant::now();
     let repo = Repository::open(repo_path, true)?;
     // Shared with other backups, never with prune.
@@ -436,7 +473,7 @@ fn create(
         for w in &take.warnings {
             eprintln!("blksnap-backup: warning: {w}");
         }
-        back_up(o, &repo, &mut client, id, nbd_tcp.as_ref(), connections)
+        back_up(o, &repo, &mut client, id, &reach)
     });
     let destroyed = client.snapshot_destroy(id);
     let manifest = result?;
@@ -453,8 +490,7 @@ fn back_up(
     repo: &Repository,
     client: &mut Client,
     id: uuid::Uuid,
-    nbd_tcp: Option<&(String, u16)>,
-    connections: u8,
+    reach: &ImageReach,
 ) -> Result<Summary, Failure> {
     let info = client.snapshot_info(id)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
@@ -512,7 +548,7 @@ fn back_up(
                 image.device
             ))
         })?;
-        let address = match (NbdAddress::parse(uri)?, nbd_tcp) {
+        let address = match (NbdAddress::parse(uri)?, &reach.tcp) {
             (local, Some((host, port))) => NbdAddress::Tcp {
                 host: host.clone(),
                 port: *port,
@@ -520,9 +556,9 @@ fn back_up(
             },
             (local, None) => local,
         };
-        let sources = (0..connections)
+        let sources = (0..reach.connections)
             .map(|_| {
-                NbdClient::connect(&address, &["base:allocation"])
+                NbdClient::connect_with(&address, &["base:allocation"], None, reach.tls.as_ref())
                     .map(|c| Box::new(NbdSource(c)) as Box<dyn ImageSource>)
             })
             .collect::<std::io::Result<Vec<_>>>()

@@ -26,6 +26,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::protocol::*;
+use crate::Conn;
 
 /// The IANA port of NBD, used when a `nbd://` URI gives none.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -245,10 +246,11 @@ fn percent_encode(b: &[u8]) -> String {
 // ---------------------------------------------------------------------------
 // The stream.
 
-#[derive(Debug)]
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// After STARTTLS, over one of the others.
+    Tls(Box<crate::tls::TlsStream<Stream>>),
 }
 
 impl Stream {
@@ -301,6 +303,7 @@ impl Stream {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(Box::new(s.try_clone_conn()?)),
         })
     }
 
@@ -308,6 +311,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
             Stream::Tcp(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
+            Stream::Tls(s) => s.set_io_timeout(t),
         }
     }
 
@@ -315,7 +319,34 @@ impl Stream {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(how),
             Stream::Tcp(s) => s.shutdown(how),
+            Stream::Tls(s) => {
+                s.shutdown_conn(how);
+                Ok(())
+            }
         };
+    }
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stream::Unix(_) => "Unix",
+            Stream::Tcp(_) => "Tcp",
+            Stream::Tls(_) => "Tls",
+        })
+    }
+}
+
+/// What the TLS stream needs of the socket under it.
+impl Conn for Stream {
+    fn try_clone_conn(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_conn(&self, how: Shutdown) {
+        self.shutdown(how)
+    }
+    fn set_io_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_timeout(timeout)
     }
 }
 
@@ -324,6 +355,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -333,6 +365,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -486,6 +519,16 @@ impl Handshake<'_> {
         }
         let mut data = vec![0u8; len as usize];
         read_full(self.r, &mut data, &what)?;
+        if kind == REP_ERR_TLS_REQD {
+            // Nothing will succeed in plain text: say so, not what failed.
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "the NBD server requires TLS ({}): connect with TLS credentials",
+                    String::from_utf8_lossy(&data)
+                ),
+            ));
+        }
         Ok((kind, data))
     }
 
@@ -500,7 +543,8 @@ impl Handshake<'_> {
         Ok(())
     }
 
-    fn run(&mut self, contexts: &[&str]) -> io::Result<Negotiated> {
+    /// The greeting and the client's flags.
+    fn greet(&mut self) -> io::Result<()> {
         let hello: [u8; 18] = read_array(self.r, "its greeting")?;
         if be64(&hello, 0) != NBDMAGIC {
             return Err(invalid(format!(
@@ -529,8 +573,27 @@ impl Handshake<'_> {
         if server_flags & FLAG_NO_ZEROES != 0 {
             client_flags |= CLIENT_NO_ZEROES;
         }
-        self.w.write_all(&client_flags.to_be_bytes())?;
+        self.w.write_all(&client_flags.to_be_bytes())
+    }
 
+    /// NBD_OPT_STARTTLS, which must be acknowledged: a client that wants
+    /// TLS does not go on in plain text.
+    fn start_tls(&mut self) -> io::Result<()> {
+        self.send_option(OPT_STARTTLS, &[])?;
+        match self.reply(OPT_STARTTLS)? {
+            (REP_ACK, data) => Self::ack_payload(OPT_STARTTLS, &data),
+            (kind, data) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "the NBD server refused TLS (reply type {kind:#x}: {})",
+                    String::from_utf8_lossy(&data)
+                ),
+            )),
+        }
+    }
+
+    /// Option haggling up to GO.
+    fn run(&mut self, contexts: &[&str]) -> io::Result<Negotiated> {
         self.send_option(OPT_STRUCTURED_REPLY, &[])?;
         let structured = match self.reply(OPT_STRUCTURED_REPLY)? {
             (REP_ACK, data) => {
@@ -827,6 +890,17 @@ impl NbdClient {
         contexts: &[&str],
         timeout: Option<Duration>,
     ) -> io::Result<NbdClient> {
+        Self::connect_with(address, contexts, timeout, None)
+    }
+
+    /// [`Self::connect_timeout`], with TLS (`NBD_OPT_STARTTLS` first, and
+    /// the server's certificate checked) when `tls` is given.
+    pub fn connect_with(
+        address: &NbdAddress,
+        contexts: &[&str],
+        timeout: Option<Duration>,
+        tls: Option<&crate::NbdTlsClient>,
+    ) -> io::Result<NbdClient> {
         let export = address.export().to_string();
         if export.len() > MAX_STRING || export.contains('\0') {
             return Err(io::Error::new(
@@ -836,12 +910,36 @@ impl NbdClient {
         }
         let mut writer = Stream::open(address, timeout)?;
         let mut reader = BufReader::with_capacity(256 << 10, writer.try_clone()?);
-        let negotiated = Handshake {
+        let mut handshake = Handshake {
             r: &mut reader,
             w: &mut writer,
             export: &export,
-        }
-        .run(contexts);
+        };
+        let greeted = handshake.greet();
+        let negotiated = match (greeted, tls) {
+            (Err(e), _) => Err(e),
+            (Ok(()), None) => handshake.run(contexts),
+            (Ok(()), Some(tls)) => match handshake.start_tls() {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let host = match address {
+                        NbdAddress::Tcp { host, .. } => host.as_str(),
+                        NbdAddress::Unix { .. } => "localhost",
+                    };
+                    // Nothing past the ACK is buffered: the server speaks
+                    // again only after the client's TLS hello.
+                    let plain = writer.try_clone()?;
+                    writer = Stream::Tls(Box::new(tls.connect(plain, host)?));
+                    reader = BufReader::with_capacity(256 << 10, writer.try_clone()?);
+                    Handshake {
+                        r: &mut reader,
+                        w: &mut writer,
+                        export: &export,
+                    }
+                    .run(contexts)
+                }
+            },
+        };
         let n = match negotiated {
             Ok(n) => n,
             Err(e) => {

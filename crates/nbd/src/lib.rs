@@ -40,4 +40,4 @@ pub use client::{NbdAddress, NbdClient};
 pub use engine_export::EngineExports;
 pub use export::{ChangeMap, Export, ExportError, ExportResult, ExportSource, ZeroFlags};
 pub use server::*;
-pub use tls::{check_tcp_exposure, tls_from_options, NbdTls, TlsMode};
+pub use tls::{check_tcp_exposure, tls_from_options, NbdTls, NbdTlsClient, TlsMode};

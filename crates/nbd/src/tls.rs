@@ -1,6 +1,7 @@
-//! TLS for the NBD server: the settings ([`NbdTls`]: mode, certificate,
-//! key, optional client CA) and the stream a connection switches to after
-//! `NBD_OPT_STARTTLS` ([`TlsStream`]).
+//! TLS for NBD: the server's settings ([`NbdTls`]: mode, certificate, key,
+//! optional client CA), the client's ([`NbdTlsClient`]), and the stream a
+//! connection switches to after `NBD_OPT_STARTTLS` ([`TlsStream`]), the
+//! same on both sides.
 //!
 //! A connection's reader and its reply writer run on different threads,
 //! as on plain sockets. They share one rustls session under a mutex but
@@ -13,7 +14,8 @@
 //! as a key update, goes out with the next reply).
 //!
 //! Called by the server (`server.rs`) after negotiation acknowledged
-//! STARTTLS; the settings are built by the daemon and the backup tool.
+//! STARTTLS, and by the client (`client.rs`) after its STARTTLS was; the
+//! settings are built by the daemon and the backup tool.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -24,9 +26,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::ServerName;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use rustls::{
+    ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection,
+};
 
 use crate::Conn;
 
@@ -178,26 +183,114 @@ impl NbdTls {
             client_certificate = session.peer_certificates().is_some(),
             "NBD client on TLS"
         );
-        Ok(TlsStream::new(inner, Arc::new(Shared::new(session))))
+        Ok(TlsStream::new(
+            inner,
+            Arc::new(Shared::new(Connection::Server(session))),
+        ))
+    }
+}
+
+/// A client's TLS settings, from a directory laid out as qemu's
+/// `tls-creds-x509` and libnbd's `tls-certificates` read it: `ca-cert.pem`
+/// (the CA the server's certificate must come from), and, when the server
+/// asks for one, `client-cert.pem` with `client-key.pem`.
+#[derive(Clone)]
+pub struct NbdTlsClient {
+    config: Arc<ClientConfig>,
+}
+
+impl fmt::Debug for NbdTlsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NbdTlsClient").finish_non_exhaustive()
+    }
+}
+
+impl NbdTlsClient {
+    pub fn from_dir(dir: &Path) -> Result<NbdTlsClient, String> {
+        let ca = dir.join("ca-cert.pem");
+        let mut roots = RootCertStore::empty();
+        let certificates = CertificateDer::pem_file_iter(&ca)
+            .map_err(|e| format!("TLS CA {}: {e}", ca.display()))?;
+        for c in certificates {
+            let c = c.map_err(|e| format!("TLS CA {}: {e}", ca.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("TLS CA {}: {e}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("TLS CA {}: no PEM certificate in it", ca.display()));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots);
+        let (cert, key) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
+        let config = match (cert.exists(), key.exists()) {
+            (false, false) => builder.with_no_client_auth(),
+            (true, true) => {
+                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+                    .and_then(|certs| certs.collect())
+                    .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
+                let private = PrivateKeyDer::from_pem_file(&key)
+                    .map_err(|e| format!("TLS key {}: {e}", key.display()))?;
+                builder.with_client_auth_cert(chain, private).map_err(|e| {
+                    format!(
+                        "TLS certificate {} and key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?
+            }
+            _ => {
+                return Err(format!(
+                    "{}: client-cert.pem and client-key.pem go together, and one is missing",
+                    dir.display()
+                ))
+            }
+        };
+        Ok(NbdTlsClient {
+            config: Arc::new(config),
+        })
+    }
+
+    /// Runs the client side of the TLS handshake on `inner` with the server
+    /// `host`, whose certificate must name it.
+    pub(crate) fn connect<S: Conn>(&self, mut inner: S, host: &str) -> io::Result<TlsStream<S>> {
+        let name = ServerName::try_from(host.to_string()).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{host:?} cannot be checked against a certificate: {e}"),
+            )
+        })?;
+        let mut session =
+            ClientConnection::new(self.config.clone(), name).map_err(io::Error::other)?;
+        while session.is_handshaking() {
+            session.complete_io(&mut inner)?;
+        }
+        Ok(TlsStream::new(
+            inner,
+            Arc::new(Shared::new(Connection::Client(session))),
+        ))
     }
 }
 
 /// What the clones of one [`TlsStream`] share.
 struct Shared {
-    session: Mutex<ServerConnection>,
+    session: Mutex<Connection>,
     /// Held from sealing records until they are on the socket.
     sending: Mutex<()>,
 }
 
 impl Shared {
-    fn new(session: ServerConnection) -> Self {
+    fn new(session: Connection) -> Self {
         Shared {
             session: Mutex::new(session),
             sending: Mutex::new(()),
         }
     }
 
-    fn session(&self) -> MutexGuard<'_, ServerConnection> {
+    fn session(&self) -> MutexGuard<'_, Connection> {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
