@@ -41,6 +41,9 @@ pub struct DaemonConfig {
     /// Most NBD worker threads over all connections (each connection's
     /// reader not counted).
     pub nbd_max_worker_threads: usize,
+    /// Longest an NBD client may pause inside a request or leave replies
+    /// unread, in ms; 0: no limit.
+    pub nbd_stall_timeout_ms: u64,
     /// Give every attached device (and its snapshot image) a loop device,
     /// unless the attach request says otherwise. Needs `--fuse-dir`.
     pub attach_loop: bool,
@@ -75,6 +78,7 @@ impl Default for DaemonConfig {
             nbd_max_queued_write_bytes_per_connection: 64 << 20,
             nbd_max_queued_write_bytes: 1 << 30,
             nbd_max_worker_threads: 256,
+            nbd_stall_timeout_ms: 60_000,
             attach_loop: false,
             freeze_on_take: true,
             cbt_persistence: blksnap_proto::CbtPersistence::CleanStop,
@@ -93,6 +97,8 @@ impl DaemonConfig {
             max_queued_write_bytes_per_connection: self.nbd_max_queued_write_bytes_per_connection,
             max_queued_write_bytes: self.nbd_max_queued_write_bytes,
             max_worker_threads: self.nbd_max_worker_threads,
+            stall_timeout: (self.nbd_stall_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.nbd_stall_timeout_ms)),
         }
     }
 

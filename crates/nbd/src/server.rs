@@ -81,6 +81,12 @@ pub struct NbdLimits {
     pub max_queued_write_bytes_per_connection: u64,
     /// The same over all connections. Default 1 GiB.
     pub max_queued_write_bytes: u64,
+    /// Longest a client in transmission may pause inside a request (half a
+    /// header, or a write payload not all sent) or leave replies unread;
+    /// then the connection is closed and what it held (payload budget, a
+    /// worker blocked on the socket) is given back. Waiting between
+    /// requests has no limit. `None`: no limit. Default 60 s.
+    pub stall_timeout: Option<Duration>,
     /// Most threads, over the server, that run requests besides each
     /// connection's own reader (at most 4 per connection, started when its
     /// requests overlap, ended after 2 s idle). A connection that gets none
@@ -97,6 +103,7 @@ impl Default for NbdLimits {
             max_queued_write_bytes_per_connection: 64 << 20,
             max_queued_write_bytes: 1 << 30,
             max_worker_threads: 256,
+            stall_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -402,7 +409,9 @@ impl NbdServer {
     }
 
     fn transmit<S: Conn>(&self, stream: S, session: Session) -> io::Result<()> {
-        stream.set_io_timeout(None)?;
+        // Between requests a client may stay quiet for ever; inside one
+        // (or with replies left unread) only this long.
+        stream.set_io_timeout(self.limits.stall_timeout)?;
         tracing::debug!(
             size = session.export.size(),
             structured = session.structured,

@@ -220,7 +220,10 @@ fn read_requests(
                 // Filled as it arrives: a client that stalls halfway holds
                 // only what it sent (the untouched capacity is not memory).
                 payload.reserve_exact(n as usize);
-                let got = Read::by_ref(reader).take(n).read_to_end(&mut payload)?;
+                let got = Read::by_ref(reader)
+                    .take(n)
+                    .read_to_end(&mut payload)
+                    .map_err(|e| if timed_out(&e) { stalled() } else { e })?;
                 if got as u64 != n {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
@@ -228,7 +231,8 @@ fn read_requests(
             // A payload no command of ours takes: consumed so that the
             // stream stays in step, never held; `handle` refuses it.
             Some(n) => {
-                let got = io::copy(&mut Read::by_ref(reader).take(n), &mut io::sink())?;
+                let got = io::copy(&mut Read::by_ref(reader).take(n), &mut io::sink())
+                    .map_err(|e| if timed_out(&e) { stalled() } else { e })?;
                 if got != n {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
@@ -255,7 +259,10 @@ fn read_header(reader: &mut impl Read, extended: bool) -> io::Result<Option<Requ
         (REQUEST_LEN, REQUEST_MAGIC)
     };
     let mut header = [0u8; EXTENDED_REQUEST_LEN];
-    if !fill(reader, &mut header[..4])? {
+    if !wait_for_request(reader, &mut header[0])? {
+        return Ok(None);
+    }
+    if !fill(reader, &mut header[1..4])? {
         return Ok(None);
     }
     let got = u32::from_be_bytes(header[..4].try_into().unwrap());
@@ -275,13 +282,46 @@ fn read_header(reader: &mut impl Read, extended: bool) -> io::Result<Option<Requ
     })
 }
 
-/// `read_exact`, but `false` when the stream ends first.
+/// Whether `e` is the socket's timeout (the connection's stall timeout).
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Reads the first byte of the next request into `first`, waiting as long
+/// as the client stays quiet: between requests the stall timeout does not
+/// apply (an idle client is not a stalled one). `false` at the end of the
+/// stream.
+fn wait_for_request(reader: &mut impl Read, first: &mut u8) -> io::Result<bool> {
+    loop {
+        match reader.read(std::slice::from_mut(first)) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(e) if timed_out(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `read_exact`, but `false` when the stream ends first. A timeout here is
+/// a client that stopped inside a request: the connection ends, and what
+/// the request held (its payload budget) is given back.
 fn fill(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     match reader.read_exact(buf) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) if timed_out(&e) => Err(stalled()),
         Err(e) => Err(e),
     }
+}
+
+fn stalled() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the client stalled inside a request (or left replies unread) past the stall timeout",
+    )
 }
 
 /// The length of the payload after a request header, if it has one:
@@ -305,7 +345,7 @@ fn command_name(command: u16) -> &'static str {
 
 /// Runs one request and sends its reply; false once the reply cannot be
 /// sent (the client is gone).
-fn answer<S: Write>(session: &Session, writer: &Writer<S>, job: Job) -> bool {
+fn answer<S: Conn>(session: &Session, writer: &Writer<S>, job: Job) -> bool {
     let Request { cookie, offset, .. } = job.request;
     let reply = handle(session, job);
     let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -313,7 +353,10 @@ fn answer<S: Write>(session: &Session, writer: &Writer<S>, job: Job) -> bool {
         .send(&mut *w, Framing::of(session), cookie, offset)
         .and_then(|_| w.flush());
     if let Err(e) = sent {
-        tracing::debug!(error = %e, "NBD reply not sent: client gone");
+        tracing::debug!(error = %e, "NBD reply not sent: client gone or not reading");
+        // The reader may be waiting for a next request that will never
+        // come (a client that stopped reading replies): end it too.
+        w.get_ref().shutdown_conn(std::net::Shutdown::Both);
         return false;
     }
     true
