@@ -500,16 +500,9 @@ fn images_can_be_read_over_tls() {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = blksnap_test_support::pki::TestPki::generate(pki_dir.path());
     let addr = format!("localhost:{port}");
-    let d = Daemon::start_with(&[
-        "--nbd-tcp",
-        &format!("127.0.0.1:{port}"),
-        "--nbd-tls-cert",
-        pki.server_cert.to_str().unwrap(),
-        "--nbd-tls-key",
-        pki.server_key.to_str().unwrap(),
-        "--nbd-tls-ca",
-        pki.ca.to_str().unwrap(),
-    ]);
+    let mut options = vec!["--nbd-tcp".to_string(), format!("127.0.0.1:{port}")];
+    options.extend(pki.server_options());
+    let d = Daemon::start_with(&options.iter().map(String::as_str).collect::<Vec<_>>());
     let repo = d.path("repo");
     let path = device(&d, "t.img", 12 * MIB, 8);
     std::fs::remove_file(&d.nbd).unwrap();
@@ -519,35 +512,26 @@ fn images_can_be_read_over_tls() {
         &["create", "--device", "t.img", "--nbd-tcp", &addr],
         &["TLS"],
     );
-    let client_dir = pki.client_dir.to_str().unwrap();
+    let create = |certificates: &Path| {
+        let dir = certificates.to_str().unwrap().to_string();
+        let mut args = vec!["create", "--device", "t.img", "--nbd-tcp", &addr];
+        args.extend(["--nbd-tls-certificates", &dir]);
+        args.into_iter().map(String::from).collect::<Vec<String>>()
+    };
+    let args = create(&pki.client_dir);
     let r = ok(
         &d,
         &repo,
-        &[
-            "create",
-            "--device",
-            "t.img",
-            "--nbd-tcp",
-            &addr,
-            "--nbd-tls-certificates",
-            client_dir,
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     assert_eq!(device_result(&r, "t.img")["mode"], "full");
     let id = r["id"].as_str().unwrap().to_string();
     restores_to(&d, &repo, &id, "t.img", &std::fs::read(&path).unwrap());
+    let args = create(&d.path("nowhere"));
     fails(
         &d,
         &repo,
-        &[
-            "create",
-            "--device",
-            "t.img",
-            "--nbd-tcp",
-            &addr,
-            "--nbd-tls-certificates",
-            d.path("nowhere").to_str().unwrap(),
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &["--nbd-tls-certificates", "ca-cert.pem"],
     );
 }
@@ -725,17 +709,10 @@ fn a_backup_is_served_over_tls_to_clients_with_a_certificate() {
         .to_string();
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = blksnap_test_support::pki::TestPki::generate(pki_dir.path());
-    let tls = [
-        "--nbd-tls-cert",
-        pki.server_cert.to_str().unwrap(),
-        "--nbd-tls-key",
-        pki.server_key.to_str().unwrap(),
-        "--nbd-tls-ca",
-        pki.ca.to_str().unwrap(),
-    ];
     let socket = d.path("tls.sock");
+    let tls = pki.server_options();
     let mut args = vec!["--nbd-tcp", "localhost:0"];
-    args.extend_from_slice(&tls);
+    args.extend(tls.iter().map(String::as_str));
     let served = Served::start_with(&d, &repo, &id, &socket, &args);
     let tcp = served
         .uris

@@ -34,16 +34,9 @@ impl TlsDaemon {
             .port();
         let pki_dir = tempfile::tempdir().unwrap();
         let pki = TestPki::generate(pki_dir.path());
-        let d = Daemon::start_with(&[
-            "--nbd-tcp",
-            &format!("127.0.0.1:{port}"),
-            "--nbd-tls-cert",
-            pki.server_cert.to_str().unwrap(),
-            "--nbd-tls-key",
-            pki.server_key.to_str().unwrap(),
-            "--nbd-tls-ca",
-            pki.ca.to_str().unwrap(),
-        ]);
+        let mut options = vec!["--nbd-tcp".to_string(), format!("127.0.0.1:{port}")];
+        options.extend(pki.server_options());
+        let d = Daemon::start_with(&options.iter().map(String::as_str).collect::<Vec<_>>());
         // The PKI lives as long as the daemon's directory.
         std::mem::forget(pki_dir);
         let content = random_device(&d, "a.img", 4 * MIB, 7);

@@ -126,6 +126,20 @@ fn client_dir(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
 }
 
 impl TestPki {
+    /// The server options of blksnapd and `blksnap-backup serve` for this
+    /// PKI: its certificate and key, clients checked against its CA.
+    pub fn server_options(&self) -> Vec<String> {
+        let path = |p: &PathBuf| p.to_str().unwrap().to_string();
+        vec![
+            "--nbd-tls-cert".into(),
+            path(&self.server_cert),
+            "--nbd-tls-key".into(),
+            path(&self.server_key),
+            "--nbd-tls-ca".into(),
+            path(&self.ca),
+        ]
+    }
+
     /// Makes every file under `dir` (which must exist).
     pub fn generate(dir: &Path) -> TestPki {
         ca(dir, "ca");
