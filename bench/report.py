@@ -59,6 +59,14 @@ def fratio(r, bold_below=None):
     return f"**{s}**" if bold_below is not None and r < bold_below else s
 
 
+def p99_cell(us, other):
+    """A p99 latency in µs; bold when above `other`."""
+    if us is None:
+        return "–"
+    text = f"{us:.0f}"
+    return f"**{text}**" if other is not None and us > other else text
+
+
 def ratio_rows(results):
     """(label, setting, ours/qemu, ours/nbdkit, ours/raw) for every job."""
     t = lookup(results)
@@ -72,7 +80,11 @@ def ratio_rows(results):
             ours = v("ours", state)
             if ours is None:
                 continue
+            def p99(server):
+                r = t.get((server, state, pkey, qd, nc))
+                return r.get("clat_p99_us") if r else None
             out.append({
+                "p99_ours": p99("ours"), "p99_qemu": p99("qemu"),
                 "state": state, "pattern": pkey, "text": text, "iodepth": qd, "conns": nc,
                 "unit": p.unit, "ours": ours, "qemu": v("qemu", state),
                 "nbdkit": v("nbdkit", ref), "raw": v("raw", ref), "rawpc": v("rawpc", ref),
@@ -106,11 +118,14 @@ def tables(results):
                      "nbdkit and the raw file have no snapshot: their column is the same "
                      "pattern on the plain file (the ceiling). Ratios below 1 are in bold in "
                      "the ours/qemu column and, for tracking only, below 0.9 in the "
-                     "ours/nbdkit column (the targets).")
+                     "ours/nbdkit column (the targets). *p99*: fio's 99th percentile "
+                     "completion latency in µs, ours and qemu-storage-daemon's; bold where "
+                     "ours is the higher (the target: no worse than qemu's).")
         lines.append("")
         lines.append("| job | qd | conns | ours | qemu-storage-daemon | nbdkit file | raw O_DIRECT "
-                     "| raw page cache | ours/qemu | ours/nbdkit | ours/raw |")
-        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+                     "| raw page cache | ours/qemu | ours/nbdkit | ours/raw | p99 ours | p99 qemu |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+                     "| ---: | ---: |")
         for r in rows:
             u = r["unit"]
             lines.append(
@@ -118,7 +133,8 @@ def tables(results):
                 f"{fmt(r['qemu'], u)} | {fmt(r['nbdkit'], u)} | {fmt(r['raw'], u)} | "
                 f"{fmt(r['rawpc'], u)} | {fratio(r['vs_qemu'], 1.0)} | "
                 f"{fratio(r['vs_nbdkit'], 0.9 if r['state'] == 'tracking' else None)} | "
-                f"{fratio(r['vs_raw'])} |")
+                f"{fratio(r['vs_raw'])} | {p99_cell(r['p99_ours'], r['p99_qemu'])} | "
+                f"{p99_cell(r['p99_qemu'], None)} |")
         lines.append("")
         vq = sorted((r for r in rows if r["vs_qemu"] is not None), key=lambda r: r["vs_qemu"])
         if vq:
