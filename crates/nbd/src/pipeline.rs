@@ -74,8 +74,6 @@ struct State<J> {
     workers: usize,
     /// Workers waiting for a job.
     idle: usize,
-    /// Jobs being run, by workers or by the reader.
-    running: usize,
     /// The reader waits for room in the queue, or for the workers to end.
     reader_waiting: bool,
     /// `run` said the connection is gone: take no more jobs.
@@ -110,7 +108,6 @@ impl<J: Send + 'static> Pipeline<J> {
                 queue: VecDeque::new(),
                 workers: 0,
                 idle: 0,
-                running: 0,
                 reader_waiting: false,
                 broken: false,
                 closed: false,
@@ -127,19 +124,12 @@ impl<J: Send + 'static> Pipeline<J> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `job` on this thread when nothing else of the connection is
-    /// queued or running and `alone` (the caller has no further request
-    /// read ahead): a client that asks one thing at a time is served with
-    /// no hand-off between threads. Otherwise on a worker, started if none
-    /// is free and the server has a permit, or on this thread when the
-    /// connection has no worker at all. Waits while the queue is full.
-    /// False once the connection is unusable: the caller stops reading.
-    pub fn submit(self: &Arc<Self>, job: J, alone: bool) -> bool {
+    /// Runs `job` on a worker, started if none is free and the server has
+    /// a permit, or on this thread when the connection has no worker at
+    /// all. Waits while the queue is full. False once the connection is
+    /// unusable: the caller stops reading.
+    pub fn submit(self: &Arc<Self>, job: J) -> bool {
         let mut state = self.lock();
-        if alone && state.running == 0 && state.queue.is_empty() && !state.broken {
-            drop(state);
-            return self.run_here(job);
-        }
         while state.queue.len() >= self.limits.depth && !state.broken {
             state.reader_waiting = true;
             state = self.room.wait(state).unwrap_or_else(|e| e.into_inner());
@@ -186,14 +176,11 @@ impl<J: Send + 'static> Pipeline<J> {
     }
 
     fn run_here(&self, job: J) -> bool {
-        self.lock().running += 1;
-        let sent = (self.run)(job);
-        let mut state = self.lock();
-        state.running -= 1;
-        if !sent {
-            state.broken = true;
+        if (self.run)(job) {
+            return true;
         }
-        sent
+        self.lock().broken = true;
+        false
     }
 
     fn work(self: Arc<Self>, _permit: Permit) {
@@ -203,11 +190,9 @@ impl<J: Send + 'static> Pipeline<J> {
                 if state.reader_waiting {
                     self.room.notify_one();
                 }
-                state.running += 1;
                 drop(state);
                 let sent = (self.run)(job);
                 state = self.lock();
-                state.running -= 1;
                 if !sent && !state.broken {
                     state.broken = true;
                     self.room.notify_all();
@@ -284,7 +269,7 @@ mod tests {
                 limits(per_connection),
             );
             for i in 0..500 {
-                assert!(pipeline.submit(i, i % 3 == 0));
+                assert!(pipeline.submit(i));
             }
             pipeline.close();
             for (i, n) in ran.iter().enumerate() {
@@ -323,14 +308,14 @@ mod tests {
             limits(2),
         );
         // The first job blocks a worker; the next ones still run.
-        assert!(pipeline.submit(true, false));
+        assert!(pipeline.submit(true));
         let deadline = Instant::now() + Duration::from_secs(5);
         while running.load(Ordering::SeqCst) == 0 {
             assert!(Instant::now() < deadline);
             std::thread::yield_now();
         }
         for _ in 0..20 {
-            assert!(pipeline.submit(false, false));
+            assert!(pipeline.submit(false));
         }
         while most.load(Ordering::SeqCst) < 2 {
             assert!(Instant::now() < deadline, "no second worker ran");
@@ -355,48 +340,6 @@ mod tests {
         assert!(most.load(Ordering::SeqCst) <= 2);
     }
 
-    /// A job submitted alone, with nothing else queued or running, runs on
-    /// the submitting thread (no hand-off); one submitted while another
-    /// runs goes to a worker.
-    #[test]
-    fn a_lone_job_runs_on_the_reader_and_overlapping_ones_on_workers() {
-        let reader = std::thread::current().id();
-        let on_reader = Arc::new(AtomicUsize::new(0));
-        let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        let (r, g) = (on_reader.clone(), gate.clone());
-        let pipeline = Pipeline::new(
-            move |wait: bool| {
-                if std::thread::current().id() == reader {
-                    r.fetch_add(1, Ordering::SeqCst);
-                }
-                let (open, cv) = &*g;
-                let mut open = open.lock().unwrap();
-                while wait && !*open {
-                    open = cv.wait(open).unwrap();
-                }
-                true
-            },
-            WorkerPermits::new(4),
-            limits(4),
-        );
-        for _ in 0..10 {
-            assert!(pipeline.submit(false, true));
-        }
-        assert_eq!(
-            on_reader.load(Ordering::SeqCst),
-            10,
-            "lone jobs were handed off"
-        );
-        // Not alone (more read ahead): a worker, even with nothing running.
-        assert!(pipeline.submit(true, false));
-        // Alone, but another job runs: a worker too, or this would wait.
-        assert!(pipeline.submit(false, true));
-        assert_eq!(on_reader.load(Ordering::SeqCst), 10);
-        *gate.0.lock().unwrap() = true;
-        gate.1.notify_all();
-        pipeline.close();
-    }
-
     /// Once `run` reports the connection gone, submit says so and the
     /// reader stops; close still returns.
     #[test]
@@ -404,7 +347,7 @@ mod tests {
         let pipeline = Pipeline::new(|i: u32| i < 3, WorkerPermits::new(2), limits(2));
         let mut accepted = 0;
         for i in 0..1000 {
-            if !pipeline.submit(i, false) {
+            if !pipeline.submit(i) {
                 break;
             }
             accepted += 1;

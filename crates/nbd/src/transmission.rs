@@ -167,9 +167,9 @@ pub fn transmit<S: Conn>(
     };
     let mut reader = BufReader::with_capacity(256 << 10, stream);
     let mut counts = [0u64; COMMAND_NAMES.len() + 1];
-    let result = read_requests(&mut reader, extended, &budgets, |job, alone| {
+    let result = read_requests(&mut reader, extended, &budgets, |job| {
         counts[(job.request.command as usize).min(COMMAND_NAMES.len())] += 1;
-        pipeline.submit(job, alone)
+        pipeline.submit(job)
     });
     pipeline.close();
     // Every reply is out: end the session above the socket (TLS).
@@ -186,14 +186,11 @@ pub fn transmit<S: Conn>(
     result
 }
 
-/// Reads requests and hands each to `submit`, with whether it is alone:
-/// no further request is already read ahead (a client waiting for this
-/// reply before it sends more).
-fn read_requests<R: Read>(
-    reader: &mut BufReader<R>,
+fn read_requests(
+    reader: &mut impl Read,
     extended: bool,
     (connection, server): &(Arc<PayloadBudget>, Arc<PayloadBudget>),
-    mut submit: impl FnMut(Job, bool) -> bool,
+    mut submit: impl FnMut(Job) -> bool,
 ) -> io::Result<()> {
     loop {
         let Some(request) = read_header(reader, extended)? else {
@@ -241,12 +238,11 @@ fn read_requests<R: Read>(
                 }
             }
         }
-        let job = Job {
+        if !submit(Job {
             request,
             payload,
             _leases: leases,
-        };
-        if !submit(job, reader.buffer().is_empty()) {
+        }) {
             return Ok(());
         }
     }
@@ -752,25 +748,15 @@ mod tests {
         stream.extend_from_slice(&[0xff; 28]);
         let mut jobs = Vec::new();
         let budgets = (PayloadBudget::new(1 << 20), PayloadBudget::new(1 << 20));
-        read_requests(
-            &mut BufReader::new(stream.as_slice()),
-            false,
-            &budgets,
-            |j, _| {
-                jobs.push(j);
-                true
-            },
-        )
+        read_requests(&mut stream.as_slice(), false, &budgets, |j| {
+            jobs.push(j);
+            true
+        })
         .unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].payload, b"abc");
-        let err = read_requests(
-            &mut BufReader::new([0xffu8; 28].as_slice()),
-            false,
-            &budgets,
-            |_, _| true,
-        )
-        .unwrap_err();
+        let err =
+            read_requests(&mut [0xffu8; 28].as_slice(), false, &budgets, |_| true).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
@@ -815,15 +801,10 @@ mod tests {
         // for the 4 bytes an extended header would have more.
         stream.extend_from_slice(&Request { length: 0, ..trim }.encode());
         let mut jobs = Vec::new();
-        let err = read_requests(
-            &mut BufReader::new(stream.as_slice()),
-            true,
-            &budgets,
-            |j, _| {
-                jobs.push(j);
-                true
-            },
-        )
+        let err = read_requests(&mut stream.as_slice(), true, &budgets, |j| {
+            jobs.push(j);
+            true
+        })
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let got: Vec<_> = jobs
@@ -853,10 +834,10 @@ mod tests {
             };
             let mut submitted = 0;
             let err = read_requests(
-                &mut BufReader::new(over.encode_extended().as_slice()),
+                &mut over.encode_extended().as_slice(),
                 true,
                 &budgets,
-                |_, _| {
+                |_| {
                     submitted += 1;
                     true
                 },
