@@ -102,18 +102,8 @@ impl NbdTls {
         if mode == TlsMode::Off {
             return Err("TLS mode off needs no certificate: leave the TLS files out".into());
         }
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
-        if chain.is_empty() {
-            return Err(format!(
-                "TLS certificate {}: no PEM certificate in it",
-                cert.display()
-            ));
-        }
-        let private = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| format!("TLS key {}: {e}", key.display()))?;
+        let chain = pem_certificates(cert, "TLS certificate")?;
+        let private = private_key(key)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -121,21 +111,7 @@ impl NbdTls {
         let builder = match client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
-                let mut roots = RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(ca)
-                    .map_err(|e| format!("TLS client CA {}: {e}", ca.display()))?
-                {
-                    let c = c.map_err(|e| format!("TLS client CA {}: {e}", ca.display()))?;
-                    roots
-                        .add(c)
-                        .map_err(|e| format!("TLS client CA {}: {e}", ca.display()))?;
-                }
-                if roots.is_empty() {
-                    return Err(format!(
-                        "TLS client CA {}: no PEM certificate in it",
-                        ca.display()
-                    ));
-                }
+                let roots = trust_roots(ca, "TLS client CA")?;
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                         .build()
@@ -207,19 +183,7 @@ impl fmt::Debug for NbdTlsClient {
 
 impl NbdTlsClient {
     pub fn from_dir(dir: &Path) -> Result<NbdTlsClient, String> {
-        let ca = dir.join("ca-cert.pem");
-        let mut roots = RootCertStore::empty();
-        let certificates = CertificateDer::pem_file_iter(&ca)
-            .map_err(|e| format!("TLS CA {}: {e}", ca.display()))?;
-        for c in certificates {
-            let c = c.map_err(|e| format!("TLS CA {}: {e}", ca.display()))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("TLS CA {}: {e}", ca.display()))?;
-        }
-        if roots.is_empty() {
-            return Err(format!("TLS CA {}: no PEM certificate in it", ca.display()));
-        }
+        let roots = trust_roots(&dir.join("ca-cert.pem"), "TLS CA")?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -229,11 +193,8 @@ impl NbdTlsClient {
         let config = match (cert.exists(), key.exists()) {
             (false, false) => builder.with_no_client_auth(),
             (true, true) => {
-                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
-                    .and_then(|certs| certs.collect())
-                    .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
-                let private = PrivateKeyDer::from_pem_file(&key)
-                    .map_err(|e| format!("TLS key {}: {e}", key.display()))?;
+                let chain = pem_certificates(&cert, "TLS certificate")?;
+                let private = private_key(&key)?;
                 builder.with_client_auth_cert(chain, private).map_err(|e| {
                     format!(
                         "TLS certificate {} and key {}: {e}",
@@ -273,6 +234,39 @@ impl NbdTlsClient {
             Arc::new(Shared::new(Connection::Client(session))),
         ))
     }
+}
+
+/// Every certificate of the PEM file `path` (`what` names it in errors);
+/// a file with none is an error too.
+fn pem_certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let failed = |e: rustls::pki_types::pem::Error| format!("{what} {}: {e}", path.display());
+    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(failed)?
+        .collect::<Result<_, _>>()
+        .map_err(failed)?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{what} {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certificates)
+}
+
+/// The CA certificates of the PEM file `path`, as the roots a peer's
+/// certificate must chain to.
+fn trust_roots(path: &Path, what: &str) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for c in pem_certificates(path, what)? {
+        roots
+            .add(c)
+            .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("TLS key {}: {e}", path.display()))
 }
 
 /// What the clones of one [`TlsStream`] share.
