@@ -455,11 +455,7 @@ fn walk_files(dir: &Path) -> usize {
 /// The images read over NBD on TCP (`--nbd-tcp`), as from another host.
 #[test]
 fn images_can_be_read_over_tcp() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let d = Daemon::start_with(&["--nbd-tcp", &addr]);
     let repo = d.path("repo");
@@ -492,11 +488,7 @@ fn images_can_be_read_over_tls() {
     if !have("openssl") {
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = blksnap_test_support::pki::TestPki::generate(pki_dir.path());
     let addr = format!("localhost:{port}");

@@ -156,11 +156,7 @@ fn rust_client_full_cycle() {
 
 #[test]
 fn nbd_over_tcp_is_loopback_only_unless_allowed() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let d = Daemon::start_with(&["--nbd-tcp", &addr]);
     let mut s = std::net::TcpStream::connect(&addr).unwrap();

@@ -27,11 +27,7 @@ impl TlsDaemon {
     /// clients checked against the test CA, with one 4 MiB random device
     /// `a.img` attached; returns it and the device's content.
     fn start() -> (TlsDaemon, Vec<u8>) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let pki_dir = tempfile::tempdir().unwrap();
         let pki = TestPki::generate(pki_dir.path());
         let mut options = vec!["--nbd-tcp".to_string(), format!("127.0.0.1:{port}")];

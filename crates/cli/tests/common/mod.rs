@@ -78,6 +78,15 @@ pub fn blksnapd() -> PathBuf {
 
 /// The `blksnap` CLI of the profile under test (built by Cargo for this
 /// package's tests).
+/// A loopback TCP port free a moment ago, for a daemon to listen on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn blksnap() -> &'static str {
     env!("CARGO_BIN_EXE_blksnap")
 }
