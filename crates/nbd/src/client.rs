@@ -348,6 +348,13 @@ impl Conn for Stream {
     fn set_io_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.set_timeout(timeout)
     }
+    fn readable_within(&self, timeout: Duration) -> io::Result<bool> {
+        match self {
+            Stream::Unix(s) => s.readable_within(timeout),
+            Stream::Tcp(s) => s.readable_within(timeout),
+            Stream::Tls(s) => s.readable_within(timeout),
+        }
+    }
 }
 
 impl Read for Stream {

@@ -1,26 +1,37 @@
-//! The requests of one connection on their way from its reader to the
-//! threads that run them ([`Pipeline`]), and the server-wide cap on those
-//! threads ([`WorkerPermits`]).
+//! The threads that serve one connection ([`Pipeline`]), and the
+//! server-wide cap on them ([`WorkerPermits`]).
 //!
-//! Workers are started only when a request comes while the ones before it
-//! are still running, at most `max_workers` per connection and only while
-//! the server has permits left; they end after a while without work. So an
-//! idle connection costs its reader thread alone, a thousand connections
-//! cost a thousand threads plus the capped workers, and a connection that
-//! gets no worker (the server is out of permits) still progresses: its
-//! reader runs the request itself. Nothing here knows NBD: a job is run by
-//! the connection's `run` function, which answers it.
+//! Leader and followers: the connection's reader (its buffered socket and
+//! the state needed to read a request) is held by one thread at a time.
+//! That thread reads one request, hands the reader on, and then runs the
+//! request itself and replies. So no request waits for a hand-off between
+//! a reading thread and a running one (at queue depth 1 a reply leaves
+//! with no thread switch on its path), and while it runs, another thread
+//! already reads the next request: one that stalls does not hold up the
+//! ones after it.
 //!
-//! Invariants: a job submitted is run exactly once, by a worker or by the
-//! submitting thread; `close` returns only when every submitted job has
-//! run and every worker has ended. Called by `transmission.rs`.
+//! The reader goes first to the connection's own thread if it waits for
+//! it, else to a follower that waits, else to a new follower, started only
+//! while the connection has fewer than `max_workers` and the server has
+//! permits left. Followers end after `idle_timeout` without the reader.
+//! Because the connection's own thread is preferred, an idle connection
+//! ends up costing that thread alone. A connection that gets no follower
+//! (the server is out of permits) still progresses: each request is read
+//! and then run by the same thread, one at a time. Nothing here knows NBD:
+//! requests are read by the connection's `read` function and answered by
+//! its `run` function.
+//!
+//! Invariants: at most one thread reads at a time; every request read is
+//! run exactly once, by the thread that read it; [`Pipeline::serve`]
+//! returns only when the stream has ended and every follower has ended.
+//! Called by `transmission.rs`.
 
-use std::collections::VecDeque;
+use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// Threads that run requests, over every connection of a server.
+/// Follower threads, over every connection of a server.
 pub struct WorkerPermits {
     limit: usize,
     used: AtomicUsize,
@@ -34,7 +45,7 @@ impl WorkerPermits {
         })
     }
 
-    /// Workers running now.
+    /// Followers running now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
@@ -49,7 +60,7 @@ impl WorkerPermits {
     }
 }
 
-/// One worker's place, given back when it ends.
+/// One follower's place, given back when it ends.
 struct Permit(Arc<WorkerPermits>);
 
 impl Drop for Permit {
@@ -58,206 +69,282 @@ impl Drop for Permit {
     }
 }
 
-/// How many workers a connection may have and how long they wait idle.
+/// How many followers a connection may have and how long they wait idle.
 #[derive(Debug, Clone, Copy)]
 pub struct PipelineLimits {
-    /// Workers of one connection at most.
+    /// Followers of one connection at most (beside its own thread).
     pub max_workers: usize,
-    /// Jobs waiting for a worker at most; past it the reader waits.
-    pub depth: usize,
-    /// A worker without a job for this long ends.
+    /// A follower that waits this long for the reader ends.
     pub idle_timeout: Duration,
 }
 
-struct State<J> {
-    queue: VecDeque<J>,
-    workers: usize,
-    /// Workers waiting for a job.
-    idle: usize,
-    /// The reader waits for room in the queue, or for the workers to end.
-    reader_waiting: bool,
-    /// `run` said the connection is gone: take no more jobs.
-    broken: bool,
-    closed: bool,
+struct State<R> {
+    /// The reader, while no thread reads.
+    reader: Option<R>,
+    /// Followers started and not yet ended.
+    followers: usize,
+    /// Followers waiting for the reader.
+    followers_waiting: usize,
+    /// The connection's own thread waits for the reader.
+    own_waiting: bool,
+    /// Set once: the stream ended (`Ok`) or failed, or a reply could not
+    /// be sent (`Ok`: the client is gone). Nothing is read after it.
+    end: Option<io::Result<()>>,
 }
 
+/// What a read gave.
+pub enum Next<J> {
+    /// A request to run.
+    Job(J),
+    /// The end of the stream.
+    End,
+    /// Nothing came within the idle time the read was given.
+    Idle,
+}
+
+type Read<R, J> = Box<dyn Fn(&mut R, Option<Duration>) -> io::Result<Next<J>> + Send + Sync>;
 type Run<J> = Box<dyn Fn(J) -> bool + Send + Sync>;
 
-/// One connection's jobs between its reader and its workers.
-pub struct Pipeline<J> {
-    state: Mutex<State<J>>,
-    /// Signalled for workers: a job, or the close.
-    work: Condvar,
-    /// Signalled for the reader: room in the queue, or a worker ended.
-    room: Condvar,
+/// One connection's threads and its reader.
+pub struct Pipeline<R, J> {
+    state: Mutex<State<R>>,
+    /// Signalled for the connection's own thread: the reader, the end, or
+    /// a follower that ended.
+    own_turn: Condvar,
+    /// Signalled for followers: the reader, or the end.
+    follower_turn: Condvar,
+    read: Read<R, J>,
     run: Run<J>,
     permits: Arc<WorkerPermits>,
     limits: PipelineLimits,
 }
 
-impl<J: Send + 'static> Pipeline<J> {
-    /// A pipeline whose jobs are run by `run`, which returns false once the
-    /// connection is unusable (its reply could not be sent).
-    pub fn new(
+impl<R: Send + 'static, J: 'static> Pipeline<R, J> {
+    /// Serves a connection on the calling thread and its followers:
+    /// `read` gives the next request, or the end of the stream, or, when it
+    /// is given an idle time, [`Next::Idle`] if nothing came within it (a
+    /// follower asks so, to hand the reader back to the connection's own
+    /// thread of an idle connection); `run` answers a request, returning false once the connection is unusable
+    /// (its reply could not be sent). Returns how the stream ended, and
+    /// the reader.
+    pub fn serve(
+        reader: R,
+        read: impl Fn(&mut R, Option<Duration>) -> io::Result<Next<J>> + Send + Sync + 'static,
         run: impl Fn(J) -> bool + Send + Sync + 'static,
         permits: Arc<WorkerPermits>,
         limits: PipelineLimits,
-    ) -> Arc<Self> {
-        Arc::new(Pipeline {
+    ) -> (io::Result<()>, R) {
+        let pipeline = Arc::new(Pipeline {
             state: Mutex::new(State {
-                queue: VecDeque::new(),
-                workers: 0,
-                idle: 0,
-                reader_waiting: false,
-                broken: false,
-                closed: false,
+                reader: Some(reader),
+                followers: 0,
+                followers_waiting: 0,
+                own_waiting: false,
+                end: None,
             }),
-            work: Condvar::new(),
-            room: Condvar::new(),
+            own_turn: Condvar::new(),
+            follower_turn: Condvar::new(),
+            read: Box::new(read),
             run: Box::new(run),
             permits,
             limits,
-        })
+        });
+        pipeline.take_turns(None);
+        let mut state = pipeline.lock();
+        while state.followers > 0 {
+            state = pipeline.wait_own(state);
+        }
+        let end = state.end.take().unwrap_or(Ok(()));
+        let reader = state
+            .reader
+            .take()
+            .expect("the reader is given back when the stream ends");
+        (end, reader)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State<J>> {
+    fn lock(&self) -> MutexGuard<'_, State<R>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `job` on a worker, started if none is free and the server has
-    /// a permit, or on this thread when the connection has no worker at
-    /// all. Waits while the queue is full. False once the connection is
-    /// unusable: the caller stops reading.
-    pub fn submit(self: &Arc<Self>, job: J) -> bool {
-        let mut state = self.lock();
-        while state.queue.len() >= self.limits.depth && !state.broken {
-            state.reader_waiting = true;
-            state = self.room.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
-        state.reader_waiting = false;
-        if state.broken {
-            return false;
-        }
-        if state.idle > state.queue.len() {
-            state.queue.push_back(job);
-            self.work.notify_one();
-            return true;
-        }
-        if state.workers < self.limits.max_workers {
-            if let Some(permit) = self.permits.try_take() {
-                state.workers += 1;
-                state.queue.push_back(job);
-                drop(state);
-                let this = self.clone();
-                let started = std::thread::Builder::new()
-                    .name("nbd-worker".into())
-                    .spawn(move || this.work(permit));
-                if let Err(e) = started {
-                    tracing::warn!(error = %e, "cannot start an NBD worker thread");
-                    let mut state = self.lock();
-                    state.workers -= 1;
-                    if state.workers == 0 {
-                        // Nobody else will run what is queued: this thread.
-                        let queued: Vec<J> = state.queue.drain(..).collect();
-                        drop(state);
-                        return queued.into_iter().all(|j| self.run_here(j));
+    fn wait_own<'a>(&self, state: MutexGuard<'a, State<R>>) -> MutexGuard<'a, State<R>> {
+        self.own_turn.wait(state).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads and runs requests until the end, or for a follower (`permit`)
+    /// until it has waited too long for the reader.
+    fn take_turns(self: &Arc<Self>, permit: Option<Permit>) {
+        let follower = permit.is_some();
+        let idle = follower.then_some(self.limits.idle_timeout);
+        let mut held = None;
+        loop {
+            let Some(mut reader) = held.take().or_else(|| self.wait_for_reader(follower)) else {
+                break;
+            };
+            match (self.read)(&mut reader, idle) {
+                Ok(Next::Job(job)) => {
+                    self.pass_on(reader);
+                    if !(self.run)(job) {
+                        self.finish(None, Ok(()));
                     }
                 }
-                return true;
+                Ok(Next::Idle) => match self.hand_home(reader) {
+                    Some(reader) => held = Some(reader),
+                    None => break,
+                },
+                Ok(Next::End) => self.finish(Some(reader), Ok(())),
+                Err(e) => self.finish(Some(reader), Err(e)),
             }
         }
-        if state.workers > 0 {
-            // A busy worker takes it next.
-            state.queue.push_back(job);
-            return true;
+        if follower {
+            let mut state = self.lock();
+            state.followers -= 1;
+            self.own_turn.notify_one();
         }
-        drop(state);
-        self.run_here(job)
     }
 
-    fn run_here(&self, job: J) -> bool {
-        if (self.run)(job) {
-            return true;
-        }
-        self.lock().broken = true;
-        false
-    }
-
-    fn work(self: Arc<Self>, _permit: Permit) {
+    /// The reader, once no other thread has it; `None` at the end, or for
+    /// a follower that waited for it longer than the idle timeout.
+    fn wait_for_reader(&self, follower: bool) -> Option<R> {
         let mut state = self.lock();
         loop {
-            if let Some(job) = state.queue.pop_front() {
-                if state.reader_waiting {
-                    self.room.notify_one();
+            if state.end.is_some() {
+                return None;
+            }
+            if let Some(reader) = state.reader.take() {
+                return Some(reader);
+            }
+            if follower {
+                state.followers_waiting += 1;
+                let (next, waited) = self
+                    .follower_turn
+                    .wait_timeout(state, self.limits.idle_timeout)
+                    .unwrap_or_else(|e| e.into_inner());
+                state = next;
+                state.followers_waiting -= 1;
+                if waited.timed_out() && state.reader.is_none() {
+                    return None;
                 }
-                drop(state);
-                let sent = (self.run)(job);
-                state = self.lock();
-                if !sent && !state.broken {
-                    state.broken = true;
-                    self.room.notify_all();
-                }
-                continue;
+            } else {
+                state.own_waiting = true;
+                state = self.wait_own(state);
+                state.own_waiting = false;
             }
-            if state.closed {
-                break;
-            }
-            state.idle += 1;
-            let (next, waited) = self
-                .work
-                .wait_timeout(state, self.limits.idle_timeout)
-                .unwrap_or_else(|e| e.into_inner());
-            state = next;
-            state.idle -= 1;
-            if waited.timed_out() && state.queue.is_empty() {
-                break;
-            }
-        }
-        state.workers -= 1;
-        if state.reader_waiting {
-            self.room.notify_all();
         }
     }
 
-    /// Takes no more jobs; returns when every job submitted has run and
-    /// every worker has ended.
-    pub fn close(&self) {
+    /// Gives the reader to the next thread: the connection's own if it
+    /// waits, a waiting follower, or a new one if the limits allow; else
+    /// it waits for this thread to come back for it.
+    fn pass_on(self: &Arc<Self>, reader: R) {
         let mut state = self.lock();
-        state.closed = true;
-        self.work.notify_all();
-        while state.workers > 0 {
-            state.reader_waiting = true;
-            state = self.room.wait(state).unwrap_or_else(|e| e.into_inner());
+        state.reader = Some(reader);
+        if state.end.is_some() {
+            return;
         }
-        state.reader_waiting = false;
-        // Workers take every queued job before they end; a queue left over
-        // here would be a job never run.
-        debug_assert!(state.queue.is_empty());
+        if state.own_waiting {
+            self.own_turn.notify_one();
+            return;
+        }
+        if state.followers_waiting > 0 {
+            self.follower_turn.notify_one();
+            return;
+        }
+        if state.followers >= self.limits.max_workers {
+            return;
+        }
+        let Some(permit) = self.permits.try_take() else {
+            return;
+        };
+        state.followers += 1;
+        drop(state);
+        let this = self.clone();
+        let started = std::thread::Builder::new()
+            .name("nbd-worker".into())
+            .spawn(move || this.take_turns(Some(permit)));
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "cannot start an NBD worker thread");
+            self.lock().followers -= 1;
+        }
+    }
+
+    /// A follower's reader of a connection idle for a while: given to the
+    /// connection's own thread if that waits for it (`None`: the follower
+    /// ends), else kept, so that the requests are still read while the
+    /// own thread runs one.
+    fn hand_home(&self, reader: R) -> Option<R> {
+        let mut state = self.lock();
+        if !state.own_waiting && state.end.is_none() {
+            return Some(reader);
+        }
+        state.reader = Some(reader);
+        self.own_turn.notify_one();
+        None
+    }
+
+    /// Records the end (the first one counts), gives the reader back if
+    /// this thread had it, and wakes every thread so that they end too.
+    fn finish(&self, reader: Option<R>, end: io::Result<()>) {
+        let mut state = self.lock();
+        if reader.is_some() {
+            state.reader = reader;
+        }
+        if state.end.is_none() {
+            state.end = Some(end);
+        }
+        self.own_turn.notify_all();
+        self.follower_turn.notify_all();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
     use std::sync::atomic::AtomicU64;
     use std::time::Instant;
 
     fn limits(max_workers: usize) -> PipelineLimits {
         PipelineLimits {
             max_workers,
-            depth: 8,
             idle_timeout: Duration::from_millis(100),
         }
     }
 
-    /// Every job runs exactly once, whatever mix of workers and the
-    /// reader's own thread runs them, and close waits for all of them.
+    /// A reader over a list of jobs, then the end.
+    fn jobs<J>(list: impl IntoIterator<Item = J>) -> VecDeque<J> {
+        list.into_iter().collect()
+    }
+
+    fn next<J>(queue: &mut VecDeque<J>, _: Option<Duration>) -> io::Result<Next<J>> {
+        Ok(queue.pop_front().map_or(Next::End, Next::Job))
+    }
+
+    type Feed<J> = std::sync::mpsc::Receiver<Option<J>>;
+
+    /// A reader fed by the test, as a socket is by a client: `None` ends
+    /// the stream; an idle time is honoured like a poll on the socket.
+    fn fed<J>(rx: &mut Feed<J>, idle: Option<Duration>) -> io::Result<Next<J>> {
+        let got = match idle {
+            None => rx.recv().unwrap(),
+            Some(t) => match rx.recv_timeout(t) {
+                Ok(got) => got,
+                Err(_) => return Ok(Next::Idle),
+            },
+        };
+        Ok(got.map_or(Next::End, Next::Job))
+    }
+
+    /// Every job runs exactly once, whatever mix of followers and the
+    /// connection's own thread runs them, and serve returns only after
+    /// all of them.
     #[test]
-    fn every_job_runs_once_and_close_waits_for_them() {
+    fn every_job_runs_once_and_serve_waits_for_them() {
         for (permits, per_connection) in [(0, 4), (1, 4), (8, 4), (8, 1)] {
             let ran: Arc<Vec<AtomicU64>> = Arc::new((0..500).map(|_| AtomicU64::new(0)).collect());
             let r = ran.clone();
-            let pipeline = Pipeline::new(
+            let (end, left) = Pipeline::serve(
+                jobs(0..500usize),
+                next,
                 move |i: usize| {
                     if i % 7 == 0 {
                         std::thread::sleep(Duration::from_micros(200));
@@ -268,95 +355,178 @@ mod tests {
                 WorkerPermits::new(permits),
                 limits(per_connection),
             );
-            for i in 0..500 {
-                assert!(pipeline.submit(i));
-            }
-            pipeline.close();
+            end.unwrap();
+            assert!(left.is_empty());
             for (i, n) in ran.iter().enumerate() {
                 assert_eq!(n.load(Ordering::SeqCst), 1, "job {i} ({permits} permits)");
             }
         }
     }
 
-    /// Workers are capped per connection and over the server, give their
-    /// permits back when idle, and a job blocked in a worker does not stop
-    /// the next one from running on another.
+    /// A read error ends the connection: serve returns it, after the jobs
+    /// read before it have run.
     #[test]
-    fn workers_are_capped_and_end_when_idle() {
+    fn a_read_error_is_returned_after_the_jobs_before_it() {
+        let ran = Arc::new(AtomicU64::new(0));
+        let r = ran.clone();
+        let (end, _) = Pipeline::serve(
+            jobs([Ok(1u64), Ok(2), Err(()), Ok(4)]),
+            |q: &mut VecDeque<Result<u64, ()>>, _| match q.pop_front() {
+                Some(Ok(j)) => Ok(Next::Job(j)),
+                Some(Err(())) => Err(io::Error::other("bad magic")),
+                None => Ok(Next::End),
+            },
+            move |j| {
+                std::thread::sleep(Duration::from_millis(20));
+                r.fetch_add(j, Ordering::SeqCst);
+                true
+            },
+            WorkerPermits::new(4),
+            limits(4),
+        );
+        assert_eq!(end.unwrap_err().to_string(), "bad magic");
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            3,
+            "jobs 1 and 2 ran, 4 was never read"
+        );
+    }
+
+    /// Followers are capped per connection and over the server, give their
+    /// permits back when idle, and a job blocked in one thread does not
+    /// stop the next one from running on another.
+    #[test]
+    fn followers_are_capped_and_end_when_idle() {
         let permits = WorkerPermits::new(3);
         let running = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        // Job 0 blocks until the gate opens; the reader then offers 20
+        // short jobs, and waits (as an idle socket would) until the test
+        // has seen the idle followers end.
+        let (feed, incoming) = std::sync::mpsc::channel::<Option<bool>>();
         let (r, m, g) = (running.clone(), most.clone(), gate.clone());
-        let pipeline = Pipeline::new(
-            move |blocked: bool| {
-                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
-                m.fetch_max(now, Ordering::SeqCst);
-                if blocked {
-                    let (open, cv) = &*g;
-                    let mut open = open.lock().unwrap();
-                    while !*open {
-                        open = cv.wait(open).unwrap();
-                    }
-                } else {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                r.fetch_sub(1, Ordering::SeqCst);
-                true
-            },
-            permits.clone(),
-            limits(2),
-        );
-        // The first job blocks a worker; the next ones still run.
-        assert!(pipeline.submit(true));
+        let server = {
+            let permits = permits.clone();
+            std::thread::spawn(move || {
+                Pipeline::serve(
+                    incoming,
+                    fed,
+                    move |blocked: bool| {
+                        let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                        m.fetch_max(now, Ordering::SeqCst);
+                        if blocked {
+                            let (open, cv) = &*g;
+                            let mut open = open.lock().unwrap();
+                            while !*open {
+                                open = cv.wait(open).unwrap();
+                            }
+                        } else {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        r.fetch_sub(1, Ordering::SeqCst);
+                        true
+                    },
+                    permits,
+                    limits(2),
+                )
+                .0
+                .unwrap()
+            })
+        };
+        feed.send(Some(true)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while running.load(Ordering::SeqCst) == 0 {
             assert!(Instant::now() < deadline);
             std::thread::yield_now();
         }
         for _ in 0..20 {
-            assert!(pipeline.submit(false));
+            feed.send(Some(false)).unwrap();
         }
         while most.load(Ordering::SeqCst) < 2 {
-            assert!(Instant::now() < deadline, "no second worker ran");
+            assert!(Instant::now() < deadline, "no second thread ran a job");
             std::thread::sleep(Duration::from_millis(1));
         }
         assert!(
             permits.used() <= 2,
-            "{} workers for one connection",
+            "{} followers for one connection",
             permits.used()
         );
         *gate.0.lock().unwrap() = true;
         gate.1.notify_all();
-        // Idle workers end and give their permits back.
+        // Idle followers end and give their permits back, while a thread
+        // still waits in `read`.
         while permits.used() > 0 {
             assert!(
                 Instant::now() < deadline + Duration::from_secs(5),
-                "idle workers stayed"
+                "idle followers stayed"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        pipeline.close();
-        assert!(most.load(Ordering::SeqCst) <= 2);
+        feed.send(None).unwrap();
+        server.join().unwrap();
+        assert!(most.load(Ordering::SeqCst) <= 3);
     }
 
-    /// Once `run` reports the connection gone, submit says so and the
-    /// reader stops; close still returns.
+    /// An idle connection ends with its own thread holding the reader: the
+    /// followers that read before it all end.
     #[test]
-    fn a_broken_connection_stops_the_reader() {
-        let pipeline = Pipeline::new(|i: u32| i < 3, WorkerPermits::new(2), limits(2));
-        let mut accepted = 0;
-        for i in 0..1000 {
-            if !pipeline.submit(i) {
-                break;
+    fn an_idle_connection_keeps_only_its_own_thread() {
+        let permits = WorkerPermits::new(8);
+        let (feed, incoming) = std::sync::mpsc::channel::<Option<u32>>();
+        let server = {
+            let permits = permits.clone();
+            std::thread::spawn(move || {
+                Pipeline::serve(
+                    incoming,
+                    fed,
+                    |_| {
+                        std::thread::sleep(Duration::from_millis(2));
+                        true
+                    },
+                    permits,
+                    limits(4),
+                )
+            })
+        };
+        // Bursts of overlapping jobs start followers; between bursts one
+        // thread waits in read: in the end it must be the connection's own.
+        for burst in 0..5 {
+            for j in 0..8 {
+                feed.send(Some(burst * 8 + j)).unwrap();
             }
-            accepted += 1;
-            std::thread::sleep(Duration::from_micros(50));
+            std::thread::sleep(Duration::from_millis(30));
         }
-        assert!(
-            accepted < 1000,
-            "submit never reported the broken connection"
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while permits.used() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "a follower kept the reader of an idle connection"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        feed.send(None).unwrap();
+        server.join().unwrap().0.unwrap();
+    }
+
+    /// Once `run` reports the connection gone, nothing more is read and
+    /// serve returns.
+    #[test]
+    fn a_broken_connection_stops_the_reading() {
+        let read = Arc::new(AtomicU64::new(0));
+        let counted = read.clone();
+        let (end, _) = Pipeline::serve(
+            (),
+            move |_: &mut (), _| {
+                std::thread::sleep(Duration::from_micros(50));
+                Ok(Next::Job(counted.fetch_add(1, Ordering::SeqCst)))
+            },
+            |i: u64| i < 3,
+            WorkerPermits::new(2),
+            limits(2),
         );
-        pipeline.close();
+        end.unwrap();
+        let n = read.load(Ordering::SeqCst);
+        assert!(n < 100, "{n} requests read after the connection broke");
     }
 }

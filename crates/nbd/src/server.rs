@@ -28,6 +28,9 @@ pub trait Conn: Read + Write + Send + 'static {
     fn shutdown_conn(&self, how: Shutdown);
     /// Timeout of every read and write (`None`: wait forever).
     fn set_io_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Whether a read finds bytes now or within `timeout` (or the end of
+    /// the stream, or an error): false when the peer stayed quiet.
+    fn readable_within(&self, timeout: Duration) -> io::Result<bool>;
     /// Ends the session above the socket (TLS's close_notify), before the
     /// socket is closed.
     fn close(&mut self) -> io::Result<()> {
@@ -46,6 +49,9 @@ impl Conn for UnixStream {
         self.set_read_timeout(timeout)?;
         self.set_write_timeout(timeout)
     }
+    fn readable_within(&self, timeout: Duration) -> io::Result<bool> {
+        readable_within(self, timeout)
+    }
 }
 
 impl Conn for TcpStream {
@@ -58,6 +64,27 @@ impl Conn for TcpStream {
     fn set_io_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(timeout)?;
         self.set_write_timeout(timeout)
+    }
+    fn readable_within(&self, timeout: Duration) -> io::Result<bool> {
+        readable_within(self, timeout)
+    }
+}
+
+/// `poll(POLLIN)` on a socket for at most `timeout`; a hang-up or an error
+/// counts as readable (the read that follows reports it).
+fn readable_within(socket: &impl std::os::fd::AsFd, timeout: Duration) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
+        tv_sec: i64::MAX,
+        tv_nsec: 0,
+    });
+    let mut fds = [PollFd::new(socket, PollFlags::IN)];
+    loop {
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

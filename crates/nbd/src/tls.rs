@@ -396,6 +396,24 @@ impl<S: Conn> Conn for TlsStream<S> {
         self.inner.set_io_timeout(timeout)
     }
 
+    /// Records already read from the socket, or plaintext already
+    /// decrypted, are there now, whatever the socket says.
+    fn readable_within(&self, timeout: Duration) -> io::Result<bool> {
+        if self.start < self.end {
+            return Ok(true);
+        }
+        let decrypted = self
+            .shared
+            .session()
+            .process_new_packets()
+            .map_err(tls_error)?
+            .plaintext_bytes_to_read();
+        if decrypted > 0 {
+            return Ok(true);
+        }
+        self.inner.readable_within(timeout)
+    }
+
     fn close(&mut self) -> io::Result<()> {
         let _sending = self
             .shared

@@ -1,8 +1,9 @@
-//! The transmission phase: requests are read in order by the connection's
-//! reader and handed to its workers ([`crate::pipeline`]: started when
-//! requests overlap, capped over the server), which run them on the export
-//! and reply as each finishes — so replies may come out of order, as NBD
-//! allows (the cookie matches them). Replies are written whole under one
+//! The transmission phase: requests are read in order, one at a time, by
+//! whichever of the connection's threads holds its reader
+//! ([`crate::pipeline`]: followers are started when requests overlap,
+//! capped over the server); the thread that read a request runs it on the
+//! export and replies as it finishes — so replies may come out of order,
+//! as NBD allows (the cookie matches them). Replies are written whole under one
 //! lock. A bad request gets an error reply; a broken stream (bad magic, a
 //! write payload over the maximum) ends the connection; either way nothing
 //! acknowledged is lost, because a reply is only sent after the engine call
@@ -18,16 +19,16 @@ use std::time::Duration;
 
 use crate::export::{self, Context, Export, ExportError, ZeroFlags};
 use crate::negotiate::Session;
-use crate::pipeline::{Pipeline, PipelineLimits, WorkerPermits};
+use crate::pipeline::{Next, Pipeline, PipelineLimits, WorkerPermits};
 use crate::protocol::*;
 use crate::Conn;
 
-/// Workers per connection at most: requests in flight at once.
+/// Followers per connection at most: with the connection's own thread,
+/// requests in flight at once.
 const WORKERS: usize = 4;
-/// Requests read ahead of the workers before the reader waits.
-const QUEUE: usize = 64;
-/// A worker without a request for this long ends (and is started again
-/// when requests overlap again).
+/// A follower that waits this long for the reader, or holds it without a
+/// request coming, ends (and is started again when requests overlap
+/// again).
 const WORKER_IDLE: Duration = Duration::from_secs(2);
 /// Zero runs at least this long go out as hole chunks in structured reads.
 const HOLE_UNIT: usize = 64 << 10;
@@ -139,6 +140,37 @@ impl Drop for Lease {
 
 type Writer<S> = Arc<Mutex<BufWriter<S>>>;
 
+/// A connection's incoming side, held by the thread reading a request.
+struct Incoming<S> {
+    reader: BufReader<S>,
+    extended: bool,
+    /// The connection's write-payload budget, then the server's.
+    budgets: (Arc<PayloadBudget>, Arc<PayloadBudget>),
+    /// Requests read, by command (the last slot: unknown ones).
+    counts: [u64; COMMAND_NAMES.len() + 1],
+}
+
+impl<S: Conn> Incoming<S> {
+    /// The next request, the end of the stream, or, with an idle time,
+    /// [`Next::Idle`] when no byte of a request came within it.
+    fn next(&mut self, idle: Option<Duration>) -> io::Result<Next<Job>> {
+        if let Some(idle) = idle {
+            if self.reader.buffer().is_empty() && !self.reader.get_ref().readable_within(idle)? {
+                return Ok(Next::Idle);
+            }
+        }
+        Ok(
+            match read_request(&mut self.reader, self.extended, &self.budgets)? {
+                Some(job) => {
+                    self.counts[(job.request.command as usize).min(COMMAND_NAMES.len())] += 1;
+                    Next::Job(job)
+                }
+                None => Next::End,
+            },
+        )
+    }
+}
+
 /// Serves requests until the client disconnects or the stream breaks,
 /// holding at most `connection_limit` bytes of write payload of its own
 /// and at most what `server` has left.
@@ -149,34 +181,35 @@ pub fn transmit<S: Conn>(
     server: &Arc<PayloadBudget>,
     permits: Arc<WorkerPermits>,
 ) -> io::Result<()> {
-    let budgets = (PayloadBudget::new(connection_limit), server.clone());
     let writer: Writer<S> = Arc::new(Mutex::new(BufWriter::with_capacity(
         256 << 10,
         stream.try_clone_conn()?,
     )));
-    let extended = session.extended;
-    let session = Arc::new(session);
-    let pipeline = {
-        let writer = writer.clone();
-        let limits = PipelineLimits {
-            max_workers: WORKERS,
-            depth: QUEUE,
-            idle_timeout: WORKER_IDLE,
-        };
-        Pipeline::new(move |job| answer(&session, &writer, job), permits, limits)
+    let incoming = Incoming {
+        reader: BufReader::with_capacity(256 << 10, stream),
+        extended: session.extended,
+        budgets: (PayloadBudget::new(connection_limit), server.clone()),
+        counts: [0; COMMAND_NAMES.len() + 1],
     };
-    let mut reader = BufReader::with_capacity(256 << 10, stream);
-    let mut counts = [0u64; COMMAND_NAMES.len() + 1];
-    let result = read_requests(&mut reader, extended, &budgets, |job| {
-        counts[(job.request.command as usize).min(COMMAND_NAMES.len())] += 1;
-        pipeline.submit(job)
-    });
-    pipeline.close();
+    let session = Arc::new(session);
+    let limits = PipelineLimits {
+        max_workers: WORKERS,
+        idle_timeout: WORKER_IDLE,
+    };
+    let answering = writer.clone();
+    let (result, incoming) = Pipeline::serve(
+        incoming,
+        Incoming::next,
+        move |job| answer(&session, &answering, job),
+        permits,
+        limits,
+    );
     // Every reply is out: end the session above the socket (TLS).
     if let Ok(mut w) = writer.lock() {
         let _ = w.flush().and_then(|_| w.get_mut().close());
     }
-    let summary: Vec<String> = counts
+    let summary: Vec<String> = incoming
+        .counts
         .iter()
         .enumerate()
         .filter(|(_, &n)| n > 0)
@@ -186,66 +219,81 @@ pub fn transmit<S: Conn>(
     result
 }
 
+/// Every request of a stream, to its end, each given to `submit` until it
+/// says stop.
+#[cfg(test)]
 fn read_requests(
     reader: &mut impl Read,
     extended: bool,
-    (connection, server): &(Arc<PayloadBudget>, Arc<PayloadBudget>),
+    budgets: &(Arc<PayloadBudget>, Arc<PayloadBudget>),
     mut submit: impl FnMut(Job) -> bool,
 ) -> io::Result<()> {
-    loop {
-        let Some(request) = read_header(reader, extended)? else {
-            return Ok(());
-        };
-        if request.command == CMD_DISC {
-            return Ok(());
-        }
-        let mut payload = Vec::new();
-        let mut leases = None;
-        match payload_length(&request, extended) {
-            None => {}
-            // Past the header nothing can be trusted: skipping that much
-            // would let a client hold a reader for ever.
-            Some(n) if n > u64::from(MAX_PAYLOAD) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{} payload of {n} bytes is over the maximum {MAX_PAYLOAD}",
-                        command_name(request.command)
-                    ),
-                ));
-            }
-            Some(n) if request.command == CMD_WRITE => {
-                // Connection first, then server, always in that order.
-                leases = Some((connection.acquire(n), server.acquire(n)));
-                // Filled as it arrives: a client that stalls halfway holds
-                // only what it sent (the untouched capacity is not memory).
-                payload.reserve_exact(n as usize);
-                let got = Read::by_ref(reader)
-                    .take(n)
-                    .read_to_end(&mut payload)
-                    .map_err(|e| if timed_out(&e) { stalled() } else { e })?;
-                if got as u64 != n {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-            }
-            // A payload no command of ours takes: consumed so that the
-            // stream stays in step, never held; `handle` refuses it.
-            Some(n) => {
-                let got = io::copy(&mut Read::by_ref(reader).take(n), &mut io::sink())
-                    .map_err(|e| if timed_out(&e) { stalled() } else { e })?;
-                if got != n {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-            }
-        }
-        if !submit(Job {
-            request,
-            payload,
-            _leases: leases,
-        }) {
-            return Ok(());
+    while let Some(job) = read_request(reader, extended, budgets)? {
+        if !submit(job) {
+            break;
         }
     }
+    Ok(())
+}
+
+/// The next request with its payload, `None` at the end of the stream
+/// (or at `NBD_CMD_DISC`). A write's payload takes its share of both
+/// budgets, waiting for it.
+fn read_request(
+    reader: &mut impl Read,
+    extended: bool,
+    (connection, server): &(Arc<PayloadBudget>, Arc<PayloadBudget>),
+) -> io::Result<Option<Job>> {
+    let Some(request) = read_header(reader, extended)? else {
+        return Ok(None);
+    };
+    if request.command == CMD_DISC {
+        return Ok(None);
+    }
+    let mut payload = Vec::new();
+    let mut leases = None;
+    match payload_length(&request, extended) {
+        None => {}
+        // Past the header nothing can be trusted: skipping that much
+        // would let a client hold a reader for ever.
+        Some(n) if n > u64::from(MAX_PAYLOAD) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} payload of {n} bytes is over the maximum {MAX_PAYLOAD}",
+                    command_name(request.command)
+                ),
+            ));
+        }
+        Some(n) if request.command == CMD_WRITE => {
+            // Connection first, then server, always in that order.
+            leases = Some((connection.acquire(n), server.acquire(n)));
+            // Filled as it arrives: a client that stalls halfway holds
+            // only what it sent (the untouched capacity is not memory).
+            payload.reserve_exact(n as usize);
+            let got = Read::by_ref(reader)
+                .take(n)
+                .read_to_end(&mut payload)
+                .map_err(|e| if timed_out(&e) { stalled() } else { e })?;
+            if got as u64 != n {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        // A payload no command of ours takes: consumed so that the
+        // stream stays in step, never held; `handle` refuses it.
+        Some(n) => {
+            let got = io::copy(&mut Read::by_ref(reader).take(n), &mut io::sink())
+                .map_err(|e| if timed_out(&e) { stalled() } else { e })?;
+            if got != n {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+    Ok(Some(Job {
+        request,
+        payload,
+        _leases: leases,
+    }))
 }
 
 /// The next request header, `None` at the end of the stream. The magic is
