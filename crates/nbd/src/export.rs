@@ -82,6 +82,8 @@ pub trait Export: Send + Sync {
     fn fast_zero(&self) -> bool {
         false
     }
+    /// Fills all of `buf` (zeroes included: it holds an earlier read's
+    /// bytes, which must never reach a client), or fails.
     fn read(&self, buf: &mut [u8], offset: u64) -> ExportResult<()>;
     fn write(&self, data: &[u8], offset: u64) -> ExportResult<()>;
     fn flush(&self) -> ExportResult<()>;

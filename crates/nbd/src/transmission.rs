@@ -13,7 +13,7 @@
 //! requests with simple or structured replies, or extended headers (32-byte
 //! requests and reply chunks with 64-bit lengths) — see [`Framing`].
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -228,7 +228,9 @@ fn read_requests(
     budgets: &(Arc<PayloadBudget>, Arc<PayloadBudget>),
     mut submit: impl FnMut(Job) -> bool,
 ) -> io::Result<()> {
-    while let Some(job) = read_request(reader, extended, budgets)? {
+    // A small buffer: payloads come partly from it, partly from the stream.
+    let mut reader = BufReader::with_capacity(7, reader);
+    while let Some(job) = read_request(&mut reader, extended, budgets)? {
         if !submit(job) {
             break;
         }
@@ -239,8 +241,8 @@ fn read_requests(
 /// The next request with its payload, `None` at the end of the stream
 /// (or at `NBD_CMD_DISC`). A write's payload takes its share of both
 /// budgets, waiting for it.
-fn read_request(
-    reader: &mut impl Read,
+fn read_request<R: Read>(
+    reader: &mut BufReader<R>,
     extended: bool,
     (connection, server): &(Arc<PayloadBudget>, Arc<PayloadBudget>),
 ) -> io::Result<Option<Job>> {
@@ -271,11 +273,19 @@ fn read_request(
             // Filled as it arrives: a client that stalls halfway holds
             // only what it sent (the untouched capacity is not memory).
             payload.reserve_exact(n as usize);
-            let got = Read::by_ref(reader)
-                .take(n)
+            // What the reader has buffered, then the rest straight from
+            // the stream: through the buffer, a large payload would be
+            // copied twice.
+            let buffered = reader.buffer();
+            let first = buffered.len().min(n as usize);
+            payload.extend_from_slice(&buffered[..first]);
+            reader.consume(first);
+            let rest = n - first as u64;
+            let got = Read::by_ref(reader.get_mut())
+                .take(rest)
                 .read_to_end(&mut payload)
                 .map_err(|e| if timed_out(&e) { stalled() } else { e })?;
-            if got as u64 != n {
+            if got as u64 != rest {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
@@ -415,7 +425,7 @@ enum Reply {
     Done,
     Read {
         offset: u64,
-        data: Vec<u8>,
+        data: ReadBuffer,
         fragment: bool,
     },
     /// Per selected context: its id and its `(length, flags)` descriptors.
@@ -424,6 +434,60 @@ enum Reply {
         errno: u32,
         message: String,
     },
+}
+
+/// Most read buffers kept for later reads, over the process, and the
+/// largest one kept: at most 64 MiB held while no read needs them.
+const KEPT_READ_BUFFERS: usize = 32;
+const KEPT_READ_BUFFER_BYTES: usize = 2 << 20;
+
+/// Read buffers given back, for the next reads.
+static READ_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// The buffer of one read reply: taken from the kept ones, so that a read
+/// does not pay to zero (or map) a fresh buffer; given back when dropped.
+/// A read fills all of it before it is sent, so nothing of an earlier read
+/// can leave in a reply.
+struct ReadBuffer {
+    /// Its length is the largest read it served; the reply is `..len`.
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+impl ReadBuffer {
+    fn new(len: usize) -> ReadBuffer {
+        let kept = READ_BUFFERS.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut bytes = kept.unwrap_or_default();
+        if bytes.len() < len {
+            bytes.resize(len, 0);
+        }
+        ReadBuffer { bytes, len }
+    }
+}
+
+impl std::ops::Deref for ReadBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for ReadBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[..self.len]
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        if self.bytes.len() > KEPT_READ_BUFFER_BYTES {
+            return;
+        }
+        let mut kept = READ_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < KEPT_READ_BUFFERS {
+            kept.push(std::mem::take(&mut self.bytes));
+        }
+    }
 }
 
 fn error(errno: u32, message: impl Into<String>) -> Reply {
@@ -509,7 +573,7 @@ fn handle(session: &Session, job: Job) -> Reply {
                     "read over the maximum size",
                 );
             }
-            let mut data = vec![0u8; r.length as usize];
+            let mut data = ReadBuffer::new(r.length as usize);
             match export.read(&mut data, r.offset) {
                 Ok(()) => Reply::Read {
                     offset: r.offset,
@@ -943,7 +1007,8 @@ mod tests {
 
         // A read of data, a hole and data: every header names the request's
         // offset, each payload its own piece's.
-        let mut data = vec![0u8; 3 * HOLE_UNIT];
+        let mut data = ReadBuffer::new(3 * HOLE_UNIT);
+        data.fill(0);
         data[0] = 1;
         data[2 * HOLE_UNIT] = 2;
         let chunks = encode(Reply::Read {
