@@ -27,7 +27,7 @@ use crate::events::{Event, EventQueue};
 use crate::image::Image;
 use crate::snapshot::{CowSettings, DeviceSnapshot};
 use crate::sync::{Mutex, MutexGuard};
-use crate::tracked::TrackedDevice;
+use crate::tracked::{ClosedDoors, TrackedDevice};
 use crate::volume::{check_device_name, image_device, image_name, Volume};
 use crate::{SectorRange, SECTOR_SIZE};
 
@@ -566,6 +566,7 @@ impl Engine {
                 ))
             })
             .collect();
+        let doors = ClosedDoors::close(snapshot.devices.iter().map(|d| &**d));
         let mut held: Vec<_> = snapshot.devices.iter().map(|d| d.hold_writes()).collect();
         let mut resets = Vec::new();
         for ((gate, device), taken) in held
@@ -597,6 +598,7 @@ impl Engine {
             **gate = Some(taken.clone());
         }
         drop(held);
+        drop(doors);
         for event in resets {
             snapshot.events.push(event);
         }
@@ -626,10 +628,12 @@ impl Engine {
             taken.mark_destroyed();
         }
         snapshot.storage.close();
+        let doors = ClosedDoors::close(snapshot.devices.iter().map(|d| &**d));
         let held: Vec<_> = snapshot.devices.iter().map(|d| d.hold_writes()).collect();
         for mut gate in held {
             *gate = None;
         }
+        drop(doors);
         snapshot.events.close();
         tracing::info!(snapshot = %id, "snapshot destroyed");
         Ok(())

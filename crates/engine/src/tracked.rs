@@ -7,6 +7,12 @@
 //! every write-type request holds it shared from the copy-before-write to the
 //! end of the origin write; a snapshot take or destroy holds it exclusively,
 //! which holds new writes and drains in-flight ones. Reads do not take it.
+//! In front of the gate, a door ([`Door`]): a take or destroy of several
+//! devices closes every door first, so that, while it takes the gates one
+//! after another, it waits only for the writes that were in flight when it
+//! began, not for new ones coming on the devices whose gate it has not
+//! taken yet (their writers would wait that much longer). The door is only
+//! for latency; the gate alone makes the take atomic.
 //! Frontends call the data methods; the engine calls the gate methods.
 
 use std::path::{Path, PathBuf};
@@ -17,7 +23,70 @@ use crate::device::{BlockDevice, Extent, Zeroing};
 use crate::error::{Error, Result};
 use crate::snapshot::DeviceSnapshot;
 use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{RwLock, RwLockWriteGuard};
+use crate::sync::{Condvar, Mutex, RwLock, RwLockWriteGuard};
+
+/// Where new writes wait while a take or destroy holds several devices:
+/// one atomic load on the write path while open.
+#[derive(Debug, Default)]
+pub(crate) struct Door {
+    closed: AtomicBool,
+    /// Closes counted, so that overlapping holders (a take and a detach)
+    /// each open only their own.
+    closes: Mutex<usize>,
+    opened: Condvar,
+}
+
+impl Door {
+    /// Waits while the door is closed.
+    fn pass(&self) {
+        if !self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut closes = self.closes.lock().unwrap();
+        while *closes > 0 {
+            closes = self.opened.wait(closes).unwrap();
+        }
+    }
+
+    fn close(&self) {
+        let mut closes = self.closes.lock().unwrap();
+        *closes += 1;
+        self.closed.store(true, Ordering::Release);
+    }
+
+    fn open(&self) {
+        let mut closes = self.closes.lock().unwrap();
+        *closes -= 1;
+        if *closes == 0 {
+            self.closed.store(false, Ordering::Release);
+            self.opened.notify_all();
+        }
+    }
+}
+
+/// The doors of some devices, closed; opened again when dropped (after
+/// the gates taken behind them are let go: drop this last).
+pub(crate) struct ClosedDoors<'a> {
+    devices: Vec<&'a TrackedDevice>,
+}
+
+impl<'a> ClosedDoors<'a> {
+    pub(crate) fn close(devices: impl IntoIterator<Item = &'a TrackedDevice>) -> Self {
+        let devices: Vec<_> = devices.into_iter().collect();
+        for d in &devices {
+            d.door.close();
+        }
+        ClosedDoors { devices }
+    }
+}
+
+impl Drop for ClosedDoors<'_> {
+    fn drop(&mut self) {
+        for d in &self.devices {
+            d.door.open();
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct TrackedDevice {
@@ -26,6 +95,7 @@ pub struct TrackedDevice {
     origin: Arc<dyn BlockDevice>,
     cbt: ChangeTracker,
     gate: RwLock<Option<Arc<DeviceSnapshot>>>,
+    door: Door,
     /// Set by detach: handles still held by frontends fail from then on,
     /// so nothing writes to an origin that is no longer tracked (writes
     /// check it under the gate, which detach then drains).
@@ -47,6 +117,7 @@ impl TrackedDevice {
             origin,
             cbt,
             gate: RwLock::new(None),
+            door: Door::default(),
             detached: AtomicBool::new(false),
         }
     }
@@ -167,6 +238,7 @@ impl TrackedDevice {
         what: &str,
         op: impl FnOnce() -> std::io::Result<()>,
     ) -> Result<()> {
+        self.door.pass();
         let snapshot = self.gate.read().unwrap();
         // Under the gate: a detach that returned has drained every write
         // that passed this check.
