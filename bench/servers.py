@@ -13,7 +13,9 @@
   that copies into a fresh qcow2 target; a ``snapshot-access`` node over each
   filter is exported read-only as the snapshot image.
 - ``Ours``: ``blksnapd`` with its NBD server; snapshots through the control
-  socket (JSON lines), images exported as ``snapshot/<name>``.
+  socket (JSON lines), images exported as ``snapshot/<name>``. With
+  ``fuse_dir``, also its FUSE + loop frontend (``--fuse-dir``), for the
+  local phase.
 
 Every server runs from the benchmark's work directory and is stopped by the
 process id it was started with.
@@ -333,10 +335,11 @@ class Ours(Server):
     label = "blksnapd"
     snapshots = True
 
-    def __init__(self, work, bindir, config=None):
+    def __init__(self, work, bindir, config=None, fuse_dir=None):
         self.work = work
         self.bindir = bindir
         self.config = config
+        self.fuse_dir = fuse_dir
         self.proc = None
         self.snapshot = None
 
@@ -355,6 +358,8 @@ class Ours(Server):
                 "--nbd-socket", self.sock, "--state-dir", state]
         if self.config:
             args += ["--config", self.config]
+        if self.fuse_dir:
+            args += ["--fuse-dir", self.fuse_dir]
         self.log = open(os.path.join(self.work, "blksnapd.log"), "a")
         env = dict(os.environ, BLKSNAP_LOG="warn")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -364,9 +369,13 @@ class Ours(Server):
         for img in images:
             self.add(img)
 
-    def add(self, img):
+    def add(self, img, loop=False):
+        """Attaches one more image; returns its loop device (with `loop`)."""
         self.images.append(img)
-        self.names.append(self.ctl.cmd("attach", device=os.path.abspath(img))["name"])
+        extra = {"loop": True} if loop else {}
+        r = self.ctl.cmd("attach", device=os.path.abspath(img), **extra)
+        self.names.append(r["name"])
+        return r.get("loop")
 
     def stop(self):
         if self.proc is not None:
