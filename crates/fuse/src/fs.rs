@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use blksnap_engine::volume::{image_device, image_name};
 use blksnap_engine::{Engine, Volume};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
     ReplyOpen, ReplyWrite, Request, WriteFlags,
 };
@@ -135,6 +135,13 @@ impl Filesystem for VolumeFs {
         // Large requests: up to 1 MiB per read or write.
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // A loop device with direct I/O submits its requests as async
+        // kiocbs from one worker thread. Without FUSE_ASYNC_DIO the kernel
+        // serves each of them synchronously, so the loop device keeps one
+        // request in flight whatever its queue depth.
+        if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
+            tracing::warn!("kernel without FUSE_ASYNC_DIO: direct I/O one request at a time");
+        }
         Ok(())
     }
 
