@@ -30,6 +30,12 @@ const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
+thread_local! {
+    /// The read buffer of a FUSE worker thread, as large as its largest
+    /// read so far (at most `max_write`, 1 MiB).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 pub struct VolumeFs {
     engine: Arc<Engine>,
     inodes: Mutex<Inodes>,
@@ -216,15 +222,22 @@ impl Filesystem for VolumeFs {
             return reply.error(Errno::EBADF);
         };
         // Reads past the end are short, as on a file.
-        let len = (size as u64).min(volume.size().saturating_sub(offset));
-        let mut buf = vec![0u8; len as usize];
-        match volume.read(&mut buf, offset) {
-            Ok(()) => reply.data(&buf),
-            Err(e) => {
-                tracing::debug!(volume = %volume.name(), error = %e, "FUSE read failed");
-                reply.error(errno(&e))
+        let len = (size as u64).min(volume.size().saturating_sub(offset)) as usize;
+        READ_BUF.with_borrow_mut(|buf| {
+            // One buffer per FUSE thread, zeroed once when it grows: no
+            // allocation and no memset of up to 1 MiB per read.
+            if buf.len() < len {
+                buf.resize(len, 0);
             }
-        }
+            let buf = &mut buf[..len];
+            match volume.read(buf, offset) {
+                Ok(()) => reply.data(buf),
+                Err(e) => {
+                    tracing::debug!(volume = %volume.name(), error = %e, "FUSE read failed");
+                    reply.error(errno(&e))
+                }
+            }
+        })
     }
 
     fn write(
