@@ -1,8 +1,9 @@
 //! Local block devices end to end (issue 5): `blksnapd --fuse-dir` with loop
 //! devices, real filesystems (ext4, xfs) on tracked devices and on snapshot
 //! images, every kind of difference storage, storage overflow, change
-//! tracking with `markdirtyblock --file`, concurrent I/O and a destroy under
-//! load, and the clean stop.
+//! tracking with `markdirtyblock --file`, concurrent I/O (direct writes
+//! queued on a loop device all at once; writers on the origin and the image)
+//! and a destroy under load, and the clean stop.
 //!
 //! Needs root, /dev/fuse, /dev/loop-control and the tools in [`TOOLS`].
 //! Without them each test prints a loud `SKIPPED: <test>: <reason>` line and
@@ -1602,6 +1603,97 @@ fn concurrent_origin_and_image_io_and_destroy() {
 
 // ---------------------------------------------------------------------------
 // 6. The daemon does not stop under a mounted filesystem.
+
+/// Direct writes queued on the loop device all at once (the FUSE files do
+/// asynchronous direct I/O, so the loop device has many requests in flight
+/// in the daemon): every one reaches the engine. The change map marks
+/// exactly their tracking blocks, a snapshot taken after them holds them,
+/// and overwrites queued while it is held are copied first (the image still
+/// holds the data of the take).
+#[test]
+fn queued_loop_writes_reach_the_engine() {
+    const TEST: &str = "queued_loop_writes_reach_the_engine";
+    let Some(env) = Env::start_if_ready(TEST, &[], None) else {
+        return;
+    };
+    const BLOCK: u64 = 64 << 10;
+    let [a, b, c] = [0x1A, 0x1B, 0x1C].map(|tag| Pattern::RandomFill.bytes(tag, 16 * MIB));
+    let origin_file = env.work.join("origin.img");
+    std::fs::write(&origin_file, &a).unwrap();
+    let [pat_b, pat_c] = [("B", &b), ("C", &c)].map(|(name, data)| {
+        let path = env.work.join(format!("pattern-{name}"));
+        std::fs::write(&path, data).unwrap();
+        path
+    });
+    let (dev, dev_loop) = env.attach_loop(&origin_file);
+    let storage = env.dir("storage");
+    let changes = || {
+        parse_json(&env.ok(&["cbtinfo", "--device", &dev, "--json"]))["changes_number"]
+            .as_u64()
+            .unwrap()
+    };
+    // A take moves the change number on: blocks written after it are the
+    // ones changed since.
+    let first = env.snapshot(&dev, &storage);
+    let since = changes();
+    env.ok(&["snapshot_destroy", "--id", &first]);
+
+    // 48 tracking blocks, every third one, written by as many writers at
+    // once.
+    let blocks: Vec<u64> = (0..48).map(|i| i * 3 + 1).collect();
+    let loop_path = dev_loop.as_str();
+    let write_all = |pattern: &Path| {
+        std::thread::scope(|scope| {
+            for &block in &blocks {
+                scope.spawn(move || {
+                    let out = dd_block(pattern, loop_path, BLOCK, block);
+                    assert!(out.status.success(), "dd of block {block}: {out:?}");
+                });
+            }
+        })
+    };
+    write_all(&pat_b);
+    let mut expected = a.clone();
+    for &block in &blocks {
+        let r = (block * BLOCK) as usize..((block + 1) * BLOCK) as usize;
+        expected[r.clone()].copy_from_slice(&b[r]);
+    }
+    let got = read_device(&dev_loop, &env.work.join("origin-read"));
+    assert!(got == expected, "the origin does not read as written");
+
+    let second = env.snapshot(&dev, &storage);
+    let map_path = env.work.join("after.map");
+    env.ok(&["readcbtmap", "--device", &dev, "--file", s(&map_path)]);
+    let changed: BTreeSet<u64> = changed_since(&std::fs::read(&map_path).unwrap(), since)
+        .into_iter()
+        .map(|i| i as u64)
+        .collect();
+    assert_eq!(
+        changed,
+        blocks.iter().copied().collect::<BTreeSet<u64>>(),
+        "blocks changed since take {since}: exactly those written"
+    );
+    let image = env.image_of(&dev);
+    let taken = read_device(&image, &env.work.join("image-read-1"));
+    assert!(
+        taken == expected,
+        "the image does not hold the writes before the take"
+    );
+
+    // Overwrites of the same blocks, all at once, while the snapshot is
+    // held: each chunk is copied before it is overwritten.
+    write_all(&pat_c);
+    let mut now = expected.clone();
+    for &block in &blocks {
+        let r = (block * BLOCK) as usize..((block + 1) * BLOCK) as usize;
+        now[r.clone()].copy_from_slice(&c[r]);
+    }
+    let got = read_device(&dev_loop, &env.work.join("origin-read-2"));
+    assert!(got == now, "the origin does not read as overwritten");
+    let image_now = read_device(&image, &env.work.join("image-read-2"));
+    assert!(image_now == expected, "the image changed with the origin");
+    env.ok(&["snapshot_destroy", "--id", &second]);
+}
 
 #[test]
 fn clean_stop_waits_for_unmount() {
