@@ -4,8 +4,9 @@
 //! fallocate punch-hole and zero-range become discard and write-zeroes.
 //! Files are opened in direct-I/O mode so the page cache never holds stale
 //! data (the same volumes are served over NBD) and loop devices can use
-//! direct I/O on them. Inode numbers are handed out per name and stay
-//! stable while the daemon runs.
+//! direct I/O on them; that direct I/O is asynchronous (`FUSE_ASYNC_DIO`),
+//! so a loop device's queued requests reach the daemon together. Inode
+//! numbers are handed out per name and stay stable while the daemon runs.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
