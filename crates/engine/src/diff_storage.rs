@@ -5,11 +5,20 @@
 //! filled in order; a chunk is always stored inside one extent, so the tail of
 //! an extent too short for the next chunk is left unused. Extents come from:
 //! a regular file that grows by `diff_storage_minimum` steps (fallocate)
-//! whenever free space falls to half a step, up to the snapshot's limit; an
-//! unnamed O_TMPFILE in a directory (grows the same way, vanishes with the
-//! storage); a whole block device (fixed); and sector ranges appended at any
-//! time, also after the take. When growth is needed and impossible, a
+//! whenever free space falls below half a step, up to the snapshot's limit;
+//! an unnamed O_TMPFILE in a directory (grows the same way, vanishes with
+//! the storage); a whole block device (fixed); and sector ranges appended at
+//! any time, also after the take. When growth is needed and impossible, a
 //! `no_space` event asks for more (once until storage is appended).
+//!
+//! Growth runs ahead of need, off the write path: the allocation that takes
+//! free space below the low-water mark (half a step) starts one growth
+//! thread, which fallocates the step in pieces of at most [`GROW_PIECE`]
+//! without the allocator lock and publishes each piece under it (the pieces
+//! of one step extend one extent). An allocation waits only when there is no
+//! free slot at all, and then for the growth in flight (at most one per
+//! storage), not for a fallocate of its own under the lock. The thread holds
+//! the storage, so the storage (and its file) goes after the last growth.
 //!
 //! Not durable on purpose: a non-persistent snapshot does not survive a crash,
 //! so nothing here is fsynced. Called by the copy-on-write path
@@ -28,7 +37,7 @@ use rustix::fs::{FallocateFlags, Mode, OFlags};
 use crate::device::{media, BlockDevice, DeviceIdentity, FileDevice};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventQueue};
-use crate::sync::{wait_until, Condvar, Mutex, RwLock};
+use crate::sync::{thread, wait_until, Condvar, Mutex, RwLock};
 use crate::{SectorRange, SECTOR_SIZE};
 
 /// Where a snapshot's difference storage starts out.
@@ -51,6 +60,10 @@ const MAX_EXTENTS: usize = 1 << 20;
 /// bits (2 PiB).
 const MAX_EXTENT_SECTORS: u64 = 1 << SLOT_SECTOR_BITS;
 const SLOT_SECTOR_BITS: u32 = 42;
+/// Most bytes one fallocate call of a growth asks for: a step of 1 GiB is
+/// grown in pieces, each published at once, so that an allocation that
+/// finds the storage truly full waits for one piece, not for the whole step.
+const GROW_PIECE: u64 = 128 << 20;
 
 /// Where one chunk lives: an extent and a sector offset inside it. Both are
 /// range-checked when made ([`StorageSlot::new`]), so the packed form
@@ -122,6 +135,21 @@ struct Allocator {
     /// A wait for more storage ran out: later allocations fail at once
     /// until storage is added.
     starved: bool,
+    /// A growth thread is running (at most one per storage).
+    growth_running: bool,
+    /// The last growth thread, joined by [`DiffStorage::close`].
+    growth_thread: Option<thread::JoinHandle<()>>,
+    /// Bytes the growth in flight may still add; they count against the
+    /// limit already.
+    growing: u64,
+    /// Growths that ended having added nothing (the filesystem is full, or
+    /// fallocate failed): an allocation that saw one fail while it waited
+    /// reports no space instead of starting another at once.
+    growth_failures: u64,
+    /// Growths started, and allocations that found no free slot and had to
+    /// wait for one (the unit tests tell growth ahead of need by them).
+    growths: u64,
+    growth_waits: u64,
 }
 
 /// A file the storage grows by fallocate.
@@ -363,30 +391,45 @@ impl DiffStorage {
         Ok(())
     }
 
-    /// Hands out `len` bytes (rounded up to a sector) inside one extent,
-    /// growing the storage first when it must and can. When there is no
-    /// room, it queues `no_space` and waits up to `wait` for storage to be
-    /// appended; after a wait that ran out, later calls fail at once until
-    /// storage is added.
-    pub fn allocate(&self, len: u64, wait: Option<Duration>) -> Result<StorageSlot> {
+    /// Hands out `len` bytes (rounded up to a sector) inside one extent.
+    /// When that takes free space below half a step, growth starts in the
+    /// background. When there is no room, it waits for the growth in flight
+    /// (starting one if none is); when the storage cannot grow, it queues
+    /// `no_space` and waits up to `wait` for storage to be appended; after a
+    /// wait that ran out, later calls fail at once until storage is added.
+    pub fn allocate(self: &Arc<Self>, len: u64, wait: Option<Duration>) -> Result<StorageSlot> {
         let len = len.next_multiple_of(SECTOR_SIZE);
         // No wait at all for zero; an unbounded one for a wait too long to
         // add to the clock.
         let waits = wait.is_some_and(|w| !w.is_zero());
         let deadline = wait.and_then(|w| Instant::now().checked_add(w));
         let mut alloc = self.alloc.lock().unwrap();
+        // A growth that fails while this call waits is not retried by it:
+        // the filesystem is full, so report instead of looping.
+        let failures = alloc.growth_failures;
+        let mut waited = false;
         loop {
             self.check_open()?;
             if let Some(slot) = self.take_free(&mut alloc, len) {
                 return Ok(slot);
             }
             if let Some(slot) = self.take_from_extents(&mut alloc, len) {
-                if alloc.total - alloc.used < self.step / 2 {
+                if !alloc.growth_running && alloc.total - alloc.used < self.step / 2 {
                     self.grow_or_report(&mut alloc, len);
                 }
                 return Ok(slot);
             }
-            if self.grow_or_report(&mut alloc, len) {
+            // Truly full: wait for the growth in flight, as the fallocate
+            // under the lock used to take (not bounded by `wait`, which is
+            // for storage that must come from outside).
+            if alloc.growth_running
+                || (alloc.growth_failures == failures && self.grow_or_report(&mut alloc, len))
+            {
+                if !waited {
+                    waited = true;
+                    alloc.growth_waits += 1;
+                }
+                alloc = self.space.wait(alloc).unwrap();
                 continue;
             }
             if alloc.starved || !waits {
@@ -397,6 +440,15 @@ impl DiffStorage {
             if expired {
                 alloc.starved = true;
             }
+        }
+    }
+
+    /// Waits until no growth is in flight (tests and benchmarks compare the
+    /// storage with what it holds once growth has settled).
+    pub fn wait_growth(&self) {
+        let mut alloc = self.alloc.lock().unwrap();
+        while alloc.growth_running {
+            alloc = self.space.wait(alloc).unwrap();
         }
     }
 
@@ -448,7 +500,7 @@ impl DiffStorage {
     }
 
     /// Whether a chunk of `len` bytes can still be stored: there is room for
-    /// it, or the storage can grow by it.
+    /// it, or the storage is growing or can grow by it.
     pub fn can_hold(&self, len: u64) -> bool {
         let len = len.next_multiple_of(SECTOR_SIZE);
         let alloc = self.alloc.lock().unwrap();
@@ -469,82 +521,193 @@ impl DiffStorage {
             .skip(alloc.extent)
             .any(|(i, e)| room_in(i, e) >= len);
         let may_grow = self.growable.is_some()
-            && extents.len() < self.max_extents
-            && self
-                .limit
-                .is_none_or(|l| l.saturating_sub(alloc.total) >= len);
+            && (alloc.growth_running && alloc.growing >= len
+                || extents.len() < self.max_extents
+                    && self
+                        .limit
+                        .is_none_or(|l| l.saturating_sub(alloc.total + alloc.growing) >= len));
         fits || may_grow
     }
 
-    /// Grows the file by one step (less at the limit, or what the
-    /// filesystem has left, down to `need` bytes); when it cannot, queues
-    /// `no_space` once. True when the storage grew.
-    fn grow_or_report(&self, alloc: &mut Allocator, need: u64) -> bool {
-        match self.grow(alloc, need) {
-            Ok(true) => return true,
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(storage = %self.label, error = %e, "difference storage cannot grow")
+    /// Starts growing the file by one step (less at the limit) on a growth
+    /// thread; when it cannot (not growable, at the limit or the extent
+    /// cap), queues `no_space` once. True when a growth was started. Called
+    /// with no growth in flight.
+    fn grow_or_report(self: &Arc<Self>, alloc: &mut Allocator, need: u64) -> bool {
+        debug_assert!(!alloc.growth_running);
+        if let Some(want) = self.growth_step(alloc, need) {
+            alloc.growth_running = true;
+            alloc.growing = want;
+            alloc.growths += 1;
+            let storage = self.clone();
+            let spawned = thread::Builder::new()
+                .name("blksnap-grow".into())
+                .spawn(move || storage.grow(want, need));
+            match spawned {
+                Ok(handle) => {
+                    alloc.growth_thread = Some(handle);
+                    return true;
+                }
+                Err(e) => {
+                    alloc.growth_running = false;
+                    alloc.growing = 0;
+                    tracing::warn!(storage = %self.label, error = %e, "difference storage cannot grow: no growth thread");
+                }
             }
         }
+        self.report_no_space(alloc);
+        false
+    }
+
+    /// Queues `no_space` for a step, once until storage is added.
+    fn report_no_space(&self, alloc: &mut Allocator) {
         if !alloc.no_space_reported {
             alloc.no_space_reported = true;
             self.events.push(Event::NoSpace {
                 requested_sectors: self.step / SECTOR_SIZE,
             });
         }
-        false
     }
 
-    fn grow(&self, alloc: &mut Allocator, need: u64) -> Result<bool> {
-        let Some(growable) = &self.growable else {
-            return Ok(false);
-        };
+    /// How much the next growth asks for: a step, less at the limit; `None`
+    /// when that would not hold `need` bytes or the storage cannot grow.
+    fn growth_step(&self, alloc: &Allocator, need: u64) -> Option<u64> {
+        self.growable.as_ref()?;
         if self.extents.read().unwrap().len() >= self.max_extents {
-            return Ok(false);
+            return None;
         }
         let room = self
             .limit
-            .map_or(u64::MAX, |l| l.saturating_sub(alloc.total));
+            .map_or(u64::MAX, |l| l.saturating_sub(alloc.total + alloc.growing));
         let want = self.step.min(room) / SECTOR_SIZE * SECTOR_SIZE;
-        if want == 0 || want < need {
-            return Ok(false);
-        }
-        let mut len = growable.len.lock().unwrap();
-        // A full filesystem may still hold less than a step: halve down to
-        // what the copy needs before giving up.
-        let mut by = want;
+        (want > 0 && want >= need).then_some(want)
+    }
+
+    /// The growth thread: grows by `want` bytes (see [`Self::grow_step`]),
+    /// then by more steps while free space is still below half a step
+    /// (allocations went on meanwhile), and wakes the allocations waiting,
+    /// also when nothing was added (they report no space then) or the
+    /// storage closed.
+    fn grow(self: Arc<Self>, mut want: u64, need: u64) {
         loop {
+            let (grown, failure, closed) = self.grow_step(want, need);
+            let mut alloc = self.alloc.lock().unwrap();
+            alloc.growing = 0;
+            if grown == 0 {
+                alloc.growth_failures += 1;
+            }
+            let mut again = None;
+            if !closed {
+                if let Some(e) = failure.filter(|_| grown == 0) {
+                    tracing::warn!(storage = %self.label, error = %e, "difference storage cannot grow");
+                    self.report_no_space(&mut alloc);
+                } else if grown < want {
+                    // The filesystem is nearly full: ask for storage elsewhere now.
+                    tracing::warn!(storage = %self.label, grew = grown, wanted = want, "difference storage filesystem is full: grew by less than a step");
+                    self.events.push(Event::NoSpace {
+                        requested_sectors: (want - grown) / SECTOR_SIZE,
+                    });
+                } else if alloc.total - alloc.used < self.step / 2 {
+                    // What the allocation that took free space below the
+                    // mark while this growth ran would have started.
+                    again = self.growth_step(&alloc, need);
+                    if again.is_none() {
+                        self.report_no_space(&mut alloc);
+                    }
+                }
+            }
+            self.space.notify_all();
+            match again {
+                Some(next) => {
+                    alloc.growing = next;
+                    alloc.growths += 1;
+                    want = next;
+                }
+                None => {
+                    alloc.growth_running = false;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Fallocates `want` bytes at the end of the file in pieces, without
+    /// the allocator lock, and publishes each piece under it, waking the
+    /// allocations that wait. A full filesystem may still hold less: a piece
+    /// is halved down to `need` bytes before giving up. Nothing is published
+    /// into a closed storage (the space goes back to the filesystem when the
+    /// storage is dropped). Returns the bytes added, the error that stopped
+    /// it early, and whether the storage was closed.
+    fn grow_step(&self, want: u64, need: u64) -> (u64, Option<Error>, bool) {
+        let growable = self.growable.as_ref().expect("only growable storage grows");
+        // Held for the whole step: the file's length is only ours to move.
+        let mut len = growable.len.lock().unwrap();
+        let mut piece = GROW_PIECE.min(want);
+        let mut grown = 0;
+        // The extent this step extends, once its first piece is in.
+        let mut extent = None;
+        while grown < want {
+            let by = piece.min(want - grown);
             match rustix::fs::fallocate(growable.device.file(), FallocateFlags::empty(), *len, by) {
-                Ok(()) => break,
+                Ok(()) => {}
                 Err(e) if e == rustix::io::Errno::NOSPC && by / 2 >= need.max(SECTOR_SIZE) => {
-                    by = (by / 2).next_multiple_of(SECTOR_SIZE);
+                    piece = (by / 2).next_multiple_of(SECTOR_SIZE);
+                    continue;
                 }
                 Err(e) => {
-                    return Err(Error::io(
+                    let e = Error::io(
                         format!(
                             "cannot grow difference storage {} by {by} bytes",
                             growable.device.path().display()
                         ),
                         e.into(),
-                    ))
+                    );
+                    return (grown, Some(e), false);
                 }
             }
+            let offset = *len;
+            *len += by;
+            let mut alloc = self.alloc.lock().unwrap();
+            if !*self.open.read().unwrap() {
+                return (grown, None, true);
+            }
+            let mut extents = self.extents.write().unwrap();
+            match self.publish_piece(&mut alloc, &mut extents, extent, offset, by) {
+                Ok(index) => extent = Some(index),
+                Err(e) => return (grown, Some(e), false),
+            }
+            alloc.growing -= by;
+            grown += by;
+            tracing::debug!(storage = %self.label, offset, by, "difference storage grew");
         }
-        let offset = *len;
-        *len += by;
-        drop(len);
-        if by < want {
-            // The filesystem is nearly full: ask for storage elsewhere now.
-            tracing::warn!(storage = %self.label, grew = by, wanted = want, "difference storage filesystem is full: grew by less than a step");
-            self.events.push(Event::NoSpace {
-                requested_sectors: (want - by) / SECTOR_SIZE,
-            });
+        (grown, None, false)
+    }
+
+    /// Adds one grown piece at `offset`: extends this growth's extent when
+    /// the piece follows it, is the last extent and the allocator has not
+    /// moved past it; otherwise a new extent. Returns the extent's index.
+    fn publish_piece(
+        &self,
+        alloc: &mut Allocator,
+        extents: &mut Vec<StorageExtent>,
+        extent: Option<usize>,
+        offset: u64,
+        by: u64,
+    ) -> Result<usize> {
+        let device = self.growable.as_ref().expect("growable").device.clone();
+        if let Some(i) = extent.filter(|&i| i + 1 == extents.len() && alloc.extent <= i) {
+            let e = &mut extents[i];
+            if e.offset + e.len == offset && e.len + by <= MAX_EXTENT_SECTORS * SECTOR_SIZE {
+                e.len += by;
+                alloc.total += by;
+                alloc.no_space_reported = false;
+                alloc.starved = false;
+                self.space.notify_all();
+                return Ok(i);
+            }
         }
-        tracing::debug!(storage = %self.label, offset, by, "difference storage grew");
-        let mut extents = self.extents.write().unwrap();
-        self.push_extent_locked(alloc, &mut extents, growable.device.clone(), offset, by)?;
-        Ok(true)
+        self.push_extent_locked(alloc, extents, device, offset, by)?;
+        Ok(extents.len() - 1)
     }
 
     fn locate(&self, slot: StorageSlot, offset_in_chunk: u64) -> (Arc<dyn BlockDevice>, u64) {
@@ -575,11 +738,24 @@ impl DiffStorage {
     /// write or allocation fails. Called by the snapshot's destroy, so that
     /// nothing lands in storage (maybe appended ranges of someone else's
     /// device) after the destroy returned.
+    ///
+    /// A growth in flight stops after its current piece, publishing nothing;
+    /// close waits for its thread to end, so that the thread's hold on the
+    /// storage is gone and the storage (and the space it grew) goes with the
+    /// snapshot's last reference, not some time later.
     pub fn close(&self) {
         *self.open.write().unwrap() = false;
         // Wake allocations waiting for storage: there will be none.
-        let _alloc = self.alloc.lock().unwrap();
-        self.space.notify_all();
+        let growth = {
+            let mut alloc = self.alloc.lock().unwrap();
+            self.space.notify_all();
+            alloc.growth_thread.take()
+        };
+        if let Some(growth) = growth {
+            if growth.join().is_err() {
+                tracing::error!(storage = %self.label, "difference storage growth thread panicked");
+            }
+        }
     }
 
     pub fn write(&self, slot: StorageSlot, buf: &[u8], offset_in_chunk: u64) -> Result<()> {
@@ -717,6 +893,7 @@ mod tests {
         )
         .unwrap();
         storage.max_extents = 3;
+        let storage = Arc::new(storage);
         for i in 0..3 {
             let slot = storage.allocate(4096, None).unwrap();
             assert_eq!(slot.extent(), i);
@@ -745,15 +922,17 @@ mod tests {
     #[test]
     fn released_slots_are_reused_and_closed_storage_refuses_writes() {
         let device: Arc<dyn BlockDevice> = Arc::new(crate::MemDevice::new(8192));
-        let storage = DiffStorage::new(
-            "fenced".into(),
-            &StorageSpec::Device(device),
-            None,
-            4096,
-            &HashSet::new(),
-            Arc::new(EventQueue::default()),
-        )
-        .unwrap();
+        let storage = Arc::new(
+            DiffStorage::new(
+                "fenced".into(),
+                &StorageSpec::Device(device),
+                None,
+                4096,
+                &HashSet::new(),
+                Arc::new(EventQueue::default()),
+            )
+            .unwrap(),
+        );
         let first = storage.allocate(4096, None).unwrap();
         storage.release(first, 4096);
         assert_eq!(storage.allocate(4096, None).unwrap(), first);

@@ -644,6 +644,16 @@ impl Engine {
         self.registry().snapshots.keys().copied().collect()
     }
 
+    /// Waits until the snapshot's difference storage has no growth in
+    /// flight (growth runs in the background, ahead of need), so that its
+    /// stats are those of a settled storage: for tests and benchmarks.
+    pub fn snapshot_wait_storage_growth(&self, id: &Uuid) -> Result<()> {
+        // Not under the registry lock: a growth may take a while.
+        let (storage, _) = self.storage_of(id)?;
+        storage.wait_growth();
+        Ok(())
+    }
+
     pub fn snapshot_info(&self, id: &Uuid) -> Result<SnapshotInfo> {
         let registry = self.registry();
         let snapshot = registry.snapshot(id)?;

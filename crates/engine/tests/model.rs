@@ -1120,6 +1120,11 @@ impl Harness {
     }
 
     fn check(&mut self) {
+        // Growth runs in the background, ahead of need: the model grows at
+        // once, so compare with the engine's storage once growth settled.
+        for s in &self.snaps {
+            self.engine.snapshot_wait_storage_growth(&s.id).unwrap();
+        }
         for d in 0..self.model.len() {
             let m = &self.model[d];
             let device = self.engine.device(&name(d)).unwrap();

@@ -708,6 +708,9 @@ fn directory_storage_growth_halves_on_a_full_filesystem() {
     for i in 0..(20 * MIB / chunk) {
         device.write(&[0xEE; 4096], i * chunk).unwrap();
     }
+    // Growth runs in the background: its no_space comes when it has found
+    // the filesystem full.
+    engine.snapshot_wait_storage_growth(&id).unwrap();
     let info = engine.snapshot_info(&id).unwrap();
     let events = drain_events(&engine, &id);
     assert_eq!(

@@ -342,6 +342,9 @@ fn file_storage_grows_in_steps_up_to_the_limit() {
             .unwrap_or_else(|e| panic!("origin write to chunk {c} must proceed: {e}"));
         origin_now[offset as usize..(offset + 4 * KIB) as usize].copy_from_slice(&data);
 
+        // Growth runs in the background, ahead of need: check the storage
+        // once it has settled.
+        engine.snapshot_wait_storage_growth(&id).unwrap();
         let st = stats(&engine, &id);
         let len = file_len(&storage_path);
         assert_eq!(st.total, len, "after chunk {c}: all storage is the file");
