@@ -647,6 +647,10 @@ impl DiffStorage {
         // The extent this step extends, once its first piece is in.
         let mut extent = None;
         while grown < want {
+            if !*self.open.read().unwrap() {
+                // Closed while waiting for the file or between pieces.
+                return (grown, None, true);
+            }
             let by = piece.min(want - grown);
             match rustix::fs::fallocate(growable.device.file(), FallocateFlags::empty(), *len, by) {
                 Ok(()) => {}
@@ -945,5 +949,146 @@ mod tests {
             Err(Error::NotFound(_))
         ));
         assert!(storage.allocate(512, None).is_err());
+    }
+    const STEP: u64 = 1 << 20;
+    const CHUNK: u64 = 64 << 10;
+
+    /// A storage over a fresh regular file in `dir`, growing by [`STEP`].
+    fn file_storage(dir: &Path, limit: Option<u64>) -> (Arc<DiffStorage>, Arc<EventQueue>) {
+        let path = dir.join("storage.bin");
+        File::create(&path).unwrap();
+        let events = Arc::new(EventQueue::default());
+        let storage = DiffStorage::new(
+            "growing".into(),
+            &StorageSpec::Path(path),
+            limit,
+            STEP,
+            &HashSet::new(),
+            events.clone(),
+        )
+        .unwrap();
+        (Arc::new(storage), events)
+    }
+
+    fn counters(storage: &DiffStorage) -> (u64, u64) {
+        let alloc = storage.alloc.lock().unwrap();
+        (alloc.growths, alloc.growth_waits)
+    }
+
+    fn drain(events: &EventQueue) -> Vec<Event> {
+        std::iter::from_fn(|| events.wait(Duration::ZERO).ok().flatten()).collect()
+    }
+
+    /// Issue 12: the allocation that takes free space below half a step
+    /// starts the growth; it completes with no allocation asking for it,
+    /// so the writers after it find room and never wait. Only the very
+    /// first allocation (an empty file) waits.
+    #[test]
+    fn growth_runs_ahead_of_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, events) = file_storage(dir.path(), None);
+        storage.allocate(CHUNK, None).unwrap();
+        assert_eq!(counters(&storage), (1, 1), "the empty file: grown on need");
+        storage.wait_growth();
+        assert_eq!(storage.stats().total, STEP);
+        // 8 chunks fill half a step; the 9th takes free space below it.
+        for _ in 1..8 {
+            storage.allocate(CHUNK, None).unwrap();
+        }
+        storage.wait_growth();
+        assert_eq!(storage.stats().total, STEP, "at the mark, not below");
+        storage.allocate(CHUNK, None).unwrap();
+        storage.wait_growth();
+        let st = storage.stats();
+        assert_eq!((st.total, st.used, st.extents), (2 * STEP, 9 * CHUNK, 2));
+        assert_eq!(counters(&storage), (2, 1), "grown once more, nobody waited");
+        // Many steps on, still no allocation waits for growth.
+        for _ in 9..(10 * STEP / CHUNK) {
+            storage.allocate(CHUNK, None).unwrap();
+            storage.wait_growth();
+            let st = storage.stats();
+            assert!(st.total - st.used >= STEP / 2, "{st:?}");
+        }
+        assert_eq!(counters(&storage), (11, 1));
+        assert_eq!(storage.stats().extents, 11, "one extent per step");
+        assert!(drain(&events).is_empty());
+    }
+
+    /// Growth in the background stops exactly at the limit (a last short
+    /// step), reports no_space once when it cannot go on, and allocations
+    /// past it fail with ENOSPC.
+    #[test]
+    fn background_growth_respects_the_limit_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 2 * STEP + STEP / 2;
+        let (storage, events) = file_storage(dir.path(), Some(limit));
+        let mut slots = 0;
+        let err = loop {
+            match storage.allocate(CHUNK, None) {
+                Ok(_) => slots += 1,
+                Err(e) => break e,
+            }
+            let st = storage.stats();
+            assert!(st.total <= limit, "{st:?}");
+        };
+        assert_eq!(err.errno(), rustix::io::Errno::NOSPC.raw_os_error());
+        assert_eq!(slots, limit / CHUNK);
+        storage.wait_growth();
+        assert_eq!(storage.stats().total, limit);
+        let len = storage
+            .growable
+            .as_ref()
+            .unwrap()
+            .device
+            .file()
+            .metadata()
+            .unwrap()
+            .len();
+        assert_eq!(len, limit, "the file grew exactly to the limit");
+        assert_eq!(
+            drain(&events),
+            vec![Event::NoSpace {
+                requested_sectors: STEP / SECTOR_SIZE
+            }],
+            "no_space once"
+        );
+        assert!(!storage.can_hold(CHUNK));
+    }
+
+    /// A storage closed while a growth waits to run publishes nothing and
+    /// grows nothing; close returns once the growth thread is gone, so the
+    /// last reference shrinks the file back at once.
+    #[test]
+    fn close_during_growth_publishes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, _events) = file_storage(dir.path(), None);
+        storage.allocate(CHUNK, None).unwrap();
+        storage.wait_growth();
+        let file = storage.growable.as_ref().unwrap().device.clone();
+        // Hold the file's length: the next growth thread stops there.
+        let held = storage.growable.as_ref().unwrap().len.lock().unwrap();
+        for _ in 1..9 {
+            storage.allocate(CHUNK, None).unwrap();
+        }
+        assert!(storage.alloc.lock().unwrap().growth_running);
+        std::thread::scope(|s| {
+            let closer = s.spawn(|| storage.close());
+            while *storage.open.read().unwrap() {
+                std::thread::yield_now();
+            }
+            drop(held);
+            closer.join().unwrap();
+        });
+        let st = storage.stats();
+        assert_eq!((st.total, st.extents), (STEP, 1), "nothing published");
+        assert!(!storage.alloc.lock().unwrap().growth_running);
+        assert_eq!(file.file().metadata().unwrap().len(), STEP, "nothing grown");
+        assert!(matches!(
+            storage.allocate(CHUNK, None),
+            Err(Error::NotFound(_))
+        ));
+        assert_eq!(Arc::strong_count(&storage), 1, "the growth thread let go");
+        drop(storage);
+        assert_eq!(file.file().metadata().unwrap().len(), 0, "shrunk back");
     }
 }

@@ -4,8 +4,8 @@
 //! interleavings chosen by shuttle's randomized and PCT schedulers.
 //!
 //! Each scenario races origin writers, image readers, an image writer, a
-//! take, a destroy, storage appends and growth, copy failures and copy
-//! timeouts, and checks the invariants of DESIGN.md:
+//! take, a destroy, storage appends and growth (file storage grown by the
+//! background growth thread), copy failures and copy timeouts, and checks the invariants of DESIGN.md:
 //! - an image read that returns Ok returns exactly the take's data, plus the
 //!   image's own writes;
 //! - no origin write reaches the origin before its chunk's old content is in
@@ -413,6 +413,77 @@ fn take_of_two_devices_races_writes() {
     b.write(&[0x5A; CHUNK as usize], 0).unwrap();
 }
 
+/// Writers of all four chunks race the background growth of a directory
+/// storage (an O_TMPFILE growing by one chunk, so every copy starts a
+/// growth and most wait for one), an image reader, and (when `destroy`) a
+/// destroy that closes the storage while a growth may be in flight. With
+/// `limit`, the storage holds three chunks: one copy overflows.
+fn growth_races_writers_and_destroy(limit: bool, destroy: bool) {
+    let engine = Arc::new(engine());
+    let origin = origin();
+    let device = engine.attach("d", origin.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = SnapshotOptions {
+        limit: limit.then_some(3 * CHUNK),
+        ..SnapshotOptions::default()
+    };
+    let id = engine
+        .snapshot_create(StorageSpec::Path(dir.path().to_path_buf()), options)
+        .unwrap();
+    engine.snapshot_add(&id, "d").unwrap();
+    engine.snapshot_take(&id).unwrap();
+    let image = engine.image("d").unwrap();
+
+    let writers: Vec<_> = (0..CHUNKS)
+        .map(|c| {
+            let device = device.clone();
+            thread::spawn(move || device.write(&[0xB0 + c as u8; 512], c * CHUNK).is_ok())
+        })
+        .collect();
+    let reader = {
+        let image = image.clone();
+        thread::spawn(move || check_image_read(read_image(&image), false))
+    };
+    let destroyer = destroy.then(|| {
+        let engine = engine.clone();
+        thread::spawn(move || engine.snapshot_destroy(&id).unwrap())
+    });
+    for w in writers {
+        // Keep-origin-writes: every origin write proceeds.
+        assert!(w.join().unwrap(), "an origin write failed");
+    }
+    reader.join().unwrap();
+    if let Some(d) = destroyer {
+        d.join().unwrap();
+    }
+
+    let mut expected = take_content();
+    for c in 0..CHUNKS {
+        let at = (c * CHUNK) as usize;
+        expected[at..at + 512].fill(0xB0 + c as u8);
+    }
+    let mut on_origin = vec![0u8; (CHUNKS * CHUNK) as usize];
+    origin.read_at(&mut on_origin, 0).unwrap();
+    assert!(on_origin == expected, "origin differs from the writes");
+    match read_image(&image) {
+        Ok(data) => {
+            assert!(!limit || destroy, "four copies fit in three chunks");
+            check_image_read(Ok(data), false);
+        }
+        Err(Error::NotFound(_)) => assert!(destroy),
+        Err(Error::Corrupted { .. }) => assert!(limit),
+        Err(e) => panic!("unexpected image error: {e}"),
+    }
+    if !destroy {
+        engine.snapshot_wait_storage_growth(&id).unwrap();
+        let st = engine.snapshot_info(&id).unwrap().storage;
+        assert!(st.used <= st.total, "{st:?}");
+        let most = if limit { 3 * CHUNK } else { 5 * CHUNK };
+        assert!(st.total <= most, "grown past what was needed: {st:?}");
+        engine.snapshot_destroy(&id).unwrap();
+    }
+}
+
 fn run(name: &str, f: impl Fn() + Send + Sync + 'static) {
     let n = schedules();
     let f = Arc::new(f);
@@ -479,4 +550,28 @@ fn take_of_two_devices_races_writes_schedules() {
         "take_of_two_devices_races_writes",
         take_of_two_devices_races_writes,
     );
+}
+
+#[test]
+fn growth_races_writers() {
+    run("growth_races_writers", || {
+        growth_races_writers_and_destroy(false, false)
+    });
+}
+
+#[test]
+fn growth_races_writers_at_the_limit() {
+    run("growth_races_writers_at_the_limit", || {
+        growth_races_writers_and_destroy(true, false)
+    });
+}
+
+#[test]
+fn growth_races_writers_and_destroy_schedules() {
+    run("growth_races_writers_and_destroy", || {
+        growth_races_writers_and_destroy(false, true)
+    });
+    run("growth_races_writers_and_destroy_at_the_limit", || {
+        growth_races_writers_and_destroy(true, true)
+    });
 }
