@@ -246,6 +246,8 @@ def tables(results):
     if bk:
         lines.extend(backup_table(bk))
     lines.extend(local_table(results))
+    if results.get("growth"):
+        lines.extend(growth_table(results["growth"]))
     return "\n".join(lines)
 
 
@@ -380,6 +382,29 @@ def local_table(results):
                      f"{fratio(ratio(f[0], f[1]), 0.9)} | {fratio(ratio(f[0], f[2]), 0.9)} | "
                      f"{p99_cell(p99[0], p99[1])} | {p99_cell(p99[1], None)} | "
                      f"{p99_cell(p99[2], None)} |")
+def growth_table(rows):
+    """The growth phase: the longest first writes while the difference
+    storage grows."""
+    r0 = rows[0]
+    lines = ["### Writes while the difference storage grows", "",
+             f"A first-write job right after a take: 4 KiB writes at iodepth 1, one per "
+             f"256 KiB chunk over {r0['size'] >> 20} MiB of random data, so every write copies a chunk and "
+             f"the storage grows all along ({r0['rounds']} rounds, servers interleaved, "
+             f"latencies pooled). *Ours*: growth step (`diff_storage_minimum`) "
+             f"{(next((r['step'] for r in rows if r['step']), 0)) >> 20} MiB, storage in a "
+             "directory on the work filesystem; *ours-before*, when present, is an older "
+             "blksnapd (before background growth) run side by side. *qemu*: "
+             "copy-before-write into a qcow2 target that grows as it is written. *Files on*: "
+             "the work directory, or tmpfs (/dev/shm) for origin and storage alike, where "
+             "`fallocate` is slow (it zeroes pages).", "",
+             "| files on | server | writes | median | p99 | p99.9 | max | longest per round | storage extents |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        per = " / ".join(f"{x:.1f}" for x in r["round_max_ms"])
+        ext = r["extents"] if r.get("extents") is not None else "–"
+        lines.append(f"| {r.get('fs', 'work')} | {r['server']} | {r['writes']} | {r['median_ms']:.2f} ms | "
+                     f"{r['p99_ms']:.2f} ms | {r['p999_ms']:.2f} ms | **{r['max_ms']:.2f} ms** | "
+                     f"{per} ms | {ext} |")
     lines.append("")
     return lines
 
