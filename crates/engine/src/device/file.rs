@@ -6,6 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -225,6 +226,49 @@ impl BlockDevice for FileDevice {
 
     fn identity(&self) -> Option<DeviceIdentity> {
         Some(self.identity)
+    }
+
+    fn as_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+
+    /// `copy_file_range(2)`, repeated until `len` bytes are copied. It reads
+    /// through the page cache (or flushes it before sharing extents), so it
+    /// sees every write made through this file before the call. Kernels
+    /// take regular files only; across filesystems they refuse (EXDEV).
+    /// After some bytes are copied any failure ends the copy short, so the
+    /// caller's own copy of the rest reports real I/O errors.
+    fn copy_to(
+        &self,
+        offset: u64,
+        dst: &dyn BlockDevice,
+        dst_offset: u64,
+        len: u64,
+    ) -> io::Result<u64> {
+        let Some(out) = dst.as_fd() else {
+            return Err(io::ErrorKind::Unsupported.into());
+        };
+        if self.is_block {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let mut done = 0;
+        while done < len {
+            let (mut from, mut to) = (offset + done, dst_offset + done);
+            let want = usize::try_from(len - done).unwrap_or(usize::MAX);
+            match rustix::fs::copy_file_range(&self.file, Some(&mut from), out, Some(&mut to), want)
+            {
+                // The source ended early.
+                Ok(0) => break,
+                Ok(n) => done += n as u64,
+                Err(Errno::INTR) => continue,
+                Err(_) if done > 0 => break,
+                Err(Errno::XDEV | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS | Errno::BADF) => {
+                    return Err(io::ErrorKind::Unsupported.into())
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(done)
     }
 
     /// Holes of regular files from SEEK_DATA/SEEK_HOLE; block devices claim

@@ -10,6 +10,7 @@ pub(crate) mod media;
 mod memory;
 
 use std::io;
+use std::os::fd::BorrowedFd;
 
 pub use file::FileDevice;
 pub use memory::MemDevice;
@@ -132,5 +133,28 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Where the device lives, if it is a real file or block device.
     fn identity(&self) -> Option<DeviceIdentity> {
         None
+    }
+    /// The open file or block device behind this device, so that another
+    /// device can copy to it inside the kernel ([`BlockDevice::copy_to`]);
+    /// `None` (the default) for devices that are not one (memory, wrappers).
+    fn as_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    /// Copies `len` bytes at `offset` to `dst_offset` of `dst` without
+    /// passing them through user space, for the copy-on-write of a chunk.
+    /// Returns how many bytes were copied from the start of the range:
+    /// fewer than `len` when the copy stopped short (the caller copies the
+    /// rest itself). An error of kind [`io::ErrorKind::Unsupported`] means
+    /// this pair of devices cannot copy this way and nothing was copied; it
+    /// is the default.
+    fn copy_to(
+        &self,
+        offset: u64,
+        dst: &dyn BlockDevice,
+        dst_offset: u64,
+        len: u64,
+    ) -> io::Result<u64> {
+        let _ = (offset, dst, dst_offset, len);
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
