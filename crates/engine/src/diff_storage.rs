@@ -786,6 +786,36 @@ impl DiffStorage {
         })
     }
 
+    /// Copies `len` bytes at `origin_offset` of `origin` into the slot
+    /// inside the kernel ([`BlockDevice::copy_to`]), fenced like
+    /// [`Self::write`]. `None` when the origin and this slot's extent cannot
+    /// copy that way; otherwise how many bytes from the start of the chunk
+    /// were copied, which may be fewer than `len` (none on a failure): the
+    /// caller writes the rest.
+    pub fn copy_from(
+        &self,
+        slot: StorageSlot,
+        origin: &dyn BlockDevice,
+        origin_offset: u64,
+        len: u64,
+    ) -> Result<Option<u64>> {
+        let open = self.open.read().unwrap();
+        if !*open {
+            return Err(self.closed());
+        }
+        let (device, at) = self.locate(slot, 0);
+        match origin.copy_to(origin_offset, &*device, at, len) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(None),
+            Err(e) => {
+                // The copy through user space that follows reports the
+                // error if it is real.
+                tracing::debug!(storage = %self.label, error = %e, "in-kernel copy failed");
+                Ok(Some(0))
+            }
+        }
+    }
+
     pub fn read(&self, slot: StorageSlot, buf: &mut [u8], offset_in_chunk: u64) -> Result<()> {
         let (device, at) = self.locate(slot, offset_in_chunk);
         device.read_at(buf, at).map_err(|e| {

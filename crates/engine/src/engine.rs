@@ -106,6 +106,11 @@ pub struct ImageInfo {
     pub chunk_size: u64,
     /// 0 while the image is valid, else the errno that invalidated it.
     pub error_code: i32,
+    /// Chunks copied to the difference storage so far.
+    pub copied_chunks: u64,
+    /// Of those, the ones copied wholly inside the kernel
+    /// (`copy_file_range(2)`: origin and storage are files on one filesystem).
+    pub kernel_copied_chunks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -670,11 +675,16 @@ impl Engine {
                 .devices
                 .iter()
                 .zip(&snapshot.device_snapshots)
-                .map(|(d, i)| ImageInfo {
-                    device: d.name().to_string(),
-                    size: i.size(),
-                    chunk_size: i.chunk_size(),
-                    error_code: i.error_code(),
+                .map(|(d, i)| {
+                    let (copied_chunks, kernel_copied_chunks) = i.copy_counts();
+                    ImageInfo {
+                        device: d.name().to_string(),
+                        size: i.size(),
+                        chunk_size: i.chunk_size(),
+                        error_code: i.error_code(),
+                        copied_chunks,
+                        kernel_copied_chunks,
+                    }
                 })
                 .collect(),
         })

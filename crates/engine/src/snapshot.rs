@@ -19,11 +19,16 @@
 //!   copy. The engine marks an image destroyed before it lets the device's
 //!   held writes go, so no image read can pass its final check after an
 //!   uncopied write.
-//! - A copy reads the origin before it takes a storage slot, and gives the
-//!   slot back when the storage write fails: failed copies cost no storage.
+//! - A copy gives its storage slot back when it fails: failed copies cost
+//!   no storage. Through user space it reads the origin before it takes the
+//!   slot; inside the kernel (`copy_file_range(2)`, when the origin and the
+//!   storage are files that allow it) it needs the slot first.
+//! - A chunk's data moves either inside the kernel or through a reused
+//!   buffer; which one changes nothing of the chunk's states.
 //!
 //! Called by [`crate::TrackedDevice`] (origin writes) and [`crate::Image`].
 
+use std::sync::atomic::{AtomicBool as HintBool, AtomicU64 as Counter};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +66,56 @@ pub(crate) struct DeviceSnapshot {
     /// the chunk states, `corrupted` and `destroyed`, each of which is
     /// changed before the waiters are woken.
     copy_done: (Mutex<()>, Condvar),
+    // Not schedule-checked atomics (like the id counter): a hint and two
+    // counters that no state machine reads.
+    /// Whether copies try the kernel first: true while the origin is a file
+    /// and no copy found the pair unable to; then false for good.
+    kernel_copy: HintBool,
+    /// Chunks copied, and of those the ones copied wholly inside the kernel.
+    copied: Counter,
+    kernel_copied: Counter,
+    buffers: BufferPool,
+}
+
+/// Most bytes and most buffers a [`BufferPool`] keeps for reuse.
+const POOL_BYTES: usize = 8 << 20;
+const POOL_BUFFERS: usize = 16;
+
+/// Chunk buffers for copies through user space, reused: a fresh
+/// `vec![0; chunk]` per copy is an allocation glibc serves by mmap for a
+/// 256 KiB chunk, so every first write paid page faults and the kernel's
+/// zeroing of each page, then the munmap. Bounded: at most `keep` buffers
+/// wait for reuse; more concurrent copies allocate and drop their own.
+#[derive(Debug)]
+struct BufferPool {
+    size: usize,
+    keep: usize,
+    /// Not a schedule-checked lock: held only for one push or pop, never
+    /// across another lock, a wait or I/O.
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    fn new(size: usize) -> Self {
+        Self {
+            size,
+            keep: (POOL_BYTES / size.max(1)).clamp(1, POOL_BUFFERS),
+            free: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` on a buffer of `len` bytes (at most the chunk size), with
+    /// whatever an earlier copy left in it.
+    fn with<T>(&self, len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+        let taken = self.free.lock().unwrap().pop();
+        let mut buf = taken.unwrap_or_else(|| vec![0; self.size]);
+        let result = f(&mut buf[..len]);
+        let mut free = self.free.lock().unwrap();
+        if free.len() < self.keep {
+            free.push(buf);
+        }
+        result
+    }
 }
 
 #[derive(Debug)]
@@ -116,7 +171,6 @@ impl DeviceSnapshot {
         Self {
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             device_name,
-            origin,
             size,
             chunk_shift,
             storage,
@@ -127,6 +181,11 @@ impl DeviceSnapshot {
             corruption: Mutex::new(String::new()),
             destroyed: AtomicBool::new(false),
             copy_done: (Mutex::new(()), Condvar::new()),
+            kernel_copy: HintBool::new(origin.as_fd().is_some()),
+            copied: Counter::new(0),
+            kernel_copied: Counter::new(0),
+            buffers: BufferPool::new(1 << chunk_shift),
+            origin,
         }
     }
 
@@ -140,6 +199,16 @@ impl DeviceSnapshot {
 
     pub fn chunk_size(&self) -> u64 {
         1 << self.chunk_shift
+    }
+
+    /// Chunks copied so far, and of those the ones copied wholly inside
+    /// the kernel.
+    pub fn copy_counts(&self) -> (u64, u64) {
+        (
+            self.copied.load(std::sync::atomic::Ordering::Relaxed),
+            self.kernel_copied
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     pub fn footprint(&self) -> usize {
@@ -361,10 +430,67 @@ impl DeviceSnapshot {
         result
     }
 
+    /// Puts the chunk's origin content into a new storage slot.
     fn copy_to_storage(&self, chunk: u64) -> Result<StorageSlot> {
+        use std::sync::atomic::Ordering::Relaxed;
         let (start, len) = self.chunk_range(chunk);
-        let mut buf = vec![0u8; len as usize];
-        self.origin.read_at(&mut buf, start).map_err(|e| {
+        let slot = if self.kernel_copy.load(Relaxed) {
+            self.copy_in_kernel(chunk, start, len)?
+        } else {
+            self.buffers.with(len as usize, |buf| {
+                self.read_origin(chunk, buf, start)?;
+                let slot = self.allocate(len)?;
+                self.write_storage(slot, len, buf, 0)?;
+                Ok::<_, Error>(slot)
+            })?
+        };
+        self.copied.fetch_add(1, Relaxed);
+        Ok(slot)
+    }
+
+    /// The copy by `copy_file_range(2)`: the slot first, as the kernel
+    /// needs the destination; what the kernel did not copy (all of it when
+    /// the pair cannot copy that way: another filesystem, a block device)
+    /// goes through a buffer. The origin write waits for this copy, and the
+    /// kernel reads through the page cache, so the copy holds the content
+    /// before that write.
+    fn copy_in_kernel(&self, chunk: u64, start: u64, len: u64) -> Result<StorageSlot> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let slot = self.allocate(len)?;
+        let copied = match self.storage.copy_from(slot, &*self.origin, start, len) {
+            Ok(Some(n)) => n.min(len),
+            Ok(None) => {
+                tracing::debug!(device = %self.device_name, "copies go through user space: the kernel cannot copy between origin and storage");
+                self.kernel_copy.store(false, Relaxed);
+                0
+            }
+            Err(e) => {
+                self.storage.release(slot, len);
+                return Err(e);
+            }
+        };
+        if copied == len {
+            self.kernel_copied.fetch_add(1, Relaxed);
+            return Ok(slot);
+        }
+        let rest = (len - copied) as usize;
+        self.buffers.with(rest, |buf| {
+            let read = self.read_origin(chunk, buf, start + copied);
+            if let Err(e) = read {
+                self.storage.release(slot, len);
+                return Err(e);
+            }
+            self.write_storage(slot, len, buf, copied)
+        })?;
+        Ok(slot)
+    }
+
+    fn allocate(&self, len: u64) -> Result<StorageSlot> {
+        self.storage.allocate(len, Some(self.settings.storage_wait))
+    }
+
+    fn read_origin(&self, chunk: u64, buf: &mut [u8], at: u64) -> Result<()> {
+        self.origin.read_at(buf, at).map_err(|e| {
             Error::io(
                 format!(
                     "{}: read of chunk {chunk} for the snapshot copy",
@@ -372,15 +498,17 @@ impl DeviceSnapshot {
                 ),
                 e,
             )
-        })?;
-        let slot = self
-            .storage
-            .allocate(len, Some(self.settings.storage_wait))?;
-        if let Err(e) = self.storage.write(slot, &buf, 0) {
+        })
+    }
+
+    /// Writes into the chunk's slot; gives the slot (of `len` bytes) back
+    /// when the write fails.
+    fn write_storage(&self, slot: StorageSlot, len: u64, buf: &[u8], at: u64) -> Result<()> {
+        let written = self.storage.write(slot, buf, at);
+        if written.is_err() {
             self.storage.release(slot, len);
-            return Err(e);
         }
-        Ok(slot)
+        written
     }
 
     /// Walks `[offset, end)` of the image for a reader, in order: copied
