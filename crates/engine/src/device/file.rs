@@ -3,6 +3,12 @@
 //! Opened exclusively so nothing can write around the engine: block devices
 //! with O_EXCL (the kernel refuses a second exclusive opener and mounted
 //! devices), regular files with a non-blocking `flock(LOCK_EX)`.
+//!
+//! Copies between two regular files go through `copy_file_range(2)`
+//! ([`BlockDevice::copy_to`]): a reflink where the filesystem shares extents
+//! (btrfs), an in-kernel page-cache copy elsewhere on one filesystem (ext4),
+//! except from files on xfs, where sharing the extent makes the copy slower
+//! (see [`kernel_copy_pays`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -25,6 +31,27 @@ pub struct FileDevice {
     logical_block: u32,
     min_io: u32,
     identity: DeviceIdentity,
+    /// Whether [`BlockDevice::copy_to`] tries `copy_file_range(2)`.
+    kernel_copy: bool,
+}
+
+/// `XFS_SUPER_MAGIC`, the `f_type` of `statfs(2)` on xfs.
+const XFS_SUPER_MAGIC: u64 = 0x5846_5342;
+
+/// Whether copying out of `file` with `copy_file_range(2)` beats a copy
+/// through user space, by measurement (docs/performance.md, "How a first
+/// write copies"). Not on xfs: there the kernel shares the chunk's extents,
+/// and xfs, which otherwise overwrites in place, must then break the sharing
+/// on the origin's next write (a CoW allocation and a remap): first writes
+/// ran at 0.15-0.3 of the copy through a buffer. btrfs writes out of place
+/// anyway, so sharing is pure gain there (4-7x); ext4 copies in the kernel
+/// at parity or a little better.
+fn kernel_copy_pays(file: &File) -> bool {
+    match rustix::fs::fstatfs(file) {
+        #[allow(clippy::unnecessary_cast)] // f_type's type differs by target
+        Ok(st) => st.f_type as u64 != XFS_SUPER_MAGIC,
+        Err(_) => false,
+    }
 }
 
 /// `BLKIOMIN`: `_IO(0x12, 120)`, the device's minimum I/O size.
@@ -96,6 +123,8 @@ impl FileDevice {
             };
             (st.st_size as u64, 1, 512, identity)
         };
+        // Kernels copy_file_range between regular files only.
+        let kernel_copy = !is_block && kernel_copy_pays(&file);
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -104,6 +133,7 @@ impl FileDevice {
             logical_block,
             min_io,
             identity,
+            kernel_copy,
         })
     }
 
@@ -236,6 +266,7 @@ impl BlockDevice for FileDevice {
     /// through the page cache (or flushes it before sharing extents), so it
     /// sees every write made through this file before the call. Kernels
     /// take regular files only; across filesystems they refuse (EXDEV).
+    /// Unsupported for block devices and files on xfs ([`kernel_copy_pays`]).
     /// After some bytes are copied any failure ends the copy short, so the
     /// caller's own copy of the rest reports real I/O errors.
     fn copy_to(
@@ -248,7 +279,7 @@ impl BlockDevice for FileDevice {
         let Some(out) = dst.as_fd() else {
             return Err(io::ErrorKind::Unsupported.into());
         };
-        if self.is_block {
+        if !self.kernel_copy {
             return Err(io::ErrorKind::Unsupported.into());
         }
         let mut done = 0;
