@@ -2,9 +2,9 @@
 //! to `blksnapd` over its control socket, through `blksnap-client`; output
 //! follows the original blksnap tool where it had a format (`key=value`
 //! lines), and every command prints its result as JSON with `--json`.
-//! Exit status: 0 success, 1 failure (one line on stderr naming the
-//! problem), 2 bad usage; `snapshot_watcher` exits 3 when the image is
-//! corrupted.
+//! Exit status: 0 success (`--help` and `--version` too), 1 failure (one
+//! line on stderr naming the problem) or bad usage, as the original tool's;
+//! `snapshot_watcher` exits 3 when the image is corrupted.
 
 mod fiemap;
 
@@ -26,8 +26,9 @@ struct Cli {
     /// blksnapd's control socket.
     #[arg(long, global = true, env = "BLKSNAP_CONTROL", default_value = blksnap_client::DEFAULT_CONTROL)]
     control: PathBuf,
-    /// Print the result as JSON.
-    #[arg(long, global = true)]
+    /// Print the result as JSON (our richer output; the default output is
+    /// the original tool's).
+    #[arg(short = 'j', long, global = true)]
     json: bool,
     #[command(subcommand)]
     command: Command,
@@ -42,7 +43,7 @@ enum Command {
     #[command(name = "attach")]
     Attach {
         /// Path of the block device or image file.
-        #[arg(long)]
+        #[arg(short = 'd', long)]
         device: PathBuf,
         /// Name for the device (default: the path's file name).
         #[arg(long)]
@@ -71,7 +72,7 @@ enum Command {
     #[command(name = "detach")]
     Detach {
         /// Device name or path.
-        #[arg(long)]
+        #[arg(short = 'd', long)]
         device: String,
     },
     /// List tracked devices and snapshots.
@@ -81,45 +82,47 @@ enum Command {
     #[command(name = "cbtinfo")]
     Cbtinfo {
         /// Device name or path.
-        #[arg(long)]
+        #[arg(short = 'd', long)]
         device: String,
     },
     /// Write a device's readable change map (one byte per block) to a file.
     #[command(name = "readcbtmap")]
     Readcbtmap {
         /// Device name or path.
-        #[arg(long)]
+        #[arg(short = 'd', long)]
         device: String,
         /// File to write the map to.
-        #[arg(long)]
+        #[arg(short = 'f', long)]
         file: PathBuf,
     },
     /// Mark sector ranges, or the blocks of a file, as changed.
     #[command(name = "markdirtyblock")]
     Markdirtyblock {
         /// Device name or path.
-        #[arg(long)]
+        #[arg(short = 'd', long)]
         device: String,
-        /// Sector range START:COUNT (512-byte sectors); repeatable.
-        #[arg(long, value_parser = parse_range, num_args = 1.., required_unless_present = "file")]
+        /// Sector range START:COUNT (512-byte sectors); several after one
+        /// flag, or the flag repeated. Also spelt --ranges.
+        #[arg(short = 'r', long, visible_alias = "ranges", value_parser = parse_range, num_args = 1.., required_unless_present = "file")]
         range: Vec<Range>,
         /// A file on a filesystem on the device: its extents (FIEMAP).
-        #[arg(long, conflicts_with = "range")]
+        #[arg(short = 'f', long, conflicts_with = "range")]
         file: Option<PathBuf>,
     },
     /// Create a snapshot with its difference storage; prints its id.
     #[command(name = "snapshot_create")]
     SnapshotCreate {
-        /// Device to include (name or path); repeatable.
-        #[arg(long)]
+        /// Device to include (name or path): several after one flag
+        /// (`--device a b`), or the flag repeated.
+        #[arg(short = 'd', long, num_args = 1..)]
         device: Vec<String>,
         /// Difference storage: a regular file (grown as needed), a
         /// directory (a temporary file there) or a block device. Without it,
         /// storage is added with snapshot_appendstorage.
-        #[arg(long)]
+        #[arg(short = 'f', long)]
         file: Option<PathBuf>,
         /// Largest size of the difference storage (N, NK, NM, NG, NT).
-        #[arg(long, value_parser = parse_size)]
+        #[arg(short = 'l', long, value_parser = parse_size)]
         limit: Option<u64>,
         /// What a failed copy does to the origin write.
         #[arg(long, value_enum)]
@@ -137,35 +140,40 @@ enum Command {
     /// Add a device to a snapshot that is not taken yet.
     #[command(name = "snapshot_add")]
     SnapshotAdd {
-        #[arg(long)]
+        /// Snapshot id.
+        #[arg(short = 'i', long)]
         id: Uuid,
         /// Device name or path.
-        #[arg(long)]
+        #[arg(short = 'd', long)]
         device: String,
     },
     /// Give a snapshot more difference storage: sector ranges of a block
     /// device or file (also after the take).
     #[command(name = "snapshot_appendstorage")]
     SnapshotAppendstorage {
-        #[arg(long)]
+        /// Snapshot id.
+        #[arg(short = 'i', long)]
         id: Uuid,
         /// Block device or file the ranges are on.
-        #[arg(long)]
+        #[arg(short = 'd', long)]
         device: PathBuf,
-        /// Sector range START:COUNT; repeatable.
-        #[arg(long, value_parser = parse_range, num_args = 1.., required = true)]
+        /// Sector range START:COUNT; several after one flag, or the flag
+        /// repeated. Also spelt --ranges.
+        #[arg(short = 'r', long, visible_alias = "ranges", value_parser = parse_range, num_args = 1.., required = true)]
         range: Vec<Range>,
     },
     /// Take the snapshot: atomically over all its devices.
     #[command(name = "snapshot_take")]
     SnapshotTake {
-        #[arg(long)]
+        /// Snapshot id.
+        #[arg(short = 'i', long)]
         id: Uuid,
     },
     /// Destroy a snapshot: images go, storage is released, tracking goes on.
     #[command(name = "snapshot_destroy")]
     SnapshotDestroy {
-        #[arg(long)]
+        /// Snapshot id.
+        #[arg(short = 'i', long)]
         id: Uuid,
     },
     /// Print the id of every snapshot.
@@ -175,25 +183,27 @@ enum Command {
     #[command(name = "snapshot_info")]
     SnapshotInfo {
         /// Device name or path.
-        #[arg(long)]
+        #[arg(short = 'd', long)]
         device: String,
         /// Print only this field's value.
-        #[arg(long, value_enum)]
+        #[arg(short = 'f', long, value_enum)]
         field: Option<Field>,
     },
     /// Wait for a snapshot's next event (no_space, corrupted).
     #[command(name = "snapshot_waitevent")]
     SnapshotWaitevent {
-        #[arg(long)]
+        /// Snapshot id.
+        #[arg(short = 'i', long)]
         id: Uuid,
         /// Milliseconds to wait.
-        #[arg(long)]
+        #[arg(short = 't', long)]
         timeout: u64,
     },
     /// Print a snapshot's events until it is destroyed or corrupted.
     #[command(name = "snapshot_watcher")]
     SnapshotWatcher {
-        #[arg(long)]
+        /// Snapshot id.
+        #[arg(short = 'i', long)]
         id: Uuid,
     },
 }
@@ -225,7 +235,20 @@ impl From<blksnap_client::Error> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Asked-for help and version are a success; every usage error
+            // is a failure, status 1 as the original tool's (not clap's 2).
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(1),
+            };
+        }
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(message, code)) => {
