@@ -1,10 +1,12 @@
 //! `blksnap`: the command-line tool. Every command is one or a few requests
-//! to `blksnapd` over its control socket, through `blksnap-client`; output
-//! follows the original blksnap tool where it had a format (`key=value`
-//! lines), and every command prints its result as JSON with `--json`.
-//! Exit status: 0 success (`--help` and `--version` too), 1 failure (one
-//! line on stderr naming the problem) or bad usage, as the original tool's;
-//! `snapshot_watcher` exits 3 when the image is corrupted.
+//! to `blksnapd` over its control socket, through `blksnap-client`. The
+//! options and the default output are the original blksnap tool's (its
+//! short options and spellings as aliases of ours; its lines first, ours
+//! after them), so scripts written for it run unchanged; every command
+//! prints its whole result as JSON with `--json`. Exit status, as the
+//! original's: 0 success (`--help` and `--version` too), 1 any failure, bad
+//! usage included (one line on stderr naming the problem from the daemon
+//! or this tool; clap's usage message for bad usage).
 
 mod fiemap;
 
@@ -39,7 +41,9 @@ enum Command {
     /// Print the daemon's version and protocol version.
     #[command(name = "version")]
     Version,
-    /// Start tracking a block device or image file (opened exclusively).
+    /// Start tracking a block device or image file (opened exclusively);
+    /// prints `Attached successfully`, or `Already was attached` (status 0)
+    /// for a file attached already.
     #[command(name = "attach")]
     Attach {
         /// Path of the block device or image file.
@@ -176,10 +180,11 @@ enum Command {
         #[arg(short = 'i', long)]
         id: Uuid,
     },
-    /// Print the id of every snapshot.
+    /// Print the id of every snapshot (`ID ` lines, then an empty line).
     #[command(name = "snapshot_collect")]
     SnapshotCollect,
-    /// Print the snapshot image of a device and its state.
+    /// Print the snapshot image of a device and its state (`error_code=`,
+    /// negative, and `image=` first).
     #[command(name = "snapshot_info")]
     SnapshotInfo {
         /// Device name or path.
@@ -189,7 +194,8 @@ enum Command {
         #[arg(short = 'f', long, value_enum)]
         field: Option<Field>,
     },
-    /// Wait for a snapshot's next event (no_space, corrupted).
+    /// Wait for a snapshot's next event (no_space, corrupted, cbt_reset):
+    /// prints `result=ok|timeout|not found`, then `time=` and `event=`.
     #[command(name = "snapshot_waitevent")]
     SnapshotWaitevent {
         /// Snapshot id.
@@ -199,7 +205,8 @@ enum Command {
         #[arg(short = 't', long)]
         timeout: u64,
     },
-    /// Print a snapshot's events until it is destroyed or corrupted.
+    /// Print a snapshot's events until it is destroyed or corrupted (both
+    /// end with status 0).
     #[command(name = "snapshot_watcher")]
     SnapshotWatcher {
         /// Snapshot id.
@@ -313,15 +320,34 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 "write-ahead" => blksnap_proto::CbtPersistence::WriteAhead,
                 _ => blksnap_proto::CbtPersistence::CleanStop,
             });
-            let info = client.attach_with_args(blksnap_proto::AttachArgs {
-                device: absolute(device, "device")?,
+            let path = absolute(device, "device")?;
+            let attached = client.attach_with_args(blksnap_proto::AttachArgs {
+                device: path.clone(),
                 name: name.clone(),
                 loop_device: want_loop,
                 cbt_persistence,
-            })?;
+            });
+            let (info, already) = match attached {
+                Ok(info) => (info, false),
+                Err(blksnap_client::Error::Remote(e)) if e.name == "EEXIST" => {
+                    match already_attached(&mut client, &path, name.as_deref(), want_loop)? {
+                        Some(info) => (info, true),
+                        None => return Err(blksnap_client::Error::Remote(e).into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
             if json {
                 print_json(&info);
             } else {
+                println!(
+                    "{}",
+                    if already {
+                        "Already was attached"
+                    } else {
+                        "Attached successfully"
+                    }
+                );
                 println!("device={}", info.name);
                 if let Some(uri) = &info.nbd {
                     println!("nbd={uri}");
@@ -461,9 +487,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             if json {
                 print_json(&serde_json::json!({ "ids": ids }));
             } else {
+                // The original's lines: each id followed by a space, then
+                // an empty line.
                 for id in ids {
-                    println!("{id}");
+                    println!("{id} ");
                 }
+                println!();
             }
         }
         Command::SnapshotInfo { device, field } => {
@@ -471,11 +500,34 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             snapshot_info(&info, *field, json)?;
         }
         Command::SnapshotWaitevent { id, timeout } => {
-            let event = client.snapshot_wait_event(*id, Duration::from_millis(*timeout))?;
+            let waited = client.snapshot_wait_event(*id, Duration::from_millis(*timeout));
+            // The original's answers when there is no event: an unknown
+            // snapshot and an interrupted wait are results, not failures.
+            let result = match &waited {
+                Err(blksnap_client::Error::Remote(e)) if e.name == "ENOENT" => Some("not found"),
+                Err(blksnap_client::Error::Remote(e)) if e.name == "EINTR" => Some("interrupted"),
+                _ => None,
+            };
+            if let Some(result) = result {
+                if json {
+                    print_json(&serde_json::json!({ "event": null, "result": result }));
+                } else {
+                    println!("result={result}");
+                }
+                return Ok(());
+            }
+            let event = waited?;
             if json {
                 print_json(&serde_json::json!({ "event": event }));
             } else {
-                print_event(event.as_ref());
+                match &event {
+                    None => println!("result=timeout"),
+                    Some(event) => {
+                        println!("result=ok");
+                        println!("time={}", time_label());
+                        print_event(event);
+                    }
+                }
             }
         }
         Command::SnapshotWatcher { id } => {
@@ -487,37 +539,93 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Prints events until the snapshot is destroyed (status 0) or an image is
-/// corrupted (status 3).
+/// Prints events, in the original's messages (or as JSON), until the
+/// snapshot is destroyed or an image is corrupted; both end the watch with
+/// status 0, as the original's.
 fn watch(client: &mut Client, id: Uuid, json: bool) -> Result<(), Failure> {
+    let say = |line: &str| {
+        if !json {
+            println!("{line}");
+        }
+    };
+    say("Start snapshot watcher.");
     loop {
         match client.snapshot_wait_event(id, Duration::from_secs(1)) {
             Ok(None) => {}
             Ok(Some(event)) => {
                 if json {
                     print_json(&event);
-                } else {
-                    print_event(Some(&event));
                 }
-                if let Event::Corrupted { device, errno } = event {
-                    return Err(Failure(
-                        format!(
-                            "snapshot image of {device} is corrupted ({})",
-                            errno_name(errno)
-                        ),
-                        3,
-                    ));
+                let time = time_label();
+                match &event {
+                    Event::Corrupted { device, errno } => {
+                        say(&format!(
+                            "{time} - The snapshot was corrupted for device [{device}] with error \"{}\".",
+                            strerror(*errno)
+                        ));
+                        break;
+                    }
+                    Event::NoSpace { requested_sectors } => say(&format!(
+                        "{time} - The the difference storage already grow up to {} MiB. Limit has been reached.",
+                        requested_sectors / 2048
+                    )),
+                    Event::CbtReset { device, reason } => say(&format!(
+                        "{time} - The change tracking of device [{device}] begins a new generation ({reason})."
+                    )),
                 }
             }
-            Err(blksnap_client::Error::Remote(r)) if r.errno == 2 => {
-                if !json {
-                    println!("event=destroyed");
-                }
-                return Ok(());
+            Err(blksnap_client::Error::Remote(r)) if r.name == "ENOENT" => {
+                say("Snapshot not found");
+                break;
             }
             Err(e) => return Err(e.into()),
         }
     }
+    say("Snapshot watcher finished");
+    Ok(())
+}
+
+/// The `time=` of an event: CLOCK_MONOTONIC in nanoseconds, the clock of
+/// the original's time label, read when the event reaches this tool (the
+/// event itself carries no time stamp yet).
+fn time_label() -> i128 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec)
+}
+
+/// An errno's text as strerror(3) has it ("No space left on device").
+fn strerror(errno: i32) -> String {
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    match text.rfind(" (os error ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}
+
+/// After an EEXIST from attach: the device already attached from `path`
+/// (the same file), when it is what this attach asked for (the same name
+/// if one was given, a loop device if one was asked for); `None` when the
+/// EEXIST means something else (another device of that name, or a
+/// different attach of this one).
+fn already_attached(
+    client: &mut Client,
+    path: &str,
+    name: Option<&str>,
+    want_loop: Option<bool>,
+) -> Result<Option<blksnap_proto::DeviceInfo>, Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let wanted = identity(path);
+    let list = client.list()?;
+    Ok(list.devices.into_iter().find(|d| {
+        let same_file = d
+            .path
+            .as_deref()
+            .is_some_and(|p| p == path || (wanted.is_some() && identity(p) == wanted));
+        same_file
+            && name.is_none_or(|n| n == d.name)
+            && (want_loop != Some(true) || d.loop_device.is_some())
+    }))
 }
 
 fn empty(json: bool) {
@@ -526,20 +634,19 @@ fn empty(json: bool) {
     }
 }
 
-fn print_event(event: Option<&Event>) {
+fn print_event(event: &Event) {
     match event {
-        None => println!("event=none"),
-        Some(Event::NoSpace { requested_sectors }) => {
+        Event::NoSpace { requested_sectors } => {
             println!("event=no_space");
             println!("requested_sectors={requested_sectors}");
         }
-        Some(Event::Corrupted { device, errno }) => {
+        Event::Corrupted { device, errno } => {
             println!("event=corrupted");
             println!("device={device}");
             println!("errno={errno}");
             println!("error={}", errno_name(*errno));
         }
-        Some(Event::CbtReset { device, reason }) => {
+        Event::CbtReset { device, reason } => {
             println!("event=cbt_reset");
             println!("device={device}");
             println!("generation_reason={reason}");
@@ -561,7 +668,8 @@ fn snapshot_info(info: &SnapshotInfo, field: Option<Field>, json: bool) -> Resul
         )
     };
     match field {
-        Some(Field::ErrorCode) => println!("{}", image.ok_or_else(not_taken)?.error_code),
+        // The original's sign: a negative errno (-ENOSPC), 0 for none.
+        Some(Field::ErrorCode) => println!("{}", -image.ok_or_else(not_taken)?.error_code),
         Some(f @ (Field::Image | Field::Nbd)) => {
             let image = image.ok_or_else(not_taken)?;
             let (served, what) = if f == Field::Image {
@@ -578,13 +686,17 @@ fn snapshot_info(info: &SnapshotInfo, field: Option<Field>, json: bool) -> Resul
             println!("{served}");
         }
         None => {
+            // The original's two lines first (its sign: -errno), ours after.
+            println!("error_code={}", -image.map_or(0, |i| i.error_code));
+            println!(
+                "image={}",
+                image.and_then(|i| i.image.as_deref()).unwrap_or("-")
+            );
             println!("id={}", info.id);
             println!("taken={}", info.taken);
             println!("device={device}");
             if let Some(image) = image {
-                println!("image={}", image.image.as_deref().unwrap_or("-"));
                 println!("nbd={}", image.nbd.as_deref().unwrap_or("-"));
-                println!("error_code={}", image.error_code);
                 println!("chunk_size={}", image.chunk_size);
             }
             println!("storage_used={}", info.storage.used);

@@ -134,15 +134,20 @@ fn error_code(d: &Daemon) -> i64 {
     info(d)["images"][0]["error_code"].as_i64().unwrap()
 }
 
-/// The next event of snapshot `id` within `ms` (`event=none` if none).
+/// The next event of snapshot `id` within `ms`, its lines after the
+/// original's `result=` and `time=` (checked), `event=none` if none.
 fn event(d: &Daemon, id: &str, ms: u64) -> String {
-    d.ok(&[
+    let out = d.ok(&[
         "snapshot_waitevent",
         "--id",
         id,
         "--timeout",
         &ms.to_string(),
-    ])
+    ]);
+    common::event_lines(&out)
+        .into_iter()
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 fn chunk(data: &[u8], index: u64) -> &[u8] {

@@ -107,18 +107,17 @@ fn take_quietly(d: &Daemon, devices: &[&str]) {
     d.ok(&["snapshot_destroy", "--id", &id]);
 }
 
-/// `snapshot_waitevent` output, lines joined by spaces.
+/// `snapshot_waitevent` output after the original's `result=` and `time=`
+/// lines (checked), lines joined by spaces; `event=none` for a timeout.
 fn next_event(d: &Daemon, id: &str, timeout_ms: u64) -> String {
-    d.ok(&[
+    let out = d.ok(&[
         "snapshot_waitevent",
         "--id",
         id,
         "--timeout",
         &timeout_ms.to_string(),
-    ])
-    .lines()
-    .collect::<Vec<_>>()
-    .join(" ")
+    ]);
+    common::event_lines(&out).join(" ")
 }
 
 fn reset_event(device: &str, reason: &str) -> String {
@@ -244,8 +243,8 @@ fn two_devices_written(d: &Daemon, p: &Phases) -> Vec<(Cbt, Vec<u8>)> {
         d.image(name, SIZE);
         let attached = d.ok(&["attach", "--device", name]);
         assert_eq!(
-            attached.lines().next(),
-            Some(format!("device={name}").as_str())
+            attached.lines().take(2).collect::<Vec<_>>(),
+            ["Attached successfully", format!("device={name}").as_str()]
         );
         let fresh = cbtinfo(d, name);
         assert_eq!(
@@ -450,7 +449,7 @@ fn a_clean_stop_with_a_snapshot_taken_saves_the_writes_made_under_it() {
     let map = d.cbt_map("s.img");
     let dir = d.shutdown_keep_dir();
     let d = Daemon::start_in(dir, &[]);
-    assert_eq!(d.ok(&["snapshot_collect"]), "");
+    assert_eq!(d.ok(&["snapshot_collect"]).trim(), "");
     assert_eq!(
         cbtinfo(&d, "s.img"),
         Cbt {
@@ -900,8 +899,8 @@ fn ext4_loop_round(mount: bool) -> (Cbt, Cbt) {
     let mut d = Daemon::start();
     let attached = d.ok(&["attach", "--device", &guard.device]);
     assert_eq!(
-        attached.lines().next(),
-        Some(format!("device={name}").as_str())
+        attached.lines().take(2).collect::<Vec<_>>(),
+        ["Attached successfully", format!("device={name}").as_str()]
     );
     take_quietly(&d, &[&name]);
     let before = cbtinfo(&d, &name);

@@ -456,3 +456,25 @@ pub fn blksnap_backup() -> PathBuf {
         })
         .clone()
 }
+
+/// `snapshot_waitevent`'s output checked against the original's layout
+/// (`result=timeout` alone, or `result=ok`, then `time=` with a number,
+/// then `event=`); returns the lines from `event=` on, or `["event=none"]`
+/// for a timeout.
+pub fn event_lines(out: &str) -> Vec<String> {
+    let lines: Vec<&str> = out.lines().collect();
+    if lines == ["result=timeout"] {
+        return vec!["event=none".to_string()];
+    }
+    assert_eq!(lines.first(), Some(&"result=ok"), "{out:?}");
+    let time = lines.get(1).and_then(|l| l.strip_prefix("time="));
+    assert!(
+        time.is_some_and(|t| t.parse::<u64>().is_ok()),
+        "no time=N second: {out:?}"
+    );
+    assert!(
+        lines.get(2).is_some_and(|l| l.starts_with("event=")),
+        "no event= third: {out:?}"
+    );
+    lines[2..].iter().map(|l| l.to_string()).collect()
+}
