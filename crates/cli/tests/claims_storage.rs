@@ -166,6 +166,22 @@ fn on_copy_error_keep_origin_writes_corrupts_the_image() {
     assert_eq!(origin.write(CHUNK, chunk(&b, 1)), 0);
     assert_eq!(origin.read(0, 2 * CHUNK), b[..2 * CHUNK as usize]);
     assert_eq!(error_code(&d), ENOSPC as i64, "{}", info(&d));
+    // The text output has the original's sign: -ENOSPC, first line.
+    let negative = format!("-{ENOSPC}");
+    assert_eq!(
+        d.ok(&[
+            "snapshot_info",
+            "--device",
+            "a.img",
+            "--field",
+            "error_code"
+        ]),
+        format!("{negative}\n")
+    );
+    assert_eq!(
+        d.ok(&["snapshot_info", "-d", "a.img"]).lines().next(),
+        Some(format!("error_code={negative}").as_str())
+    );
     assert!(event(&d, &id, 5000).starts_with("event=no_space\n"));
     assert_eq!(
         event(&d, &id, 5000),
@@ -281,4 +297,43 @@ fn no_space_again_after_append_and_image_write_on_full_storage() {
     let mut expected = b[..2 * CHUNK as usize].to_vec();
     expected.extend_from_slice(&a[2 * CHUNK as usize..]);
     assert_eq!(origin.read(0, SIZE), expected);
+}
+
+/// `snapshot_watcher` on a snapshot whose storage fills up: the original's
+/// messages for `no_space` and then `corrupted`, and status 0 (a script
+/// under `bash -e` that waits on it goes on).
+#[test]
+fn watcher_reports_overflow_as_the_original_and_exits_0() {
+    let (d, id, _) = one_chunk_snapshot(&["--on-copy-error", "keep-origin-writes"]);
+    let b = Pattern::RandomFill.bytes(0xB, SIZE);
+    let mut origin = Nbd::connect(&d.nbd, "a.img");
+    assert_eq!(origin.write(0, chunk(&b, 0)), 0);
+    assert_eq!(origin.write(CHUNK, chunk(&b, 1)), 0);
+    assert_eq!(error_code(&d), ENOSPC as i64, "{}", info(&d));
+    // The events wait in the snapshot's queue: the watcher reads both.
+    let out = d.cli(&["snapshot_watcher", "-i", &id]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(lines[0], "Start snapshot watcher.");
+    let timed = |line: &str| {
+        let (time, message) = line.split_once(" - ").unwrap_or(("", ""));
+        assert!(time.parse::<u64>().is_ok(), "no time label: {line:?}");
+        message.to_string()
+    };
+    let no_space = timed(lines[1]);
+    let mib = no_space
+        .strip_prefix("The the difference storage already grow up to ")
+        .and_then(|rest| rest.strip_suffix(" MiB. Limit has been reached."))
+        .unwrap_or_else(|| panic!("not the no_space message: {no_space:?}"));
+    assert!(mib.parse::<u64>().is_ok(), "{no_space:?}");
+    assert_eq!(
+        timed(lines[2]),
+        "The snapshot was corrupted for device [a.img] with error \"No space left on device\"."
+    );
+    assert_eq!(lines[3], "Snapshot watcher finished");
+    // The watcher stopped at the corruption; the snapshot is still there.
+    assert_eq!(event(&d, &id, 0), "event=none\n");
+    d.ok(&["snapshot_destroy", "--id", &id]);
 }
