@@ -382,6 +382,10 @@ def local_table(results):
                      f"{fratio(ratio(f[0], f[1]), 0.9)} | {fratio(ratio(f[0], f[2]), 0.9)} | "
                      f"{p99_cell(p99[0], p99[1])} | {p99_cell(p99[1], None)} | "
                      f"{p99_cell(p99[2], None)} |")
+    lines.append("")
+    return lines
+
+
 def growth_table(rows):
     """The growth phase: the longest first writes while the difference
     storage grows."""
