@@ -1071,16 +1071,14 @@ mod tests {
         storage.wait_growth();
         let st = storage.stats();
         assert_eq!((st.total, st.extents), (step, 1), "{st:?}");
-        let len = storage
-            .growable
-            .as_ref()
-            .unwrap()
-            .device
-            .file()
-            .metadata()
-            .unwrap()
-            .len();
+        let len = grown_file_len(&storage);
         assert_eq!(len, step);
+    }
+
+    /// The length of the storage's growable file now.
+    fn grown_file_len(storage: &DiffStorage) -> u64 {
+        let growable = storage.growable.as_ref().expect("a growable storage");
+        growable.device.file().metadata().unwrap().len()
     }
 
     /// Growth in the background stops exactly at the limit (a last short
@@ -1104,15 +1102,7 @@ mod tests {
         assert_eq!(slots, limit / CHUNK);
         storage.wait_growth();
         assert_eq!(storage.stats().total, limit);
-        let len = storage
-            .growable
-            .as_ref()
-            .unwrap()
-            .device
-            .file()
-            .metadata()
-            .unwrap()
-            .len();
+        let len = grown_file_len(&storage);
         assert_eq!(len, limit, "the file grew exactly to the limit");
         assert_eq!(
             drain(&events),

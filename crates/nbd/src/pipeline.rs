@@ -334,6 +334,21 @@ mod tests {
         Ok(got.map_or(Next::End, Next::Job))
     }
 
+    type FedServer<J> = std::thread::JoinHandle<(io::Result<()>, Feed<J>)>;
+
+    /// A connection served on a thread of its own, its requests fed by
+    /// the test through the returned sender (`None` ends the stream).
+    fn serve_fed<J: Send + 'static>(
+        run: impl Fn(J) -> bool + Send + Sync + 'static,
+        permits: Arc<WorkerPermits>,
+        limits: PipelineLimits,
+    ) -> (std::sync::mpsc::Sender<Option<J>>, FedServer<J>) {
+        let (feed, incoming) = std::sync::mpsc::channel::<Option<J>>();
+        let server =
+            std::thread::spawn(move || Pipeline::serve(incoming, fed, run, permits, limits));
+        (feed, server)
+    }
+
     /// Every job runs exactly once, whatever mix of followers and the
     /// connection's own thread runs them, and serve returns only after
     /// all of them.
@@ -404,36 +419,26 @@ mod tests {
         // Job 0 blocks until the gate opens; the reader then offers 20
         // short jobs, and waits (as an idle socket would) until the test
         // has seen the idle followers end.
-        let (feed, incoming) = std::sync::mpsc::channel::<Option<bool>>();
         let (r, m, g) = (running.clone(), most.clone(), gate.clone());
-        let server = {
-            let permits = permits.clone();
-            std::thread::spawn(move || {
-                Pipeline::serve(
-                    incoming,
-                    fed,
-                    move |blocked: bool| {
-                        let now = r.fetch_add(1, Ordering::SeqCst) + 1;
-                        m.fetch_max(now, Ordering::SeqCst);
-                        if blocked {
-                            let (open, cv) = &*g;
-                            let mut open = open.lock().unwrap();
-                            while !*open {
-                                open = cv.wait(open).unwrap();
-                            }
-                        } else {
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        r.fetch_sub(1, Ordering::SeqCst);
-                        true
-                    },
-                    permits,
-                    limits(2),
-                )
-                .0
-                .unwrap()
-            })
-        };
+        let (feed, server) = serve_fed(
+            move |blocked: bool| {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                if blocked {
+                    let (open, cv) = &*g;
+                    let mut open = open.lock().unwrap();
+                    while !*open {
+                        open = cv.wait(open).unwrap();
+                    }
+                } else {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                r.fetch_sub(1, Ordering::SeqCst);
+                true
+            },
+            permits.clone(),
+            limits(2),
+        );
         feed.send(Some(true)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while running.load(Ordering::SeqCst) == 0 {
@@ -464,7 +469,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         feed.send(None).unwrap();
-        server.join().unwrap();
+        server.join().unwrap().0.unwrap();
         assert!(most.load(Ordering::SeqCst) <= 3);
     }
 
@@ -473,22 +478,14 @@ mod tests {
     #[test]
     fn an_idle_connection_keeps_only_its_own_thread() {
         let permits = WorkerPermits::new(8);
-        let (feed, incoming) = std::sync::mpsc::channel::<Option<u32>>();
-        let server = {
-            let permits = permits.clone();
-            std::thread::spawn(move || {
-                Pipeline::serve(
-                    incoming,
-                    fed,
-                    |_| {
-                        std::thread::sleep(Duration::from_millis(2));
-                        true
-                    },
-                    permits,
-                    limits(4),
-                )
-            })
-        };
+        let (feed, server) = serve_fed(
+            |_: u32| {
+                std::thread::sleep(Duration::from_millis(2));
+                true
+            },
+            permits.clone(),
+            limits(4),
+        );
         // Bursts of overlapping jobs start followers; between bursts one
         // thread waits in read: in the end it must be the connection's own.
         for burst in 0..5 {
