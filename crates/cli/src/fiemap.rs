@@ -3,6 +3,7 @@
 //! mark a file's blocks changed so the next incremental backup includes it.
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use blksnap_proto::Range;
@@ -38,11 +39,15 @@ struct Fiemap {
     extents: [FiemapExtent; EXTENTS_PER_CALL],
 }
 
-/// The sector ranges `path`'s data occupies on the device under its
-/// filesystem, merged where adjacent.
-pub fn file_ranges(path: &Path) -> Result<Vec<Range>, String> {
+/// The device under `path`'s filesystem (its `st_dev`) and the sector
+/// ranges the file's data occupies on it, merged where adjacent.
+pub fn file_ranges(path: &Path) -> Result<(u64, Vec<Range>), String> {
     let shown = path.display();
     let file = File::open(path).map_err(|e| format!("cannot open {shown}: {e}"))?;
+    let device = file
+        .metadata()
+        .map_err(|e| format!("cannot stat {shown}: {e}"))?
+        .dev();
     let mut ranges: Vec<Range> = Vec::new();
     let mut start = 0u64;
     loop {
@@ -87,7 +92,7 @@ pub fn file_ranges(path: &Path) -> Result<Vec<Range>, String> {
             Some(last) if last.flags & FIEMAP_EXTENT_LAST == 0 => {
                 start = last.logical + last.length
             }
-            _ => return Ok(ranges),
+            _ => return Ok((device, ranges)),
         }
     }
 }

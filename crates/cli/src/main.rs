@@ -10,6 +10,7 @@
 
 mod fiemap;
 
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -102,9 +103,11 @@ enum Command {
     /// Mark sector ranges, or the blocks of a file, as changed.
     #[command(name = "markdirtyblock")]
     Markdirtyblock {
-        /// Device name or path.
-        #[arg(short = 'd', long)]
-        device: String,
+        /// Device name or path. Without it, `--file` names the device: the
+        /// attached device whose loop device (or block device) holds the
+        /// file's filesystem.
+        #[arg(short = 'd', long, required_unless_present = "file")]
+        device: Option<String>,
         /// Sector range START:COUNT (512-byte sectors); several after one
         /// flag, or the flag repeated. Also spelt --ranges.
         #[arg(short = 'r', long, visible_alias = "ranges", value_parser = parse_range, num_args = 1.., required_unless_present = "file")]
@@ -279,6 +282,36 @@ fn device_key(device: &str) -> String {
     }
 }
 
+/// The attached device holding the filesystem of a file on device `rdev`:
+/// the one whose loop device is `rdev`, or that is itself the block device
+/// `rdev`. What the original finds through the block device's filter.
+fn device_of_file(client: &mut Client, file: &Path, rdev: u64) -> Result<String, Failure> {
+    let block_rdev = |path: &str| {
+        std::fs::metadata(path)
+            .ok()
+            .filter(|m| m.file_type().is_block_device())
+            .map(|m| m.rdev())
+    };
+    let list = client.list()?;
+    let found = list.devices.iter().find(|d| {
+        let on_loop = d.loop_device.as_deref().and_then(block_rdev) == Some(rdev);
+        on_loop || d.path.as_deref().and_then(block_rdev) == Some(rdev)
+    });
+    match found {
+        Some(d) => Ok(d.name.clone()),
+        None => Err(Failure(
+            format!(
+                "{} is on block device {}:{}, which is no attached device nor its loop device: \
+                 attach the device with --loop and mount its loop device, or name it with --device",
+                file.display(),
+                rustix::fs::major(rdev),
+                rustix::fs::minor(rdev)
+            ),
+            1,
+        )),
+    }
+}
+
 fn absolute(path: &Path, what: &str) -> Result<String, Failure> {
     std::fs::canonicalize(path)
         .map(|p| p.display().to_string())
@@ -418,13 +451,32 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             range,
             file,
         } => {
-            let ranges = match file {
-                Some(f) => fiemap::file_ranges(f).map_err(|m| Failure(m, 1))?,
-                None => range.clone(),
+            let (key, ranges) = match file {
+                Some(f) => {
+                    let (rdev, ranges) = fiemap::file_ranges(f).map_err(|m| Failure(m, 1))?;
+                    let key = match device {
+                        Some(d) => device_key(d),
+                        None => device_of_file(&mut client, f, rdev)?,
+                    };
+                    if !json {
+                        // The original's lines: the file's device, then one
+                        // line per range (ours merged where adjacent).
+                        let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+                        println!("device path: '/dev/block/{major}:{minor}'");
+                        for r in &ranges {
+                            println!("allocate range: ofs={} cnt={}", r.start, r.count);
+                        }
+                    }
+                    (key, ranges)
+                }
+                None => (
+                    device_key(device.as_deref().unwrap_or_default()),
+                    range.clone(),
+                ),
             };
-            client.mark_dirty(&device_key(device), &ranges)?;
+            client.mark_dirty(&key, &ranges)?;
             if json {
-                print_json(&serde_json::json!({ "ranges": ranges }));
+                print_json(&serde_json::json!({ "device": key, "ranges": ranges }));
             }
         }
         Command::SnapshotCreate {
@@ -613,7 +665,6 @@ fn already_attached(
     name: Option<&str>,
     want_loop: Option<bool>,
 ) -> Result<Option<blksnap_proto::DeviceInfo>, Failure> {
-    use std::os::unix::fs::MetadataExt;
     let identity = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
     let wanted = identity(path);
     let list = client.list()?;
@@ -672,17 +723,21 @@ fn snapshot_info(info: &SnapshotInfo, field: Option<Field>, json: bool) -> Resul
         Some(Field::ErrorCode) => println!("{}", -image.ok_or_else(not_taken)?.error_code),
         Some(f @ (Field::Image | Field::Nbd)) => {
             let image = image.ok_or_else(not_taken)?;
+            // `image` is what a script reads the image from: the loop device,
+            // else the NBD URI (the original always had a block device).
             let (served, what) = if f == Field::Image {
-                (&image.image, "a local block device")
-            } else {
-                (&image.nbd, "NBD")
-            };
-            let served = served.as_deref().ok_or_else(|| {
-                Failure(
-                    format!("the image of {} is not served by {what}", image.device),
-                    1,
+                (
+                    image.image.as_ref().or(image.nbd.as_ref()),
+                    "served by neither a loop device (daemon without --fuse-dir, or device attached without --loop) nor NBD (daemon without --nbd-socket or --nbd-tcp)",
                 )
-            })?;
+            } else {
+                (
+                    image.nbd.as_ref(),
+                    "not served by NBD (daemon without --nbd-socket or --nbd-tcp)",
+                )
+            };
+            let served = served
+                .ok_or_else(|| Failure(format!("the image of {} is {what}", image.device), 1))?;
             println!("{served}");
         }
         None => {

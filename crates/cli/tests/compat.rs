@@ -436,3 +436,21 @@ fn collect_prints_the_original_lines() {
     // a script's `for id in $(blksnap snapshot_collect)` sees just the ids
     assert_eq!(text.split_whitespace().count(), ids.len());
 }
+
+#[test]
+fn markdirtyblock_file_without_device_names_what_is_missing() {
+    // A file on no attached device (the test's own filesystem): the
+    // original would mark its block device; ours says which device it is
+    // and how to make it one we track. The root test `local.rs`
+    // cbt_map_and_markdirtyblock_file marks a file found this way.
+    let d = Daemon::start();
+    d.image("a.img", 8 * MIB);
+    d.ok(&["attach", "--device", "a.img"]);
+    let file = d.path("data.bin");
+    std::fs::write(&file, vec![7u8; 64 << 10]).unwrap();
+    let out = d.fails(
+        &["markdirtyblock", "--file", file.to_str().unwrap()],
+        &["data.bin", "which is no attached device", "--device"],
+    );
+    assert!(!out.contains("allocate range"), "{out}");
+}

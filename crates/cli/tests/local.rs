@@ -24,6 +24,7 @@ mod common;
 mod local_tools;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1190,10 +1191,34 @@ fn cbt_map_and_markdirtyblock_file() {
         expected,
         "FIEMAP ranges {ranges:?} against filefrag"
     );
+    assert_eq!(marked["device"], dev_loop.as_str(), "{marked}");
     eprintln!(
         "{} extent(s) {ranges:?} in tracking blocks {expected:?}",
         ranges.len()
     );
+    // The original's way: no --device, the file's filesystem names it; its
+    // lines tell the file's device and the ranges marked (the same again).
+    let loop_rdev = std::fs::metadata(&dev_loop).unwrap().rdev();
+    let text = env.ok(&["markdirtyblock", "--file", s(&target)]);
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some(
+            format!(
+                "device path: '/dev/block/{}:{}'",
+                rustix::fs::major(loop_rdev),
+                rustix::fs::minor(loop_rdev)
+            )
+            .as_str()
+        ),
+        "{text}"
+    );
+    let listed: Vec<String> = lines.map(str::to_string).collect();
+    let wanted: Vec<String> = ranges
+        .iter()
+        .map(|(start, count)| format!("allocate range: ofs={start} cnt={count}"))
+        .collect();
+    assert_eq!(listed, wanted, "{text}");
     env.ok(&["snapshot_destroy", "--id", &second]);
     let third = env.snapshot(&dev, &storage);
     let next = map("marked.map");
