@@ -454,3 +454,51 @@ fn markdirtyblock_file_without_device_names_what_is_missing() {
     );
     assert!(!out.contains("allocate range"), "{out}");
 }
+
+#[test]
+fn snapshot_create_and_add_attach_what_is_not_attached() {
+    let d = Daemon::start();
+    for name in ["a.img", "b.img", "c.img"] {
+        d.image(name, 8 * MIB);
+    }
+    let names = |d: &Daemon| -> Vec<String> {
+        let list = json(&d.ok(&["list", "--json"]));
+        let mut names: Vec<String> = list["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    // All or nothing: a create naming a missing file attaches nothing.
+    d.fails(
+        &["snapshot_create", "-d", "a.img", "missing.img", "-f", "."],
+        &["missing.img"],
+    );
+    assert!(names(&d).is_empty(), "{:?}", names(&d));
+    assert_eq!(d.ok(&["snapshot_collect"]), "\n");
+
+    let id = d.ok(&["snapshot_create", "-d", "a.img", "-f", "."]);
+    let id = id.trim();
+    assert_eq!(names(&d), ["a.img"]);
+    d.ok(&["snapshot_add", "-i", id, "-d", "b.img"]);
+    assert_eq!(names(&d), ["a.img", "b.img"]);
+    // Tracking started at the attach: a cbtinfo of each answers.
+    for name in ["a.img", "b.img"] {
+        d.ok(&["cbtinfo", "-d", name]);
+    }
+    d.ok(&["snapshot_take", "-i", id]);
+    let (devices, _) = snapshot_of_a(&d);
+    assert_eq!(devices, ["a.img", "b.img"]);
+    // Adding to a taken snapshot fails, and leaves c.img not attached.
+    d.fails(&["snapshot_add", "-i", id, "-d", "c.img"], &["taken"]);
+    assert_eq!(names(&d), ["a.img", "b.img"]);
+    d.ok(&["snapshot_destroy", "-i", id]);
+    // A name (not a path) is still looked up, not attached.
+    d.fails(
+        &["snapshot_create", "-d", "nothing-by-this-name", "-f", "."],
+        &["ENOENT"],
+    );
+}

@@ -1233,6 +1233,37 @@ fn cbt_map_and_markdirtyblock_file() {
     env.ok(&["snapshot_destroy", "--id", &third]);
 }
 
+#[test]
+fn snapshot_create_of_a_mounted_device_says_to_attach_with_loop() {
+    const TEST: &str = "snapshot_create_of_a_mounted_device_says_to_attach_with_loop";
+    let Some(env) = Env::start_if_ready(TEST, &[], None) else {
+        return;
+    };
+    // The original attaches a device named by snapshot_create; ours does
+    // too, but a mounted block device cannot be opened exclusively, and
+    // its writes would never pass through us anyway.
+    let raw = env.losetup(&env.file("raw.img", 64 * MIB));
+    env.mkfs(Fs::Ext4, &raw);
+    let mounted = env.mount(&raw, "raw", &[]);
+    let storage = env.dir("storage");
+    let out = env.fails(
+        &["snapshot_create", "-d", &raw, "-f", s(&storage)],
+        &["EBUSY", &raw, "--loop", "mount its loop device"],
+    );
+    assert_eq!(out.lines().count(), 1, "one line: {out}");
+    let list = parse_json(&env.ok(&["list", "--json"]));
+    assert_eq!(list["devices"], serde_json::json!([]), "{list}");
+    assert_eq!(list["snapshots"], serde_json::json!([]), "{list}");
+    env.umount(&mounted);
+    // Unmounted, the same command attaches it and makes the snapshot.
+    let id = env.ok(&["snapshot_create", "-d", &raw, "-f", s(&storage)]);
+    let list = parse_json(&env.ok(&["list", "--json"]));
+    assert_eq!(list["devices"][0]["path"], raw.as_str(), "{list}");
+    env.ok(&["snapshot_destroy", "-i", id.trim()]);
+    env.ok(&["detach", "-d", &raw]);
+    env.losetup_detach(&raw);
+}
+
 // ---------------------------------------------------------------------------
 // 5. Concurrent I/O on the origin and the image; destroy under load.
 

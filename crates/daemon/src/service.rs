@@ -454,20 +454,64 @@ impl Service {
             storage_wait: a.storage_wait_ms.map(Duration::from_millis),
         };
         let id = e.snapshot_create(storage, options)?;
+        let mut attached = Vec::new();
         for device in &a.devices {
-            if let Err(err) = e.snapshot_add(&id, device) {
+            if let Err(err) = self.add_attaching(&id, device, &mut attached) {
                 // All or nothing: a create that names a bad device leaves no
-                // half-made snapshot behind.
+                // half-made snapshot behind, nor devices it attached.
                 let _ = e.snapshot_destroy(&id);
-                return Err(err.into());
+                for name in &attached {
+                    self.detach_attached(name);
+                }
+                return Err(err);
             }
         }
         Ok(proto::SnapshotId { id })
     }
 
     fn snapshot_add(&self, a: proto::SnapshotDeviceArgs) -> Reply<proto::Empty> {
-        self.engine.snapshot_add(&a.id, &a.device)?;
+        let mut attached = Vec::new();
+        self.add_attaching(&a.id, &a.device, &mut attached)?;
         Ok(proto::Empty {})
+    }
+
+    /// Adds a device to a snapshot, attaching it first when it is a path
+    /// not attached yet, as the original's snapshot_create and
+    /// snapshot_add do; what it attached is pushed on `attached`, for the
+    /// caller to undo. The add failing undoes the attach itself.
+    fn add_attaching(&self, id: &Uuid, key: &str, attached: &mut Vec<String>) -> Reply<()> {
+        let e = &self.engine;
+        let attach_first = key.starts_with('/') && e.device(key).is_err();
+        if !attach_first {
+            return Ok(e.snapshot_add(id, key)?);
+        }
+        let name = self
+            .attach_device(Path::new(key), None, self.attach_loop, None, false)
+            .map_err(|err| {
+                if err.errno == libc::EBUSY {
+                    busy(format!(
+                        "{}; a mounted device cannot be attached: unmount it, attach it with \
+                         `blksnap attach --device {key} --loop`, and mount its loop device instead",
+                        err.message
+                    ))
+                } else {
+                    err
+                }
+            })?;
+        tracing::info!(device = %name, snapshot = %id, "attached to be added to the snapshot");
+        if let Err(err) = e.snapshot_add(id, &name) {
+            self.detach_attached(&name);
+            return Err(err.into());
+        }
+        attached.push(name);
+        Ok(())
+    }
+
+    /// Undoes an attach made for a snapshot that then failed.
+    fn detach_attached(&self, name: &str) {
+        if let Err(err) = self.detach(name) {
+            tracing::error!(device = %name, error = %err.message, "cannot detach a device attached for a failed snapshot");
+        }
     }
 
     fn snapshot_appendstorage(&self, a: proto::AppendStorageArgs) -> Reply<proto::Empty> {
