@@ -50,10 +50,18 @@ pub struct DaemonConfig {
     /// Freeze (FIFREEZE) filesystems mounted on our loop devices around a
     /// snapshot take.
     pub freeze_on_take: bool,
+    /// Longest a take keeps filesystems frozen, in ms, counted from its
+    /// first FIFREEZE; then they are thawed even if the take goes on.
+    /// 0: until the take ends.
+    pub freeze_timeout_ms: u64,
     /// How change maps persist, for devices attached without
     /// `--cbt-persistence`: `clean-stop` or `write-ahead`.
     pub cbt_persistence: blksnap_proto::CbtPersistence,
 }
+
+/// The default of `freeze_timeout_ms`: far beyond a take (milliseconds),
+/// short enough for writers to wait it out.
+pub const DEFAULT_FREEZE_TIMEOUT_MS: u64 = 5_000;
 
 /// Keys whose values are sizes: bytes, or a string with a K/M/G suffix.
 const SIZE_KEYS: &[&str] = &[
@@ -81,6 +89,7 @@ impl Default for DaemonConfig {
             nbd_stall_timeout_ms: 60_000,
             attach_loop: false,
             freeze_on_take: true,
+            freeze_timeout_ms: DEFAULT_FREEZE_TIMEOUT_MS,
             cbt_persistence: blksnap_proto::CbtPersistence::CleanStop,
         }
     }
@@ -100,6 +109,12 @@ impl DaemonConfig {
             stall_timeout: (self.nbd_stall_timeout_ms > 0)
                 .then(|| std::time::Duration::from_millis(self.nbd_stall_timeout_ms)),
         }
+    }
+
+    /// The freeze deadline, `None` for none.
+    pub fn freeze_timeout(&self) -> Option<std::time::Duration> {
+        (self.freeze_timeout_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.freeze_timeout_ms))
     }
 
     pub fn load(path: &Path) -> Result<Self, String> {
@@ -135,6 +150,9 @@ mod tests {
     fn defaults_match_the_engine() {
         let c = DaemonConfig::parse("").unwrap();
         assert_eq!(c.engine, Config::default());
+        assert_eq!(c.freeze_timeout(), Some(Duration::from_secs(5)));
+        let c = DaemonConfig::parse("freeze_timeout_ms = 0").unwrap();
+        assert_eq!(c.freeze_timeout(), None);
     }
 
     #[test]

@@ -121,6 +121,13 @@ fn run(options: Options) -> Result<(), String> {
     // mounts; the control socket last, so a client that can connect finds
     // every frontend ready.
     let lock = DaemonLock::acquire(&options.control)?;
+    // First of all that touches our devices (before leftover loop devices
+    // are detached, before the FUSE directory is unmounted): a daemon that
+    // died mid-take left its filesystems frozen, and nothing else thaws
+    // them. After the lock, so a daemon still running keeps its freezes.
+    if let Some(dir) = &options.fuse_dir {
+        blksnap_daemon::freeze::thaw_leftovers(dir);
+    }
     persistence.start_heartbeat(engine.clone());
     let nbd = NbdServer::with_limits(
         engine.clone(),
@@ -129,8 +136,9 @@ fn run(options: Options) -> Result<(), String> {
             tls: nbd_tls,
         },
     );
-    let mut service =
-        Service::new(engine.clone(), Some(nbd_socket.clone())).with_persistence(persistence);
+    let mut service = Service::new(engine.clone(), Some(nbd_socket.clone()))
+        .with_persistence(persistence)
+        .with_freeze_timeout(config.freeze_timeout());
     let local = match &options.fuse_dir {
         Some(dir) => {
             let local = LocalDevices::mount(engine.clone(), dir)
@@ -187,6 +195,7 @@ fn run(options: Options) -> Result<(), String> {
                 continue;
             }
             tracing::info!(signal, "stopping");
+            watcher.begin_stop();
             stopper.shutdown();
             break;
         }
@@ -194,10 +203,20 @@ fn run(options: Options) -> Result<(), String> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "blksnapd started");
     notify_ready();
     server.serve();
+    // Nothing of ours stays frozen once we are gone (begun at the stop
+    // request; this waits for thaws, and for freezes still in the kernel).
+    service.wait_thawed();
     nbd.shutdown();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while nbd.connection_count() > 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Writes sent through a loop device (and, after a forced stop, still
+    // held by a filesystem mounted on it) reach their origin before the
+    // origins are flushed: flushed after, they would be lost.
+    if let Some(local) = &local {
+        blksnap_daemon::freeze::sync_filesystems_on(&local.loop_rdevs());
+        local.flush_loops();
     }
     for device in engine.devices() {
         if let Err(e) = device.flush() {

@@ -38,6 +38,8 @@ pub struct Service {
     local: Option<Arc<LocalDevices>>,
     attach_loop: bool,
     freeze_on_take: bool,
+    /// Every freeze of a take, for its deadline and the stop to end.
+    freezer: crate::freeze::Freezer,
     stopper: OnceLock<Stopper>,
     forced_stop: AtomicBool,
     /// The state dir, when the daemon persists tracking.
@@ -97,6 +99,9 @@ impl Service {
             local: None,
             attach_loop: false,
             freeze_on_take: true,
+            freezer: crate::freeze::Freezer::new(Some(Duration::from_millis(
+                crate::config::DEFAULT_FREEZE_TIMEOUT_MS,
+            ))),
             stopper: OnceLock::new(),
             forced_stop: AtomicBool::new(false),
             persistence: None,
@@ -122,6 +127,24 @@ impl Service {
         self.attach_loop = attach_loop;
         self.freeze_on_take = freeze_on_take;
         self
+    }
+
+    /// The longest a take keeps filesystems frozen (`None`: until the take
+    /// ends, however long).
+    pub fn with_freeze_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.freezer = crate::freeze::Freezer::new(timeout);
+        self
+    }
+
+    /// The stop begins: what a take froze is thawed now (in the
+    /// background), and nothing is frozen any more.
+    pub fn begin_stop(&self) {
+        self.freezer.begin_stop();
+    }
+
+    /// Before the daemon exits: waits until nothing of ours is frozen.
+    pub fn wait_thawed(&self) {
+        self.freezer.wait_thawed();
     }
 
     /// How the `shutdown` command stops the daemon (the control server's
@@ -376,6 +399,9 @@ impl Service {
             )
         })?;
         tracing::info!(force, busy = ?busy_devices, "stop requested over the control socket");
+        // Before anything else: a take in progress may hold filesystems
+        // frozen, and the stop waits up to 10 s for requests in flight.
+        self.freezer.begin_stop();
         stopper();
         Ok(proto::Empty {})
     }
@@ -522,24 +548,22 @@ impl Service {
     }
 
     /// Freezes filesystems on the devices' loop devices, takes, thaws, and
-    /// gives each image a loop device where its device has one.
+    /// gives each image a loop device where its device has one. The freeze
+    /// ends with the take, or earlier at its deadline or the stop (see
+    /// [`crate::freeze`]); the result says which filesystems stayed frozen.
     fn snapshot_take(&self, id: &Uuid) -> Reply<proto::TakeResult> {
         let info = self.engine.snapshot_info(id)?;
         let devices = &info.devices;
-        let mut mounts = Vec::new();
+        let mut filesystems = Vec::new();
         if let (Some(local), true) = (&self.local, self.freeze_on_take) {
-            for d in devices {
-                if let Some(rdev) = local.loop_rdev(d) {
-                    mounts.extend(crate::freeze::mounts_on(rdev));
-                }
-            }
+            let rdevs: Vec<u64> = devices.iter().filter_map(|d| local.loop_rdev(d)).collect();
+            filesystems = crate::freeze::filesystems_on(&rdevs);
         }
         // A storage that cannot hold one chunk is refused by the engine's
         // take (ENOSPC), after which the filesystems are thawed at once.
-        let (frozen, mut warnings) = crate::freeze::Frozen::freeze(&mounts);
+        let freeze = self.freezer.freeze(&filesystems);
         let taken = self.engine.snapshot_take(id);
-        let frozen_mounts = frozen.mount_points();
-        drop(frozen);
+        let (frozen, mut warnings) = freeze.thaw();
         taken?;
         if let Some(local) = &self.local {
             for d in devices.iter().filter(|d| local.loop_path(d).is_some()) {
@@ -548,10 +572,7 @@ impl Service {
                 }
             }
         }
-        Ok(proto::TakeResult {
-            frozen: frozen_mounts,
-            warnings,
-        })
+        Ok(proto::TakeResult { frozen, warnings })
     }
 
     fn snapshot_destroy(&self, id: &Uuid) -> Reply<proto::Empty> {

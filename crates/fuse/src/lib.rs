@@ -103,6 +103,26 @@ impl LocalDevices {
             .and_then(|l| l.rdev().ok())
     }
 
+    /// The device numbers of every loop device.
+    pub fn loop_rdevs(&self) -> Vec<u64> {
+        self.loops
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|l| l.rdev().ok())
+            .collect()
+    }
+
+    /// Writes every loop device holds (its page cache, its queue) go down
+    /// to our files, so to the engine; errors are logged.
+    pub fn flush_loops(&self) {
+        for (volume, device) in self.loops.lock().unwrap().iter() {
+            if let Err(e) = device.flush() {
+                tracing::error!(volume, device = %device.path().display(), error = %e, "cannot flush the loop device");
+            }
+        }
+    }
+
     /// The volume served by the loop device at `path`.
     pub fn volume_of_loop(&self, path: &Path) -> Option<String> {
         self.loops

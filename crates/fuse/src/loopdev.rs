@@ -135,6 +135,13 @@ impl LoopDevice {
         }
     }
 
+    /// fsync of the block device: its dirty page cache is written and a
+    /// flush sent, which the loop driver passes on to the backing file
+    /// once the writes queued before it are done.
+    pub fn flush(&self) -> io::Result<()> {
+        self.device.sync_all()
+    }
+
     /// The device number, to find filesystems mounted on it.
     pub fn rdev(&self) -> io::Result<u64> {
         Ok(rustix::fs::fstat(&self.device)?.st_rdev)
