@@ -580,7 +580,7 @@ fn freeze_deadline_thaws_while_the_take_is_stuck() {
     );
     assert_thawed(&fast, "after the take");
     assert_thawed(&slow, "after the take");
-    let info = parse_json(&env.ok(&["snapshot_info", "--id", &id, "--json"]));
+    let info = parse_json(&env.ok(&["snapshot_info", "--device", "fast", "--json"]));
     assert_eq!(info["taken"], true, "{info}");
 }
 
