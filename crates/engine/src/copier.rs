@@ -37,12 +37,17 @@ impl CopierPool {
             let queue = queue.clone();
             let spawned = thread::Builder::new()
                 .name(format!("blksnap-copier-{i}"))
-                .spawn(move || loop {
-                    // The lock is held only to take a job, not to run it.
-                    let job = queue.lock().unwrap().recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => break,
+                .spawn(move || {
+                    // Copies write the difference storage for a device's
+                    // writer, possibly in the kernel's writeback.
+                    crate::mark_io_flusher("blksnap-copier");
+                    loop {
+                        // The lock is held only to take a job, not to run it.
+                        let job = queue.lock().unwrap().recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => break,
+                        }
                     }
                 });
             if let Err(e) = spawned {

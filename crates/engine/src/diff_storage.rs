@@ -548,7 +548,11 @@ impl DiffStorage {
             let storage = self.clone();
             let spawned = thread::Builder::new()
                 .name("blksnap-grow".into())
-                .spawn(move || storage.grow(want, need));
+                .spawn(move || {
+                    // Writers needing room wait for this growth.
+                    crate::mark_io_flusher("blksnap-grow");
+                    storage.grow(want, need)
+                });
             match spawned {
                 Ok(handle) => {
                     alloc.growth_thread = Some(handle);

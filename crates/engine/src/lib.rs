@@ -21,6 +21,7 @@ mod engine;
 mod error;
 mod events;
 mod image;
+mod io_flusher;
 mod snapshot;
 mod sync;
 mod tracked;
@@ -34,6 +35,7 @@ pub use engine::{Engine, ImageInfo, SnapshotInfo, TrackingStart};
 pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
+pub use io_flusher::mark_io_flusher;
 pub use tracked::TrackedDevice;
 pub use volume::Volume;
 

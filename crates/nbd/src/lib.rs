@@ -41,3 +41,30 @@ pub use engine_export::EngineExports;
 pub use export::{ChangeMap, Export, ExportError, ExportResult, ExportSource, ZeroFlags};
 pub use server::*;
 pub use tls::{check_tcp_exposure, tls_from_options, NbdTls, NbdTlsClient, TlsMode};
+
+/// Puts the calling thread in the `IO_FLUSHER` state (`PR_SET_IO_FLUSHER`):
+/// memory reclaim in a thread that serves a block device's I/O must not
+/// wait for that I/O. Called by the connection and worker threads. The
+/// engine's `mark_io_flusher` does the same; this crate builds without the
+/// engine too. Needs `CAP_SYS_RESOURCE`: one warning per process (as root,
+/// a debug line otherwise) when refused.
+pub(crate) fn mark_io_flusher(role: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let Err(e) = rustix::process::configure_io_flusher_behavior(true) else {
+        return;
+    };
+    if WARNED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    if rustix::process::geteuid().is_root() {
+        tracing::warn!(
+            thread = role,
+            error = %e,
+            "cannot mark NBD threads as I/O flushers (PR_SET_IO_FLUSHER needs \
+             CAP_SYS_RESOURCE): memory reclaim in them may wait for their own I/O"
+        );
+    } else {
+        tracing::debug!(thread = role, error = %e, "NBD threads not marked as I/O flushers");
+    }
+}

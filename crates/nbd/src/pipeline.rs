@@ -260,7 +260,10 @@ impl<R: Send + 'static, J: 'static> Pipeline<R, J> {
         let this = self.clone();
         let started = std::thread::Builder::new()
             .name("nbd-worker".into())
-            .spawn(move || this.take_turns(Some(permit)));
+            .spawn(move || {
+                crate::mark_io_flusher("nbd-worker");
+                this.take_turns(Some(permit))
+            });
         if let Err(e) = started {
             tracing::warn!(error = %e, "cannot start an NBD worker thread");
             self.lock().followers -= 1;

@@ -403,6 +403,7 @@ impl NbdServer {
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-{id}"))
             .spawn(move || {
+                crate::mark_io_flusher("nbd-connection");
                 if let Err(e) = this.serve(stream, tls) {
                     tracing::info!(connection = id, error = %e, "NBD connection ended");
                 }
