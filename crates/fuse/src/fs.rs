@@ -7,13 +7,30 @@
 //! direct I/O on them; that direct I/O is asynchronous (`FUSE_ASYNC_DIO`),
 //! so a loop device's queued requests reach the daemon together. Inode
 //! numbers are handed out per name and stay stable while the daemon runs.
+//!
+//! Volumes do not stall each other. A FUSE thread runs an I/O request
+//! (read, write, fsync, fallocate) itself only while another FUSE thread is
+//! left to read requests (`INLINE_MAX` of them run requests at most); past
+//! that, it queues the request on its volume's [`Lane`], whose workers run
+//! it and reply. So a volume whose I/O blocks (a copy-on-write to a
+//! difference storage that stops answering) ties up at most `INLINE_MAX`
+//! FUSE threads and its own lane; the last FUSE thread still reads the
+//! other volumes' requests and hands them to their lanes. Running requests
+//! on the FUSE thread while it can keeps the common case free of a thread
+//! hand-off, which costs about as much daemon CPU as the request itself
+//! (docs/performance.md). In the kernel, asynchronous direct I/O requests
+//! are "background" requests, capped per FUSE connection
+//! (`max_background`): past it, every file's requests wait, so the cap is
+//! set far above what the stalled loop devices of a few volumes can have in
+//! flight.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use crate::lane::Lane;
 use blksnap_engine::volume::{image_device, image_name};
 use blksnap_engine::{Engine, Volume};
 use fuser::{
@@ -30,21 +47,57 @@ const TTL: Duration = Duration::from_secs(1);
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
+/// Worker threads of one volume's lane: its requests run at once.
+pub const LANE_WORKERS: usize = 4;
+/// FUSE threads that may run an I/O request themselves at one time: all
+/// but one of them (`crate::FUSE_THREADS`), which keeps reading.
+const INLINE_MAX: usize = crate::FUSE_THREADS - 1;
+/// A lane's worker ends after this long without a request.
+const LANE_IDLE: Duration = Duration::from_secs(10);
+/// Background requests in flight over the connection (the kernel's cap;
+/// fuser asks for 16 by default, the kernel's own is 12). A loop device
+/// queues up to 128 requests (the loop module's `hw_queue_depth`), each at
+/// most 2 FUSE requests: 4096 holds the full queues of 16 stalled loop
+/// devices with room to spare for the others.
+pub const MAX_BACKGROUND: u16 = 4096;
 
 thread_local! {
-    /// The read buffer of a FUSE worker thread, as large as its largest
-    /// read so far (at most `max_write`, 1 MiB).
+    /// The read buffer of a FUSE thread or lane worker, as large as its
+    /// largest read so far (at most `max_write`, 1 MiB).
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 pub struct VolumeFs {
     engine: Arc<Engine>,
     inodes: Mutex<Inodes>,
-    /// Open files: the volume is resolved once at open, so the I/O path
-    /// never takes the engine's registry lock.
-    handles: RwLock<HashMap<u64, Volume>>,
+    open: RwLock<OpenFiles>,
+    /// FUSE threads running an I/O request now (at most `INLINE_MAX`).
+    inline: AtomicUsize,
     next_handle: AtomicU64,
     started: SystemTime,
+}
+
+/// Open files: the volume is resolved once at open, so the I/O path never
+/// takes the engine's registry lock. Invariant: a lane is in `lanes` while
+/// a handle holds it, so every open file of a volume shares one lane.
+#[derive(Default)]
+struct OpenFiles {
+    handles: HashMap<u64, Handle>,
+    lanes: HashMap<String, Arc<Lane>>,
+}
+
+struct InlineTurn<'a>(&'a AtomicUsize);
+
+impl Drop for InlineTurn<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Clone)]
+struct Handle {
+    volume: Volume,
+    lane: Arc<Lane>,
 }
 
 #[derive(Default)]
@@ -62,7 +115,8 @@ impl VolumeFs {
         Self {
             engine,
             inodes: Mutex::new(Inodes::default()),
-            handles: RwLock::new(HashMap::new()),
+            open: RwLock::new(OpenFiles::default()),
+            inline: AtomicUsize::new(0),
             next_handle: AtomicU64::new(1),
             started: SystemTime::now(),
         }
@@ -84,8 +138,28 @@ impl VolumeFs {
         self.engine.volume(&name)
     }
 
-    fn handle(&self, fh: FileHandle) -> Option<Volume> {
-        self.handles.read().unwrap().get(&fh.0).cloned()
+    fn handle(&self, fh: FileHandle) -> Option<Handle> {
+        self.open.read().unwrap().handles.get(&fh.0).cloned()
+    }
+
+    /// A turn to run an I/O request on this FUSE thread, if fewer than
+    /// `INLINE_MAX` FUSE threads run one; given back when dropped.
+    fn inline_turn(&self) -> Option<InlineTurn<'_>> {
+        self.inline
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < INLINE_MAX).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InlineTurn(&self.inline))
+    }
+
+    /// Runs `job` here if this FUSE thread may (see the module's comment),
+    /// else on the volume's lane.
+    fn dispatch(&self, lane: &Arc<Lane>, job: impl FnOnce() + Send + 'static) {
+        match self.inline_turn() {
+            Some(_turn) => job(),
+            None => lane.submit(Box::new(job)),
+        }
     }
 
     fn dir_attr(&self, ino: u64) -> FileAttr {
@@ -149,6 +223,11 @@ impl Filesystem for VolumeFs {
         if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
             tracing::warn!("kernel without FUSE_ASYNC_DIO: direct I/O one request at a time");
         }
+        // Those requests count against max_background; at the cap, new
+        // ones of every file wait until one is answered. A stalled volume
+        // must not be able to fill it (see the module's comment).
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND);
         Ok(())
     }
 
@@ -187,7 +266,14 @@ impl Filesystem for VolumeFs {
         match self.volume(ino.0) {
             Some(volume) => {
                 let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-                self.handles.write().unwrap().insert(fh, volume);
+                let mut open = self.open.write().unwrap();
+                let name = volume.name();
+                let lane = open
+                    .lanes
+                    .entry(name.clone())
+                    .or_insert_with(|| Lane::new(&name, LANE_WORKERS, LANE_IDLE))
+                    .clone();
+                open.handles.insert(fh, Handle { volume, lane });
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
             }
             None => reply.error(Errno::ENOENT),
@@ -204,7 +290,18 @@ impl Filesystem for VolumeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.handles.write().unwrap().remove(&fh.0);
+        let mut open = self.open.write().unwrap();
+        if let Some(gone) = open.handles.remove(&fh.0) {
+            let shared = open
+                .handles
+                .values()
+                .any(|h| Arc::ptr_eq(&h.lane, &gone.lane));
+            if !shared {
+                // Its workers end on their own once idle.
+                open.lanes.remove(&gone.volume.name());
+            }
+        }
+        drop(open);
         reply.ok()
     }
 
@@ -219,25 +316,27 @@ impl Filesystem for VolumeFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(volume) = self.handle(fh) else {
+        let Some(Handle { volume, lane }) = self.handle(fh) else {
             return reply.error(Errno::EBADF);
         };
         // Reads past the end are short, as on a file.
         let len = (size as u64).min(volume.size().saturating_sub(offset)) as usize;
-        READ_BUF.with_borrow_mut(|buf| {
-            // One buffer per FUSE thread, zeroed once when it grows: no
-            // allocation and no memset of up to 1 MiB per read.
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            let buf = &mut buf[..len];
-            match volume.read(buf, offset) {
-                Ok(()) => reply.data(buf),
-                Err(e) => {
-                    tracing::debug!(volume = %volume.name(), error = %e, "FUSE read failed");
-                    reply.error(errno(&e))
+        self.dispatch(&lane, move || {
+            READ_BUF.with_borrow_mut(|buf| {
+                // One buffer per thread, zeroed once when it grows: no
+                // allocation and no memset of up to 1 MiB per read.
+                if buf.len() < len {
+                    buf.resize(len, 0);
                 }
-            }
+                let buf = &mut buf[..len];
+                match volume.read(buf, offset) {
+                    Ok(()) => reply.data(buf),
+                    Err(e) => {
+                        tracing::debug!(volume = %volume.name(), error = %e, "FUSE read failed");
+                        reply.error(errno(&e))
+                    }
+                }
+            })
         })
     }
 
@@ -253,7 +352,7 @@ impl Filesystem for VolumeFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some(volume) = self.handle(fh) else {
+        let Some(Handle { volume, lane }) = self.handle(fh) else {
             return reply.error(Errno::EBADF);
         };
         if offset
@@ -263,13 +362,22 @@ impl Filesystem for VolumeFs {
             // A block device does not grow.
             return reply.error(Errno::ENOSPC);
         }
-        match volume.write(data, offset) {
+        let write = move |volume: &Volume, data: &[u8], reply: ReplyWrite| match volume
+            .write(data, offset)
+        {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => {
                 tracing::debug!(volume = %volume.name(), error = %e, "FUSE write failed");
                 reply.error(errno(&e))
             }
+        };
+        if let Some(_turn) = self.inline_turn() {
+            return write(&volume, data, reply);
         }
+        // The data is in this FUSE thread's request buffer, which it reuses
+        // for the next request as soon as this returns.
+        let data = data.to_vec();
+        lane.submit(Box::new(move || write(&volume, &data, reply)))
     }
 
     fn flush(
@@ -292,11 +400,13 @@ impl Filesystem for VolumeFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.handle(fh).map(|v| v.flush()) {
-            Some(Ok(())) => reply.ok(),
-            Some(Err(e)) => reply.error(errno(&e)),
-            None => reply.error(Errno::EBADF),
-        }
+        let Some(Handle { volume, lane }) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        self.dispatch(&lane, move || match volume.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        })
     }
 
     fn fallocate(
@@ -309,7 +419,7 @@ impl Filesystem for VolumeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let Some(volume) = self.handle(fh) else {
+        let Some(Handle { volume, lane }) = self.handle(fh) else {
             return reply.error(Errno::EBADF);
         };
         if offset
@@ -322,25 +432,30 @@ impl Filesystem for VolumeFs {
                 Errno::EOPNOTSUPP
             });
         }
-        let result = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
-            volume.discard(offset, length)
-        } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
-            // ZERO_RANGE leaves the range allocated: no hole.
-            let how = blksnap_engine::Zeroing {
-                keep_allocated: true,
-                fast_only: false,
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) == 0 {
+            return if mode & !FALLOC_FL_KEEP_SIZE == 0 {
+                // Plain preallocation inside the volume: nothing to do.
+                reply.ok()
+            } else {
+                reply.error(Errno::EOPNOTSUPP)
             };
-            volume.zero_range(offset, length, how)
-        } else if mode & !FALLOC_FL_KEEP_SIZE == 0 {
-            // Plain preallocation inside the volume: nothing to do.
-            Ok(())
-        } else {
-            return reply.error(Errno::EOPNOTSUPP);
-        };
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
         }
+        self.dispatch(&lane, move || {
+            let result = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+                volume.discard(offset, length)
+            } else {
+                // ZERO_RANGE leaves the range allocated: no hole.
+                let how = blksnap_engine::Zeroing {
+                    keep_allocated: true,
+                    fast_only: false,
+                };
+                volume.zero_range(offset, length, how)
+            };
+            match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 
     fn readdir(

@@ -6,15 +6,18 @@
 //!
 //! [`LocalDevices`] owns the mount and the loop devices. Invariant: a loop
 //! device exists only while its volume does; detach and destroy remove them
-//! first.
+//! first. No lock of it is held while a FUSE file is opened or a loop device
+//! configured: those are requests to our own FUSE threads, and a volume whose
+//! I/O stalls must not hold up the loop devices of the others.
 
 pub mod fs;
+mod lane;
 mod loopdev;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use blksnap_engine::volume::image_name;
 use blksnap_engine::Engine;
@@ -22,14 +25,24 @@ use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 
 pub use loopdev::LoopDevice;
 
-/// FUSE worker threads: requests served at once.
+/// FUSE threads: all but one may run I/O requests themselves, the rest go
+/// to their volume's lane (`fs.rs`, `lane.rs`).
 const FUSE_THREADS: usize = 4;
 
 pub struct LocalDevices {
     engine: Arc<Engine>,
     mountpoint: PathBuf,
     session: Mutex<Option<BackgroundSession>>,
-    loops: Mutex<HashMap<String, LoopDevice>>,
+    loops: Mutex<Loops>,
+    /// Signalled when an attach outside the lock ends.
+    attached: Condvar,
+}
+
+#[derive(Default)]
+struct Loops {
+    devices: HashMap<String, LoopDevice>,
+    /// Volumes whose loop device is being attached, outside the lock.
+    attaching: HashSet<String>,
 }
 
 impl LocalDevices {
@@ -50,13 +63,25 @@ impl LocalDevices {
         config.acl = SessionACL::RootAndOwner;
         config.n_threads = Some(FUSE_THREADS);
         config.clone_fd = true;
-        let session = fuser::spawn_mount(fs::VolumeFs::new(engine.clone()), dir, &config)?;
+        // The FUSE threads inherit the IO_FLUSHER state of the thread that
+        // starts the session: one of our own, so that no other thread of
+        // the daemon gets it.
+        let volumes = fs::VolumeFs::new(engine.clone());
+        let session = std::thread::scope(|s| {
+            s.spawn(|| {
+                blksnap_engine::mark_io_flusher("fuser");
+                fuser::spawn_mount(volumes, dir, &config)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("FUSE mount thread panicked")))
+        })?;
         tracing::info!(dir = %dir.display(), "FUSE volumes mounted");
         Ok(Arc::new(Self {
             engine,
             mountpoint: dir.to_path_buf(),
             session: Mutex::new(Some(session)),
-            loops: Mutex::new(HashMap::new()),
+            loops: Mutex::new(Loops::default()),
+            attached: Condvar::new(),
         }))
     }
 
@@ -76,13 +101,26 @@ impl LocalDevices {
             io::Error::new(io::ErrorKind::NotFound, format!("no volume {volume}"))
         })?;
         let mut loops = self.loops.lock().unwrap();
-        if let Some(existing) = loops.get(volume) {
+        // One attach per volume at a time; a second one waits for it and
+        // returns its device.
+        while loops.attaching.contains(volume) {
+            loops = self.attached.wait(loops).unwrap();
+        }
+        if let Some(existing) = loops.devices.get(volume) {
             return Ok(existing.path().to_path_buf());
         }
-        let device = LoopDevice::attach(&self.file(volume), v.logical_block_size())?;
+        loops.attaching.insert(volume.to_string());
+        drop(loops);
+        // Opening the FUSE file and configuring the loop device are
+        // requests to our own FUSE threads: not under the lock.
+        let attached = LoopDevice::attach(&self.file(volume), v.logical_block_size());
+        let mut loops = self.loops.lock().unwrap();
+        loops.attaching.remove(volume);
+        self.attached.notify_all();
+        let device = attached?;
         let path = device.path().to_path_buf();
         tracing::info!(volume, device = %path.display(), direct_io = device.direct_io(), "loop device attached");
-        loops.insert(volume.to_string(), device);
+        loops.devices.insert(volume.to_string(), device);
         Ok(path)
     }
 
@@ -90,6 +128,7 @@ impl LocalDevices {
         self.loops
             .lock()
             .unwrap()
+            .devices
             .get(volume)
             .map(|l| l.path().to_path_buf())
     }
@@ -99,6 +138,7 @@ impl LocalDevices {
         self.loops
             .lock()
             .unwrap()
+            .devices
             .get(volume)
             .and_then(|l| l.rdev().ok())
     }
@@ -128,6 +168,7 @@ impl LocalDevices {
         self.loops
             .lock()
             .unwrap()
+            .devices
             .iter()
             .find(|(_, l)| l.path() == path)
             .map(|(v, _)| v.clone())
@@ -139,6 +180,7 @@ impl LocalDevices {
         self.loops
             .lock()
             .unwrap()
+            .devices
             .get(volume)
             .is_some_and(|l| l.in_use())
     }
@@ -146,7 +188,14 @@ impl LocalDevices {
     /// Removes the volume's loop device (lazily if something still holds
     /// it). Returns whether there was one.
     pub fn detach_loop(&self, volume: &str) -> bool {
-        let removed = self.loops.lock().unwrap().remove(volume);
+        let mut loops = self.loops.lock().unwrap();
+        // An attach under way would add the device after this: wait for it.
+        while loops.attaching.contains(volume) {
+            loops = self.attached.wait(loops).unwrap();
+        }
+        let removed = loops.devices.remove(volume);
+        // Detached (LOOP_CLR_FD) outside the lock.
+        drop(loops);
         if let Some(device) = &removed {
             tracing::info!(volume, device = %device.path().display(), "loop device detached");
         }
@@ -158,6 +207,7 @@ impl LocalDevices {
         self.loops
             .lock()
             .unwrap()
+            .devices
             .iter()
             .filter(|(_, l)| l.in_use())
             .map(|(v, l)| (v.clone(), l.path().to_path_buf()))
@@ -171,7 +221,9 @@ impl LocalDevices {
 
     /// Detaches every loop device and unmounts the filesystem.
     pub fn shutdown(&self) {
-        self.loops.lock().unwrap().clear();
+        // Detached outside the lock.
+        let devices = std::mem::take(&mut self.loops.lock().unwrap().devices);
+        drop(devices);
         if let Some(session) = self.session.lock().unwrap().take() {
             drop(session);
             // Still mounted (a forced stop with files open): detach it lazily
