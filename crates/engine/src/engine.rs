@@ -28,7 +28,7 @@ use crate::image::Image;
 use crate::snapshot::{CowSettings, DeviceSnapshot};
 use crate::sync::{Mutex, MutexGuard};
 use crate::tracked::{ClosedDoors, TrackedDevice};
-use crate::volume::{check_device_name, image_device, image_name, Volume};
+use crate::volume::{check_device_name, default_device_name, image_device, image_name, Volume};
 use crate::{SectorRange, SECTOR_SIZE};
 
 #[derive(Debug)]
@@ -224,10 +224,7 @@ impl Engine {
         }
         let name = match name {
             Some(n) => n.to_string(),
-            None => path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .ok_or_else(|| Error::InvalidArgument(format!("{shown} has no file name")))?,
+            None => default_device_name(path)?,
         };
         // A device we serve (our own FUSE file or loop device) would be
         // tracked through itself.

@@ -3,8 +3,8 @@
 //! for the image of a device whose snapshot is taken. Frontends (NBD, FUSE)
 //! and the daemon build and split volume names only here
 //! ([`image_name`], [`image_device`]) so they all expose the same set under
-//! the same names, and the names a device may not take
-//! ([`check_device_name`]) are decided here too. The engine looks volumes up
+//! the same names, and the names a device may take
+//! ([`check_device_name`], [`default_device_name`]) are decided here too. The engine looks volumes up
 //! by name ([`crate::Engine::volume`]).
 
 use std::sync::Arc;
@@ -28,14 +28,37 @@ pub fn image_device(volume: &str) -> Option<&str> {
     volume.strip_prefix(IMAGE_PREFIX)
 }
 
-/// A device name must be usable as a volume name: 1 to 255 characters, no
-/// '/', and none of the names the volume name space reserves (`snapshot`
-/// holds the images; `.` and `..` are directory entries wherever volumes
-/// show as files).
-pub(crate) fn check_device_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.contains('/') || name.len() > 255 {
+/// The longest device name, in bytes (a file name's limit, `NAME_MAX`).
+pub const MAX_DEVICE_NAME: usize = 255;
+
+/// A device name is safe wherever a name shows up: 1 to 255 bytes of
+/// `[A-Za-z0-9._+-]`, not starting with `-`, and none of the names the
+/// volume name space reserves (`snapshot` holds the images; `.` and `..`
+/// are directory entries wherever volumes show as files).
+///
+/// Why so narrow: the name becomes an NBD export name inside a URI (where
+/// `?`, `#`, `%` and spaces change its meaning), a FUSE file name (where
+/// `/` is a path), a `key=value` line of the CLI (where a newline forges a
+/// line) and an argument of tools (where a leading `-` is an option). With
+/// `/` out and `snapshot` reserved, no device name equals an image name
+/// ([`image_name`], `snapshot/<device>`), nor the directory that holds them.
+pub fn check_device_name(name: &str) -> Result<()> {
+    let bad = name
+        .bytes()
+        .find(|b| !(b.is_ascii_alphanumeric() || b"._+-".contains(b)));
+    if name.is_empty() || name.len() > MAX_DEVICE_NAME || bad.is_some() {
+        let why = match bad {
+            Some(b) => format!("{:?} is not allowed", char::from(b)),
+            None if name.is_empty() => "it is empty".to_string(),
+            None => format!("it is {} bytes long", name.len()),
+        };
         return Err(Error::InvalidArgument(format!(
-            "device name {name:?} must be 1 to 255 characters without '/'"
+            "device name {name:?} is not allowed ({why}): a name is 1 to {MAX_DEVICE_NAME} of A-Z a-z 0-9 . _ + -"
+        )));
+    }
+    if name.starts_with('-') {
+        return Err(Error::InvalidArgument(format!(
+            "device name {name:?} is not allowed: it must not start with '-'"
         )));
     }
     if [".", "..", IMAGE_PREFIX.trim_end_matches('/')].contains(&name) {
@@ -44,6 +67,27 @@ pub(crate) fn check_device_name(name: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The name a device attached without one gets: the file name of `path`,
+/// when it is a valid device name ([`check_device_name`]); otherwise the
+/// error says to give one with `--name`.
+pub fn default_device_name(path: &std::path::Path) -> Result<String> {
+    let shown = path.display();
+    let name = path.file_name().ok_or_else(|| {
+        Error::InvalidArgument(format!("{shown} has no file name; give a name with --name"))
+    })?;
+    let name = name.to_str().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "the file name of {shown} is not UTF-8, so it is no device name; give one with --name"
+        ))
+    })?;
+    check_device_name(name).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "{e}; it is the file name of {shown}: give the device a name with --name"
+        ))
+    })?;
+    Ok(name.to_string())
 }
 
 #[derive(Debug, Clone)]

@@ -518,7 +518,28 @@ impl Persistence {
         let mut out = Vec::new();
         for (id, record) in self.records() {
             match record {
-                Ok(r) if r.attached => out.push((r.name, r.path, r.loop_device)),
+                Ok(r) if r.attached => {
+                    // A name from before names were restricted (or an
+                    // edited record) would reach URIs, FUSE paths and CLI
+                    // output: listed under the record's id, not attached.
+                    match blksnap_engine::volume::check_device_name(&r.name) {
+                        Ok(()) => out.push((r.name, r.path, r.loop_device)),
+                        Err(e) => {
+                            tracing::error!(record = %id, path = %r.path.display(), error = %e, "device not re-attached (record-bad-name); detach {id} removes its record, then attach the device under a valid --name");
+                            self.missing.lock().unwrap().insert(
+                                id.to_string(),
+                                (
+                                    id,
+                                    MissingDevice {
+                                        name: id.to_string(),
+                                        path: r.path.display().to_string(),
+                                        reason: format!("record-bad-name: {e}"),
+                                    },
+                                ),
+                            );
+                        }
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::error!(record = %id, error = %e, "unreadable device record (record-corrupt); detach {id} removes it");
