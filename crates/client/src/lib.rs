@@ -92,14 +92,24 @@ impl Client {
     pub fn call(&mut self, request: Request) -> Result<serde_json::Value> {
         let id = self.next_id;
         self.next_id += 1;
-        proto::write_message(
+        let sent = proto::write_message(
             &mut self.writer,
             &RequestMessage {
                 id: Some(id),
                 request,
             },
-        )?;
-        let line = proto::read_line(&mut self.reader, MAX_REPLY_BYTES)?.ok_or_else(|| {
+        );
+        // A daemon that refuses the connection (too many connections, a
+        // stop, an idle timeout) replies and closes, so the write can fail
+        // with its reason already waiting to be read.
+        let line = match sent {
+            Ok(()) => proto::read_line(&mut self.reader, MAX_REPLY_BYTES)?,
+            Err(e) => match proto::read_line(&mut self.reader, MAX_REPLY_BYTES) {
+                Ok(Some(line)) => Some(line),
+                _ => return Err(e.into()),
+            },
+        };
+        let line = line.ok_or_else(|| {
             Error::Io(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "blksnapd closed the connection",

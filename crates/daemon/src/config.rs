@@ -18,6 +18,16 @@ pub struct DaemonConfig {
     /// Group (name or number) allowed to use the control socket; without
     /// one the socket is root-only (mode 0600).
     pub control_group: Option<String>,
+    /// Control connections open at once from users other than root (root
+    /// has as many of its own), and from one such uid.
+    pub control_max_connections: usize,
+    pub control_max_connections_per_uid: usize,
+    /// Longest a control connection may stay idle between requests, in
+    /// ms; 0: no limit.
+    pub control_idle_timeout_ms: u64,
+    /// Group (name or number) allowed to use the NBD Unix socket (mode
+    /// 0660); without one it is root-only (mode 0600).
+    pub nbd_socket_group: Option<String>,
     /// Allow `--nbd-tcp` on an address other than loopback without TLS
     /// required (as `--nbd-insecure`): only for trusted networks.
     pub nbd_tcp_allow_remote: bool,
@@ -75,6 +85,10 @@ impl Default for DaemonConfig {
         Self {
             engine: Config::default(),
             control_group: None,
+            control_max_connections: 128,
+            control_max_connections_per_uid: 16,
+            control_idle_timeout_ms: 60_000,
+            nbd_socket_group: None,
             nbd_tcp_allow_remote: false,
             nbd_tls: None,
             nbd_tls_cert: None,
@@ -96,6 +110,16 @@ impl Default for DaemonConfig {
 }
 
 impl DaemonConfig {
+    /// The control server's limits.
+    pub fn control_limits(&self) -> crate::control::ControlLimits {
+        crate::control::ControlLimits {
+            max_connections: self.control_max_connections,
+            max_connections_per_uid: self.control_max_connections_per_uid,
+            idle_timeout: (self.control_idle_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.control_idle_timeout_ms)),
+        }
+    }
+
     /// The NBD server's limits.
     pub fn nbd_limits(&self) -> blksnap_nbd::NbdLimits {
         blksnap_nbd::NbdLimits {
@@ -136,6 +160,10 @@ impl DaemonConfig {
         }
         let config = Self::deserialize(table).map_err(|e| e.to_string())?;
         config.engine.validate().map_err(|e| e.to_string())?;
+        if config.control_max_connections == 0 {
+            // Root's own pool is this size too: 0 would lock root out.
+            return Err("control_max_connections must be at least 1".into());
+        }
         Ok(config)
     }
 }
@@ -188,6 +216,24 @@ mod tests {
             DaemonConfig::parse("").unwrap().nbd_limits(),
             blksnap_nbd::NbdLimits::default()
         );
+    }
+
+    #[test]
+    fn control_limits_and_nbd_socket_group() {
+        let c = DaemonConfig::parse("").unwrap();
+        assert_eq!(c.control_limits(), crate::control::ControlLimits::default());
+        assert_eq!(c.nbd_socket_group, None);
+        let c = DaemonConfig::parse(
+            "control_max_connections = 4\ncontrol_max_connections_per_uid = 2\ncontrol_idle_timeout_ms = 0\nnbd_socket_group = \"disk\"\n",
+        )
+        .unwrap();
+        let limits = c.control_limits();
+        assert_eq!(
+            (limits.max_connections, limits.max_connections_per_uid),
+            (4, 2)
+        );
+        assert_eq!(limits.idle_timeout, None);
+        assert_eq!(c.nbd_socket_group.as_deref(), Some("disk"));
     }
 
     #[test]

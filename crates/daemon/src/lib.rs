@@ -1,11 +1,13 @@
 //! The blksnap daemon as a library: configuration ([`config`]), the control
 //! service that maps protocol requests onto the engine ([`service`]), and
-//! the control socket server ([`control`]), and the persistent state
+//! the control socket server ([`control`]), the files it makes outside
+//! the state dir ([`files`]), and the persistent state
 //! ([`state`]: attached devices and change maps in the state dir). The `blksnapd` binary wires them
 //! together with signal handling; tests can run a daemon in-process.
 
 pub mod config;
 pub mod control;
+pub mod files;
 pub mod freeze;
 pub mod service;
 pub mod state;

@@ -2,12 +2,13 @@
 //! snapshots), serves the control socket, and stops cleanly on SIGTERM or
 //! SIGINT: no new requests, requests in flight finished, origins flushed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use blksnap_daemon::config::DaemonConfig;
 use blksnap_daemon::control::{ControlServer, DaemonLock};
+use blksnap_daemon::files;
 use blksnap_daemon::service::Service;
 use blksnap_daemon::state::Persistence;
 use blksnap_engine::Engine;
@@ -117,10 +118,17 @@ fn run(options: Options) -> Result<(), String> {
         .nbd_socket
         .clone()
         .unwrap_or_else(|| options.control.with_file_name("nbd.sock"));
+    let control_group = group(&config.control_group, "control group")?;
+    let nbd_group = group(
+        &config.nbd_socket_group,
+        "NBD socket group (nbd_socket_group)",
+    )?;
+    let (control_dir_group, nbd_dir_group) =
+        run_dir_groups(&options.control, control_group, &nbd_socket, nbd_group)?;
     // The lock first, so a second daemon touches none of our sockets or
     // mounts; the control socket last, so a client that can connect finds
     // every frontend ready.
-    let lock = DaemonLock::acquire(&options.control)?;
+    let lock = DaemonLock::acquire(&options.control, control_dir_group)?;
     // First of all that touches our devices (before leftover loop devices
     // are detached, before the FUSE directory is unmounted): a daemon that
     // died mid-take left its filesystems frozen, and nothing else thaws
@@ -141,6 +149,9 @@ fn run(options: Options) -> Result<(), String> {
         .with_freeze_timeout(config.freeze_timeout());
     let local = match &options.fuse_dir {
         Some(dir) => {
+            LocalDevices::unmount_stale(dir);
+            // Its files are root's only: no group has anything to find.
+            files::ensure_dir(dir, None, "FUSE directory")?;
             let local = LocalDevices::mount(engine.clone(), dir)
                 .map_err(|e| format!("cannot mount the FUSE frontend on {}: {e}", dir.display()))?;
             // Storage inside our own FUSE files would write into ourselves.
@@ -165,14 +176,22 @@ fn run(options: Options) -> Result<(), String> {
     // Every recorded device is back, with its loop device, before a client
     // can reach it over NBD or the control socket.
     service.restore_devices();
-    nbd.listen_unix(&nbd_socket)
+    let (nbd_dir, nbd_name) = split_socket_path(&nbd_socket, "NBD socket")?;
+    let (listener, file) = files::ensure_dir(nbd_dir, nbd_dir_group, "NBD socket directory")?
+        .bind_socket(nbd_name, nbd_group, "NBD socket")?;
+    nbd.serve_unix(listener, &nbd_socket, Some(file))
         .map_err(|e| format!("cannot serve NBD on {}: {e}", nbd_socket.display()))?;
     if let Some(addr) = &nbd_tcp {
         nbd.listen_tcp(addr)
             .map_err(|e| format!("cannot serve NBD on {addr}: {e}"))?;
     }
     let service = Arc::new(service);
-    let server = ControlServer::bind(lock, config.control_group.as_deref(), service.clone())?;
+    let server = ControlServer::bind(
+        lock,
+        control_group,
+        config.control_limits(),
+        service.clone(),
+    )?;
     let stopper = server.shutdown_handle();
     let stop = stopper.clone();
     service.set_stopper(move || stop.shutdown());
@@ -233,6 +252,57 @@ fn run(options: Options) -> Result<(), String> {
     service.save_all();
     tracing::info!("blksnapd stopped");
     Ok(())
+}
+
+/// A group setting as a number.
+fn group(setting: &Option<String>, what: &str) -> Result<Option<u32>, String> {
+    setting
+        .as_deref()
+        .map(|g| files::group_id(g, what))
+        .transpose()
+}
+
+/// A socket path's directory (`.` for a bare name) and file name.
+fn split_socket_path<'a>(path: &'a Path, what: &str) -> Result<(&'a Path, &'a str), String> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{what} {}: no UTF-8 file name", path.display()))?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    Ok((dir.unwrap_or(Path::new(".")), name))
+}
+
+/// The groups the directories of the control socket and of the NBD socket
+/// get if the daemon creates them: each socket's group, or for a directory
+/// they share, the one group set. Two different groups there cannot be:
+/// one of them could not reach its socket.
+fn run_dir_groups(
+    control: &Path,
+    control_group: Option<u32>,
+    nbd: &Path,
+    nbd_group: Option<u32>,
+) -> Result<(Option<u32>, Option<u32>), String> {
+    let dir = |p: &Path| {
+        std::path::absolute(p)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+    };
+    if dir(control).is_none() || dir(control) != dir(nbd) {
+        return Ok((control_group, nbd_group));
+    }
+    match (control_group, nbd_group) {
+        (Some(c), Some(n)) if c != n => {
+            let dir = dir(nbd).unwrap_or_default();
+            if std::fs::symlink_metadata(&dir).is_err() {
+                return Err(format!(
+                    "the control socket and the NBD socket share the directory {}, which the daemon would create for one group, but control_group ({c}) and nbd_socket_group ({n}) differ: create the directory yourself or give the NBD socket another one (--nbd-socket)",
+                    dir.display()
+                ));
+            }
+            Ok((Some(c), Some(n)))
+        }
+        (c, n) => Ok((c.or(n), c.or(n))),
+    }
 }
 
 /// Tells systemd (`Type=notify`) that the daemon is ready: every recorded

@@ -197,6 +197,11 @@ impl Service {
         Ok(reply)
     }
 
+    /// Whether one of these snapshots still exists.
+    pub fn any_alive(&self, ids: &[Uuid]) -> bool {
+        ids.iter().any(|id| self.engine.snapshot_info(id).is_ok())
+    }
+
     /// The connection that created these snapshots closed: they go too
     /// (the ones already destroyed are skipped).
     pub fn destroy_owned(&self, owned: &[Uuid]) {
@@ -274,12 +279,14 @@ impl Service {
             self.finish_attach(device.name(), want_loop)?;
             return Ok(device.name().to_string());
         };
+        // Checked before the state dir hears of it: no record of a name
+        // that the engine would refuse.
         let name = match name {
-            Some(n) => n.to_string(),
-            None => path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .ok_or_else(|| invalid(format!("{} has no file name", path.display())))?,
+            Some(n) => {
+                blksnap_engine::volume::check_device_name(n)?;
+                n.to_string()
+            }
+            None => blksnap_engine::volume::default_device_name(path)?,
         };
         let mut prepared = persistence
             .prepare(path, &name, mode, restoring)

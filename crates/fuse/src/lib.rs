@@ -46,12 +46,21 @@ struct Loops {
 }
 
 impl LocalDevices {
-    /// Mounts the volume filesystem on `dir` (created if missing).
+    /// Lazily unmounts whatever is mounted on `dir`, never through a
+    /// symlink (one could point at any mount). A mount left by a daemon
+    /// that died is still listed by the kernel, and the directory cannot
+    /// even be stat'ed until it is gone: so this comes before any check of
+    /// `dir`, and [`Self::mount`] after such checks.
+    pub fn unmount_stale(dir: &Path) {
+        let flags = rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW;
+        if rustix::mount::unmount(dir, flags).is_ok() {
+            tracing::warn!(dir = %dir.display(), "unmounted what was mounted on the FUSE directory");
+        }
+    }
+
+    /// Mounts the volume filesystem on `dir`, an existing directory the
+    /// caller has checked (after [`Self::unmount_stale`]).
     pub fn mount(engine: Arc<Engine>, dir: &Path) -> io::Result<Arc<Self>> {
-        // A mount left by a daemon that died: the kernel still lists it, and
-        // the directory cannot even be stat'ed until it is gone.
-        let _ = rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH);
-        std::fs::create_dir_all(dir)?;
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("blksnap".into()),
@@ -228,7 +237,8 @@ impl LocalDevices {
             drop(session);
             // Still mounted (a forced stop with files open): detach it lazily
             // so the next start is not blocked by a dead mount.
-            match rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH) {
+            let flags = rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW;
+            match rustix::mount::unmount(&self.mountpoint, flags) {
                 Ok(()) => {
                     tracing::warn!(dir = %self.mountpoint.display(), "FUSE volumes still in use: unmounted lazily")
                 }

@@ -273,7 +273,8 @@ impl NbdServer {
     }
 
     /// Creates the Unix socket (replacing a stale one) and serves it on a
-    /// new thread.
+    /// new thread. Its mode comes from the umask; a caller that needs
+    /// another binds the socket itself and hands it to [`Self::serve_unix`].
     pub fn listen_unix(self: &Arc<Self>, path: &Path) -> io::Result<JoinHandle<()>> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
@@ -288,7 +289,20 @@ impl NbdServer {
         // own descriptor cannot tell: fstat shows the socket, not the file).
         let file = std::fs::symlink_metadata(path)
             .ok()
-            .map(|m| (path.to_path_buf(), m.dev(), m.ino()));
+            .map(|m| (m.dev(), m.ino()));
+        self.serve_unix(listener, path, file)
+    }
+
+    /// Serves a bound Unix socket on a new thread. `path` is where it is
+    /// bound and `file` the socket file there as (device, inode): at
+    /// shutdown that file, and only that one, is removed.
+    pub fn serve_unix(
+        self: &Arc<Self>,
+        listener: UnixListener,
+        path: &Path,
+        file: Option<(u64, u64)>,
+    ) -> io::Result<JoinHandle<()>> {
+        let file = file.map(|(dev, ino)| (path.to_path_buf(), dev, ino));
         let socket = UnixStream::from(OwnedFd::from(listener.try_clone()?));
         self.add_listening(Listening::Unix { socket, file });
         tracing::info!(socket = %path.display(), "NBD server listening");
