@@ -4,10 +4,13 @@
 //! Owns the socket file and its lock file (`<socket>.lock`, flock'ed and
 //! holding the daemon's pid) so that a second daemon on the same socket
 //! refuses to start. A malformed or oversized request gets an error reply and
-//! the connection goes on; nothing one client sends can stop the others.
-//! Shutdown ([`ShutdownHandle::shutdown`]) stops accepting, lets every
-//! connection finish the request it is in, and removes the socket and lock
-//! files. It never goes through a path: it wakes the accept loop by shutting
+//! the connection goes on; nothing one client sends can stop the others,
+//! and no other user's clients can keep root out: [`ControlLimits`] caps
+//! connections per uid and for non-root users together (root has a pool of
+//! its own), and closes connections idle past a timeout.
+//! Shutdown ([`ShutdownHandle::shutdown`]) stops accepting (clients still
+//! queued get an `ESHUTDOWN` reply), lets every connection finish the
+//! request it is in, and removes the socket and lock files. It never goes through a path: it wakes the accept loop by shutting
 //! the listening socket itself down, since the socket file may be gone (a
 //! cleanup of the run directory) or be another program's by then; for the
 //! same reason it removes a file only while it is still the one this daemon

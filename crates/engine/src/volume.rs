@@ -53,7 +53,7 @@ pub fn check_device_name(name: &str) -> Result<()> {
             None => format!("it is {} bytes long", name.len()),
         };
         return Err(Error::InvalidArgument(format!(
-            "device name {name:?} is not allowed ({why}): a name is 1 to {MAX_DEVICE_NAME} of A-Z a-z 0-9 . _ + -"
+            "device name {name:?} is not allowed ({why}): a name is 1 to {MAX_DEVICE_NAME} bytes of A-Z a-z 0-9 . _ + -"
         )));
     }
     if name.starts_with('-') {
