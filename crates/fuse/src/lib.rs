@@ -157,6 +157,7 @@ impl LocalDevices {
         self.loops
             .lock()
             .unwrap()
+            .devices
             .values()
             .filter_map(|l| l.rdev().ok())
             .collect()
@@ -165,7 +166,7 @@ impl LocalDevices {
     /// Writes every loop device holds (its page cache, its queue) go down
     /// to our files, so to the engine; errors are logged.
     pub fn flush_loops(&self) {
-        for (volume, device) in self.loops.lock().unwrap().iter() {
+        for (volume, device) in self.loops.lock().unwrap().devices.iter() {
             if let Err(e) = device.flush() {
                 tracing::error!(volume, device = %device.path().display(), error = %e, "cannot flush the loop device");
             }
