@@ -5,7 +5,8 @@
 //! touching the registry.
 //!
 //! Invariants: device names are unique; a device is in at most one snapshot;
-//! a device in a snapshot cannot be detached; a snapshot's device set is fixed
+//! a device in a snapshot cannot be detached (nor released to pass-through,
+//! see [`crate::tracked`]); a snapshot's device set is fixed
 //! at the take; storage is never placed on a device the engine serves.
 //! The registry lock is held across take and destroy (which wait for
 //! in-flight writes); the write path never takes it, so this cannot deadlock.
@@ -302,6 +303,18 @@ impl Engine {
     /// Returns the device, whose writes have drained, so that its final
     /// tracking state can be saved.
     pub fn detach(&self, key: &str) -> Result<Arc<TrackedDevice>> {
+        self.detach_as(key, false)
+    }
+
+    /// Stops tracking, as [`Engine::detach`], but the handles still held
+    /// (a loop device that is still mounted) go on reading and writing the
+    /// origin, untracked; the origin closes with the last of them. Refused,
+    /// as a detach, while the device is in a snapshot.
+    pub fn detach_to_pass_through(&self, key: &str) -> Result<Arc<TrackedDevice>> {
+        self.detach_as(key, true)
+    }
+
+    fn detach_as(&self, key: &str, pass_through: bool) -> Result<Arc<TrackedDevice>> {
         let key = DeviceKey::new(key);
         let mut registry = self.registry();
         let device = registry.find(&key)?.clone();
@@ -313,9 +326,13 @@ impl Engine {
         }
         registry.devices.retain(|d| !Arc::ptr_eq(d, &device));
         drop(registry);
-        device.mark_detached();
+        if pass_through {
+            device.mark_pass_through();
+        } else {
+            device.mark_detached();
+        }
         device.flush()?;
-        tracing::info!(device = device.name(), "detached");
+        tracing::info!(device = device.name(), pass_through, "detached");
         Ok(device)
     }
 

@@ -36,7 +36,7 @@ pub use error::{Error, Result};
 pub use events::Event;
 pub use image::Image;
 pub use io_flusher::mark_io_flusher;
-pub use tracked::TrackedDevice;
+pub use tracked::{DeviceMode, TrackedDevice};
 pub use volume::Volume;
 
 /// Bytes in a sector: the unit of sector ranges in the control commands.

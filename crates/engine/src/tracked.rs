@@ -14,6 +14,16 @@
 //! taken yet (their writers would wait that much longer). The door is only
 //! for latency; the gate alone makes the take atomic.
 //! Frontends call the data methods; the engine calls the gate methods.
+//!
+//! A device leaves the engine in one of two ways ([`DeviceMode`]): detached, after
+//! which every request through a handle still held fails; or released to
+//! pass-through, for a device whose loop device is still mounted (the
+//! original tool's detach: the filter goes, the device stays usable).
+//! Invariant of pass-through: the device is in no registry and no snapshot
+//! (the engine refuses it while it is in one, and nothing can find it to
+//! add it again), so its writes reach the origin with no copy-before-write
+//! and no change tracking; only handles taken before the release reach it,
+//! and its origin closes with the last of them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +32,7 @@ use crate::cbt::ChangeTracker;
 use crate::device::{BlockDevice, Extent, Zeroing};
 use crate::error::{Error, Result};
 use crate::snapshot::DeviceSnapshot;
-use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use crate::sync::{Condvar, Mutex, RwLock, RwLockWriteGuard};
 
 /// Where new writes wait while a take or destroy holds several devices:
@@ -96,10 +106,21 @@ pub struct TrackedDevice {
     cbt: ChangeTracker,
     gate: RwLock<Option<Arc<DeviceSnapshot>>>,
     door: Door,
-    /// Set by detach: handles still held by frontends fail from then on,
-    /// so nothing writes to an origin that is no longer tracked (writes
-    /// check it under the gate, which detach then drains).
-    detached: AtomicBool,
+    /// A [`DeviceMode`], set when the device leaves the engine: writes read it
+    /// under the gate, which the detach then drains, so once the detach
+    /// returns no write is tracked (or, detached, done) any more.
+    mode: AtomicU8,
+}
+
+/// What a device's handles do: track (in the engine), fail (detached), or
+/// pass straight through to the origin (released with its loop device in
+/// use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DeviceMode {
+    Tracked = 0,
+    Detached = 1,
+    PassThrough = 2,
 }
 
 pub(crate) type HeldWrites<'a> = RwLockWriteGuard<'a, Option<Arc<DeviceSnapshot>>>;
@@ -118,7 +139,7 @@ impl TrackedDevice {
             cbt,
             gate: RwLock::new(None),
             door: Door::default(),
-            detached: AtomicBool::new(false),
+            mode: AtomicU8::new(DeviceMode::Tracked as u8),
         }
     }
 
@@ -157,12 +178,33 @@ impl TrackedDevice {
     /// Fails every later request, and waits for the writes in flight: once
     /// this returns, nothing more reaches the origin through us.
     pub(crate) fn mark_detached(&self) {
-        self.detached.store(true, Ordering::SeqCst);
-        drop(self.hold_writes());
+        self.leave(DeviceMode::Detached);
+    }
+
+    /// Stops tracking but goes on serving: later writes go to the origin
+    /// as they are. Waits for the writes in flight, so that once this
+    /// returns the change maps are final. Only for a device in no snapshot.
+    pub(crate) fn mark_pass_through(&self) {
+        self.leave(DeviceMode::PassThrough);
+    }
+
+    /// Set under the gate held exclusively: a write sees one mode from its
+    /// check to its end, so none is left untracked before the maps are final.
+    fn leave(&self, mode: DeviceMode) {
+        let _held = self.hold_writes();
+        self.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    pub fn mode(&self) -> DeviceMode {
+        match self.mode.load(Ordering::Relaxed) {
+            0 => DeviceMode::Tracked,
+            1 => DeviceMode::Detached,
+            _ => DeviceMode::PassThrough,
+        }
     }
 
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if self.detached.load(Ordering::Relaxed) {
+        if self.mode() == DeviceMode::Detached {
             return Err(Error::NotFound(format!(
                 "tracked device {} (it was detached)",
                 self.name
@@ -246,10 +288,14 @@ impl TrackedDevice {
         if len == 0 {
             return Ok(());
         }
-        if let Some(snapshot) = snapshot.as_ref() {
-            snapshot.before_origin_write(offset, len)?;
+        // Pass-through: in no snapshot (the gate holds none) and tracked by
+        // nobody; its maps were saved at the release.
+        if self.mode() == DeviceMode::Tracked {
+            if let Some(snapshot) = snapshot.as_ref() {
+                snapshot.before_origin_write(offset, len)?;
+            }
+            self.cbt.mark(offset, len);
         }
-        self.cbt.mark(offset, len);
         op().map_err(|e| {
             Error::io(
                 format!("{}: {what} of {len} bytes at {offset}", self.name),

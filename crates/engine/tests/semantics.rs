@@ -780,3 +780,63 @@ fn reserved_volume_names_are_refused() {
         .attach("snapshots", Arc::new(MemDevice::new(4096)))
         .unwrap();
 }
+
+/// A device released to pass-through (its loop device still mounted) keeps
+/// serving the handles taken before: reads and writes reach the origin, with
+/// no change tracking; it is gone from the engine (no snapshot can name it);
+/// a detached device's handles fail instead. Refused, as a detach, while
+/// the device is in a snapshot.
+#[test]
+fn pass_through_serves_old_handles_untracked() {
+    let engine = Engine::new(Config::default()).unwrap();
+    let origin = Arc::new(MemDevice::new(4 * CHUNK));
+    engine.attach("p", origin.clone()).unwrap();
+    setup(&engine, "d", 4 * CHUNK);
+    let p = engine.device("p").unwrap();
+    let d = engine.device("d").unwrap();
+
+    let id = engine
+        .snapshot_create(mem_storage(8 * CHUNK), SnapshotOptions::default())
+        .unwrap();
+    engine.snapshot_add(&id, "p").unwrap();
+    let err = engine.detach_to_pass_through("p").unwrap_err();
+    assert_eq!(err.errno(), 16, "{err}");
+    assert!(err.to_string().contains(&id.to_string()), "{err}");
+    engine.snapshot_destroy(&id).unwrap();
+
+    p.write(&[0x11; 512], 0).unwrap();
+    let released = engine.detach_to_pass_through("p").unwrap();
+    assert!(Arc::ptr_eq(&released, &p));
+    assert_eq!(p.mode(), blksnap_engine::DeviceMode::PassThrough);
+    let map_at_release = p.change_tracker().state();
+    assert!(engine.device("p").is_err());
+    assert!(engine.volume("p").is_none());
+    let other = engine
+        .snapshot_create(mem_storage(8 * CHUNK), SnapshotOptions::default())
+        .unwrap();
+    assert_eq!(engine.snapshot_add(&other, "p").unwrap_err().errno(), 2);
+
+    p.write(&[0x22; 1024], 2 * CHUNK).unwrap();
+    p.discard(3 * CHUNK, 512).unwrap();
+    p.flush().unwrap();
+    let mut back = vec![0; 1024];
+    p.read(&mut back, 2 * CHUNK).unwrap();
+    assert_eq!(back, vec![0x22; 1024]);
+    let mut on_origin = vec![0; 1024];
+    origin.read_at(&mut on_origin, 2 * CHUNK).unwrap();
+    assert_eq!(
+        on_origin,
+        vec![0x22; 1024],
+        "pass-through write not on the origin"
+    );
+    assert_eq!(
+        p.change_tracker().state(),
+        map_at_release,
+        "a pass-through write was tracked"
+    );
+
+    engine.detach("d").unwrap();
+    assert_eq!(d.mode(), blksnap_engine::DeviceMode::Detached);
+    assert_eq!(d.write(&[1; 512], 0).unwrap_err().errno(), 2);
+    assert_eq!(d.read(&mut [0; 512], 0).unwrap_err().errno(), 2);
+}
