@@ -73,7 +73,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Stop tracking a device (refused while it is in a snapshot).
+    /// Stop tracking a device (refused while it is in a snapshot). A loop
+    /// device of it still mounted goes on serving it, untracked, until it
+    /// is unmounted (`list` shows the device as detaching until then).
     #[command(name = "detach")]
     Detach {
         /// Device name or path.
@@ -391,9 +393,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Detach { device } => {
-            client.detach(&device_key(device))?;
+            let result = client.detach_device(&device_key(device))?;
+            if let Some(path) = &result.detaching {
+                eprintln!(
+                    "blksnap: warning: {device}: tracking stopped, but its loop device {path} \
+                     is in use: it serves the device, untracked, until its last user closes it \
+                     (`list` shows the device as detaching until then)"
+                );
+            }
             if json {
-                print_json(&serde_json::json!({}));
+                print_json(&result);
             }
         }
         Command::List => {
@@ -412,6 +421,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 }
                 for m in &list.missing {
                     println!("missing={} path={} reason={}", m.name, m.path, m.reason);
+                }
+                for d in &list.detaching {
+                    println!(
+                        "detaching={} path={} loop={}",
+                        d.name,
+                        d.path.as_deref().unwrap_or("-"),
+                        d.loop_device
+                    );
                 }
                 for s in &list.snapshots {
                     println!(

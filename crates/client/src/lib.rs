@@ -181,7 +181,12 @@ impl Client {
     }
 
     pub fn detach(&mut self, device: &str) -> Result<()> {
-        self.unit(Request::Detach(proto::DeviceArgs {
+        self.detach_device(device).map(|_| ())
+    }
+
+    /// Detach, with what the daemon says of a loop device still in use.
+    pub fn detach_device(&mut self, device: &str) -> Result<proto::DetachResult> {
+        self.typed(Request::Detach(proto::DeviceArgs {
             device: device.into(),
         }))
     }

@@ -149,6 +149,13 @@ fn run(options: Options) -> Result<(), String> {
         .with_freeze_timeout(config.freeze_timeout());
     let local = match &options.fuse_dir {
         Some(dir) => {
+            // What an earlier daemon on this directory left behind, before
+            // our FUSE mount replaces its dead one: its frozen filesystems
+            // were thawed above (or their unmount would hang); now its loop
+            // devices are detached (the mounted ones only marked to go at
+            // their unmount). Before the stale mount is unmounted: while it
+            // is still on `dir`, the kernel names their files under `dir`.
+            blksnap_fuse::release_leftovers(dir);
             LocalDevices::unmount_stale(dir);
             // Its files are root's only: no group has anything to find.
             files::ensure_dir(dir, None, "FUSE directory")?;
@@ -203,8 +210,9 @@ fn run(options: Options) -> Result<(), String> {
                 tracing::info!("SIGHUP ignored (there is nothing to reload)");
                 continue;
             }
-            let busy = watcher.busy_devices();
-            if !busy.is_empty() {
+            // Decided under claims of every loop device, held until they
+            // are released at the stop: none can be mounted meanwhile.
+            if let Err(busy) = watcher.claim_for_stop(false) {
                 // Dropping a mounted device would fail its filesystem.
                 tracing::error!(
                     signal,
@@ -237,14 +245,22 @@ fn run(options: Options) -> Result<(), String> {
         blksnap_daemon::freeze::sync_filesystems_on(&local.loop_rdevs());
         local.flush_loops();
     }
-    for device in engine.devices() {
+    // Detaching devices too (a forced stop): what their loop devices wrote
+    // reaches their origins before the FUSE mount goes; the loop devices
+    // themselves go when their filesystems are unmounted.
+    let detaching = local
+        .as_ref()
+        .map(|l| l.detaching_devices())
+        .unwrap_or_default();
+    for device in engine.devices().iter().chain(&detaching) {
         if let Err(e) = device.flush() {
             tracing::error!(device = device.name(), error = %e, "flush at stop failed");
         }
     }
+    drop(detaching);
     if let Some(local) = local {
         if service.forced_stop() {
-            tracing::warn!(busy = ?service.busy_devices(), "forced stop: loop devices detached while in use");
+            tracing::warn!(busy = ?service.forced_busy(), "forced stop: loop devices detached while in use");
         }
         local.shutdown();
     }

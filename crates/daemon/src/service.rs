@@ -5,6 +5,16 @@
 //! results and errors reach the wire through the `From` impls of
 //! `blksnap_proto` (its `engine` feature); only the replies that name our
 //! frontends (loop devices, NBD URIs) are built here.
+//!
+//! Loop devices: a detach, destroy or stop decides that a loop device is
+//! free and releases it in one step, under an exclusive open of it
+//! ([`blksnap_fuse::Claim`]); anything but a successful claim counts as in
+//! use. A detach whose loop device is in use does what the original tool's
+//! does for a mounted device: tracking stops at once (maps saved, device out
+//! of the engine, so no snapshot can include it), and the loop device goes
+//! on serving the origin, untracked, until its last user closes it; the
+//! device is *detaching* until then (listed, and its name and path refused
+//! to `attach`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +52,8 @@ pub struct Service {
     freezer: crate::freeze::Freezer,
     stopper: OnceLock<Stopper>,
     forced_stop: AtomicBool,
+    /// What a forced stop found in use.
+    forced_busy: std::sync::Mutex<Vec<String>>,
     /// The state dir, when the daemon persists tracking.
     persistence: Option<Arc<Persistence>>,
 }
@@ -104,6 +116,7 @@ impl Service {
             ))),
             stopper: OnceLock::new(),
             forced_stop: AtomicBool::new(false),
+            forced_busy: std::sync::Mutex::new(Vec::new()),
             persistence: None,
         }
     }
@@ -222,8 +235,10 @@ impl Service {
 
     /// Answers one request.
     pub fn handle(&self, mut request: Request) -> Reply<serde_json::Value> {
+        self.prune_detaching();
         for key in device_keys(&mut request) {
             self.resolve_key(key)?;
+            self.check_not_detaching(key)?;
         }
         match request {
             Request::Version => json(self.version()),
@@ -274,6 +289,7 @@ impl Service {
         mode: Option<proto::CbtPersistence>,
         restoring: bool,
     ) -> Reply<String> {
+        self.check_attach_not_detaching(path, name)?;
         let Some(persistence) = &self.persistence else {
             let device = self.engine.attach_path(path, name)?;
             self.finish_attach(device.name(), want_loop)?;
@@ -351,7 +367,7 @@ impl Service {
         }
     }
 
-    fn detach(&self, key: &str) -> Reply<proto::Empty> {
+    fn detach(&self, key: &str) -> Reply<proto::DetachResult> {
         let name = match self.engine.device(key) {
             Ok(device) => device.name().to_string(),
             Err(e) => {
@@ -360,20 +376,19 @@ impl Service {
                     .as_ref()
                     .is_some_and(|p| p.forget_missing(key));
                 return if forgot {
-                    Ok(proto::Empty {})
+                    Ok(proto::DetachResult::default())
                 } else {
                     Err(e.into())
                 };
             }
         };
-        if let Some(local) = &self.local {
-            if local.loop_in_use(&name) {
-                let path = self.loop_path(&name).unwrap_or_default();
-                return Err(busy(format!(
-                    "device {name} is busy: its loop device {path} is in use (mounted?); unmount it first"
-                )));
-            }
-        }
+        // Decided and done under the claim: nothing mounts the loop device
+        // between the check and its release.
+        let claim = match self.local.as_ref().and_then(|l| l.claim_loop(&name)) {
+            Some(Err(in_use)) => return self.detach_in_use(&name, &in_use),
+            Some(Ok(claim)) => Some(claim),
+            None => None,
+        };
         // The engine refuses a device in a snapshot; only a detached device
         // loses its (unused) loop device.
         let device = self.engine.device(&name)?;
@@ -381,36 +396,86 @@ impl Service {
         // Out of the engine (a failed flush included): its writes have
         // drained, so its final maps are saved whatever the flush said.
         if detached.is_ok() || self.engine.device(&name).is_err() {
-            self.remove_loop(&name);
+            self.remove_loop_claimed(&name, claim);
             if let Some(persistence) = &self.persistence {
                 persistence.save(&device, false);
             }
         }
         detached?;
-        Ok(proto::Empty {})
+        Ok(proto::DetachResult::default())
+    }
+
+    /// Detach of a device whose loop device is in use: the device leaves
+    /// the engine in pass-through, its maps are saved (their fingerprint
+    /// taken before any untracked write, so a later attach sees those
+    /// writes as changes made while detached), and its loop device stays
+    /// until its last user closes it.
+    fn detach_in_use(
+        &self,
+        name: &str,
+        in_use: &blksnap_fuse::InUse,
+    ) -> Reply<proto::DetachResult> {
+        let local = self.local.as_ref().expect("the claim came from it");
+        let device = self.engine.device(name)?;
+        let released = self.engine.detach_to_pass_through(name);
+        let mut loop_path = None;
+        // Out of the engine (a failed flush included): serving untracked.
+        if released.is_ok() || self.engine.device(name).is_err() {
+            if let Some(persistence) = &self.persistence {
+                persistence.save(&device, false);
+            }
+            loop_path = local.keep_detaching(&device);
+            tracing::info!(device = name, why = %in_use, "detached with its loop device in use");
+        }
+        released?;
+        Ok(proto::DetachResult {
+            detaching: loop_path.map(|p| p.display().to_string()),
+        })
     }
 
     fn shutdown(&self, force: bool) -> Reply<proto::Empty> {
-        let busy_devices = self.busy_devices();
-        if !busy_devices.is_empty() && !force {
-            return Err(busy(format!(
-                "loop devices in use: {}; unmount them or use --force",
-                busy_devices.join(", ")
-            )));
-        }
-        self.forced_stop.store(force, Ordering::SeqCst);
         let stopper = self.stopper.get().ok_or_else(|| {
             ErrorReply::new(
                 libc::EOPNOTSUPP,
                 "this daemon cannot be stopped over its socket",
             )
         })?;
-        tracing::info!(force, busy = ?busy_devices, "stop requested over the control socket");
+        self.claim_for_stop(force).map_err(|busy_devices| {
+            busy(format!(
+                "loop devices in use: {}; unmount them or use --force",
+                busy_devices.join(", ")
+            ))
+        })?;
+        self.forced_stop.store(force, Ordering::SeqCst);
+        tracing::info!(force, "stop requested over the control socket");
         // Before anything else: a take in progress may hold filesystems
         // frozen, and the stop waits up to 10 s for requests in flight.
         self.freezer.begin_stop();
         stopper();
         Ok(proto::Empty {})
+    }
+
+    /// Decides a stop (`shutdown`, SIGTERM): claims every loop device,
+    /// held until the frontends stop, so none can be mounted meanwhile.
+    /// Refused with the busy ones ("volume (/dev/loopN)"), unless `force`;
+    /// a forced stop keeps them for [`Service::forced_busy`].
+    pub fn claim_for_stop(&self, force: bool) -> Result<(), Vec<String>> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        let shown = |busy: Vec<(String, PathBuf)>| -> Vec<String> {
+            busy.into_iter()
+                .map(|(v, p)| format!("{v} ({})", p.display()))
+                .collect()
+        };
+        let busy = local.claim_for_stop(force).map_err(shown)?;
+        *self.forced_busy.lock().unwrap() = shown(busy);
+        Ok(())
+    }
+
+    /// The loop devices in use that a forced stop could not claim.
+    pub fn forced_busy(&self) -> Vec<String> {
+        self.forced_busy.lock().unwrap().clone()
     }
 
     fn list(&self) -> Reply<proto::ListResult> {
@@ -431,10 +496,23 @@ impl Service {
             .as_ref()
             .map(|p| p.missing())
             .unwrap_or_default();
+        let detaching = self
+            .local
+            .as_ref()
+            .map(|l| l.detaching())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| proto::DetachingDevice {
+                name: d.name,
+                path: d.path.map(|p| p.display().to_string()),
+                loop_device: d.loop_path.display().to_string(),
+            })
+            .collect();
         Ok(proto::ListResult {
             devices,
             snapshots,
             missing,
+            detaching,
         })
     }
 
@@ -590,21 +668,28 @@ impl Service {
             .iter()
             .map(|d| image_name(d))
             .collect();
+        // Every image loop device claimed before any is released: all or
+        // nothing, and none can be mounted between the check and the
+        // release.
+        let mut claims = Vec::new();
         if let Some(local) = &self.local {
-            let mounted: Vec<String> = images
-                .iter()
-                .filter(|v| local.loop_in_use(v))
-                .filter_map(|v| self.loop_path(v))
-                .collect();
-            if !mounted.is_empty() {
+            let mut in_use = Vec::new();
+            for image in &images {
+                match local.claim_loop(image) {
+                    Some(Ok(claim)) => claims.push((image, claim)),
+                    Some(Err(why)) => in_use.push(why.to_string()),
+                    None => {}
+                }
+            }
+            if !in_use.is_empty() {
                 return Err(busy(format!(
-                    "snapshot {id} is busy: its image loop devices {} are in use (mounted?); unmount them first",
-                    mounted.join(", ")
+                    "snapshot {id} is busy: its image loop device {}; unmount it first",
+                    in_use.join(", ")
                 )));
             }
         }
-        for image in &images {
-            self.remove_loop(image);
+        for (image, claim) in claims {
+            self.remove_loop_claimed(image, Some(claim));
         }
         self.engine.snapshot_destroy(id)?;
         Ok(proto::Empty {})
@@ -713,8 +798,10 @@ impl Service {
             invalid("loop devices need the FUSE frontend: start blksnapd with --fuse-dir")
         })?;
         let path = local.attach_loop(volume).map_err(|e| {
+            let busy = e.kind() == std::io::ErrorKind::ResourceBusy;
             ErrorReply::new(
-                e.raw_os_error().unwrap_or(libc::EIO),
+                e.raw_os_error()
+                    .unwrap_or(if busy { libc::EBUSY } else { libc::EIO }),
                 format!("cannot create a loop device for {volume}: {e}"),
             )
         })?;
@@ -725,13 +812,84 @@ impl Service {
         Ok(path.display().to_string())
     }
 
+    /// Removes a loop device that was just made (a failed attach).
     fn remove_loop(&self, volume: &str) {
+        self.remove_loop_claimed(volume, None);
+    }
+
+    /// Removes a volume's loop device, under its claim when there is one.
+    fn remove_loop_claimed(&self, volume: &str, claim: Option<blksnap_fuse::Claim>) {
         if let Some(local) = &self.local {
             if let Some(rdev) = local.loop_rdev(volume) {
                 self.engine
                     .remove_served_identity(DeviceIdentity::Block { rdev });
             }
-            local.detach_loop(volume);
+            match claim {
+                Some(claim) => local.release_loop(volume, claim),
+                None => local.detach_loop(volume),
+            };
+        }
+    }
+
+    /// Forgets the detaching devices whose loop device is gone; storage may
+    /// go on their loop devices' numbers again.
+    fn prune_detaching(&self) {
+        if let Some(local) = &self.local {
+            for (_, rdev) in local.prune_detaching() {
+                if let Some(rdev) = rdev {
+                    self.engine
+                        .remove_served_identity(DeviceIdentity::Block { rdev });
+                }
+            }
+        }
+    }
+
+    /// A key that names a detaching device (and no tracked one): it is no
+    /// longer tracked, so nothing but `list` knows it.
+    fn check_not_detaching(&self, key: &str) -> Reply<()> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        if self.engine.device(key).is_ok() {
+            return Ok(());
+        }
+        match local.detaching_named(key) {
+            Some(d) => Err(ErrorReply::new(
+                libc::ENOENT,
+                format!(
+                    "device {} is detached: it is no longer tracked and cannot be in a snapshot \
+                     (its loop device {} serves it, untracked, until it is unmounted)",
+                    d.name,
+                    d.loop_path.display()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A new attach of a detaching device, or under its name, waits for its
+    /// loop device to go.
+    fn check_attach_not_detaching(&self, path: &Path, name: Option<&str>) -> Reply<()> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        let name = name
+            .map(str::to_string)
+            .or_else(|| path.file_name().map(|n| n.to_string_lossy().into_owned()));
+        let found = local
+            .detaching_named(&path.display().to_string())
+            .or_else(|| name.and_then(|n| local.detaching_named(&n)));
+        match found {
+            Some(d) => Err(busy(format!(
+                "device {} ({}) is still detaching: its loop device {} is in use; \
+                 unmount it, then attach again",
+                d.name,
+                d.path
+                    .as_deref()
+                    .map_or("no path".into(), |p| p.display().to_string()),
+                d.loop_path.display()
+            ))),
+            None => Ok(()),
         }
     }
 

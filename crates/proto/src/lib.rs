@@ -421,6 +421,31 @@ pub struct ListResult {
     /// at start; each stays recorded until it is detached.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<MissingDevice>,
+    /// Devices detached while their loop device was in use: no longer
+    /// tracked, their loop device still serves them, untracked, until its
+    /// last user closes it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detaching: Vec<DetachingDevice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachingDevice {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The loop device that still serves it.
+    #[serde(rename = "loop")]
+    pub loop_device: String,
+}
+
+/// The result of `detach`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachResult {
+    /// The device's loop device, when it was in use: it stays, untracked,
+    /// until its last user closes it (the device is listed as detaching
+    /// until then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detaching: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
