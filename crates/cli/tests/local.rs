@@ -591,6 +591,27 @@ impl Env {
         snapshot_files
     }
 
+    /// `list --json`.
+    fn list(&self) -> Value {
+        parse_json(&self.ok(&["list", "--json"]))
+    }
+
+    /// SIGKILL; returns the daemon's directory for [`Self::restart`].
+    fn kill(&mut self) -> tempfile::TempDir {
+        let mut old = self.daemon.take().unwrap();
+        old.kill()
+    }
+
+    /// A new daemon over what a killed one left behind in `dir` (its state
+    /// dir; its dead FUSE mount on the same directory).
+    fn restart(&mut self, dir: tempfile::TempDir) {
+        let daemon = Daemon::start_in(dir, &["--fuse-dir", s(&self.fuse_dir)]);
+        self.pid = daemon.pid();
+        self.control = daemon.control.clone();
+        self.log = daemon.path("daemon.log");
+        self.daemon = Some(daemon);
+    }
+
     /// Stops the daemon with SIGTERM (it must exit within 20 s).
     fn sigterm_stop(&mut self) -> ExitStatus {
         common::signal(self.pid, "TERM");
@@ -1792,7 +1813,8 @@ fn clean_stop_waits_for_unmount() {
         "{refusal}"
     );
     env.fails(&["shutdown"], &["EBUSY", &dev_loop]);
-    env.fails(&["detach", "--device", &dev], &["EBUSY", &dev_loop]);
+    // (A detach of the mounted device succeeds, as the original's does:
+    // `detach_of_a_mounted_device_keeps_serving_it`.)
     assert!(running(env.pid));
     verify(&origin.join("data"), &files, "origin");
 
@@ -2026,4 +2048,308 @@ fn shutdown_force_with_a_busy_loop_device() {
         env.log_tail()
     );
     assert!(!is_mounted(&env.fuse_dir));
+}
+
+// ---------------------------------------------------------------------------
+// 8. Loop devices never leak (issue 14 item 4), and the original's detach of
+//    a mounted device (issue 16 item 5).
+
+/// The loop devices bound to files under the FUSE directory, as device
+/// paths, without those the running daemon lists as its own.
+fn leftover_loops(env: &Env) -> Vec<String> {
+    let list = env.list();
+    let mut ours = BTreeSet::new();
+    for d in list["devices"].as_array().unwrap() {
+        if let Some(l) = d["loop"].as_str() {
+            ours.insert(l.to_string());
+        }
+    }
+    loops_under(&env.fuse_dir)
+        .into_iter()
+        .filter_map(|line| line.split_once(':').map(|(d, _)| d.to_string()))
+        .filter(|d| !ours.contains(d))
+        .collect()
+}
+
+/// A loop device's backing file, from sysfs; `None` once it is cleared.
+fn backing_of(device: &str) -> Option<String> {
+    let sys = format!(
+        "/sys/block/{}/loop/backing_file",
+        device.trim_start_matches("/dev/")
+    );
+    std::fs::read_to_string(sys)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// kill -9 with loop devices attached: the daemon's own free loop device
+/// goes with it (autoclear), a mounted one at its unmount, and one left
+/// bound without autoclear (as an older daemon made them; here `losetup`
+/// on a FUSE file) is detached by the next start.
+#[test]
+fn kill_9_leaves_no_loop_device_behind() {
+    const TEST: &str = "kill_9_leaves_no_loop_device_behind";
+    let Some(mut env) = Env::start_if_ready(TEST, &[], None) else {
+        return;
+    };
+    let (_free, free_loop) = env.attach_loop(&env.file("free.img", 16 * MIB));
+    let (_mounted, mounted_loop, origin) = env.ext4_origin();
+    write_files(&origin.join("data"), "f", 2, MIB, 81);
+    sync_fs(&origin);
+    let old = env.file("old.img", 16 * MIB);
+    env.ok(&["attach", "--device", s(&old), "--no-loop"]);
+    let old_loop = env.losetup(&env.fuse_dir.join("old.img"));
+
+    let dir = env.kill();
+    // Autoclear: the daemon's descriptor was the free one's last. The
+    // others stay: one without autoclear, one mounted.
+    let fuse_file = |name: &str| Some(s(&env.fuse_dir.join(name)).to_string());
+    assert!(
+        wait_until(Duration::from_secs(5), || backing_of(&free_loop)
+            != fuse_file("free.img")),
+        "{free_loop} outlived the daemon"
+    );
+    assert_eq!(backing_of(&old_loop), fuse_file("old.img"));
+    assert_eq!(backing_of(&mounted_loop), fuse_file("origin.img"));
+
+    env.restart(dir);
+    let log = env.log();
+    assert!(
+        log.contains("loop device left by an earlier blksnapd detached") && log.contains(&old_loop),
+        "the leftover {old_loop} was not detached at start:\n{}",
+        env.log_tail()
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("left by an earlier") && l.contains(&format!("{free_loop} "))),
+        "{free_loop} outlived the daemon without autoclear:\n{}",
+        env.log_tail()
+    );
+    assert!(
+        log.contains("still in use") && log.contains(&mounted_loop),
+        "the mounted leftover {mounted_loop} was not reported:\n{}",
+        env.log_tail()
+    );
+    env.held().loops.retain(|l| l != &old_loop);
+    // (Its number may serve a restored device's new loop device by now.)
+    assert_ne!(
+        backing_of(&old_loop),
+        Some(s(&env.fuse_dir.join("old.img")).to_string()),
+        "{old_loop} still bound"
+    );
+    assert_eq!(
+        leftover_loops(&env),
+        Vec::<String>::new(),
+        "loop devices bound under the FUSE directory after the restart, \
+         besides the new daemon's own"
+    );
+    // The mounted one stays bound (to the dead mount, which the new start
+    // unmounted lazily: the kernel names its file relative to it now).
+    let bound = backing_of(&mounted_loop);
+    assert!(
+        bound.as_deref().is_some_and(|b| b.ends_with("/origin.img")),
+        "{mounted_loop}: {bound:?}"
+    );
+    // Its filesystem lost its device with the daemon; the unmount is the
+    // loop device's last close.
+    let _ = try_run("umount", &[s(&origin)]);
+    if is_mounted(&origin) {
+        let _ = try_run("umount", &["-l", s(&origin)]);
+    }
+    env.held().mounts.retain(|m| m != &origin);
+    assert!(
+        wait_until(Duration::from_secs(5), || backing_of(&mounted_loop)
+            .is_none()),
+        "{mounted_loop} left after the unmount: {:?}",
+        backing_of(&mounted_loop)
+    );
+    assert_eq!(leftover_loops(&env), Vec::<String>::new());
+    // The restored devices have new loop devices, and they work.
+    let list = env.list();
+    assert_eq!(list["devices"].as_array().unwrap().len(), 3, "{list}");
+    for d in list["devices"].as_array().unwrap() {
+        if let Some(l) = d["loop"].as_str() {
+            env.held()
+                .daemon_loops
+                .push((l.to_string(), d["name"].as_str().unwrap().to_string()));
+        }
+    }
+}
+
+/// The original's scripts detach a device that is still mounted, then
+/// unmount it. The detach succeeds: tracking stops (no change map, no
+/// snapshot of it), the loop device serves the mounted filesystem,
+/// untracked, and the device is listed as detaching until its unmount;
+/// then the loop device is gone and the device can be attached again.
+/// Refused, as by the original, while the device is in a snapshot; a new
+/// attach of it meanwhile and a plain stop are refused (EBUSY).
+#[test]
+fn detach_of_a_mounted_device_keeps_serving_it() {
+    const TEST: &str = "detach_of_a_mounted_device_keeps_serving_it";
+    let Some(env) = Env::start_if_ready(TEST, &[], None) else {
+        return;
+    };
+    let (dev, dev_loop, origin) = env.ext4_origin();
+    let file = env.work.join("origin.img");
+    let before = write_files(&origin.join("data"), "before", 4, MIB, 91);
+    sync_fs(&origin);
+
+    let storage = env.dir("storage");
+    let id = env.snapshot(&dev, &storage);
+    env.fails(&["detach", "--device", &dev], &["EBUSY", &id]);
+    env.ok(&["snapshot_destroy", "--id", &id]);
+
+    let out = env.cli(&["detach", "--device", &dev]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "detach of a mounted device: {stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains(&dev_loop),
+        "{stderr}"
+    );
+    let list = env.list();
+    assert_eq!(list["devices"], serde_json::json!([]), "{list}");
+    assert_eq!(
+        list["detaching"],
+        serde_json::json!([{"name": dev, "path": s(&file), "loop": dev_loop}]),
+        "{list}"
+    );
+    let text = env.ok(&["list"]);
+    assert!(
+        text.contains(&format!(
+            "detaching={dev} path={} loop={dev_loop}\n",
+            s(&file)
+        )),
+        "{text}"
+    );
+    for args in [
+        vec!["cbtinfo", "--device", &dev],
+        vec!["readcbtmap", "--device", &dev, "--file", "/dev/null"],
+        vec!["cbtinfo", "--device", &dev_loop],
+    ] {
+        env.fails(&args, &["ENOENT", "detached", "no longer tracked"]);
+    }
+    env.fails(
+        &common::create_args(&dev),
+        &["ENOENT", "cannot be in a snapshot", &dev_loop],
+    );
+    env.fails(
+        &["attach", "--device", s(&file), "--loop"],
+        &["EBUSY", "still detaching", &dev_loop],
+    );
+    env.fails(&["shutdown"], &["EBUSY", "detaching", &dev_loop]);
+    assert!(running(env.pid));
+
+    // The filesystem goes on, through the loop device, onto the origin.
+    let after = write_files(&origin.join("data"), "after", 4, MIB, 92);
+    sync_fs(&origin);
+    let all = merged(&before, &after);
+    verify(&origin.join("data"), &all, "origin while detaching");
+
+    env.umount(&origin);
+    assert!(
+        wait_until(Duration::from_secs(5), || env
+            .list()
+            .get("detaching")
+            .is_none()),
+        "still detaching after the unmount: {}",
+        env.list()
+    );
+    assert_eq!(
+        backing_of(&dev_loop),
+        None,
+        "{dev_loop} left after the unmount"
+    );
+    assert!(loops_under(&env.fuse_dir).is_empty());
+
+    // The origin file itself holds every write.
+    let plain = env.losetup(&file);
+    let check = env.mount(&plain, "check", &["-o", "ro"]);
+    verify(&check.join("data"), &all, "origin file after the detach");
+    env.umount(&check);
+    env.losetup_detach(&plain);
+
+    // Attached again: written while untracked, so a new generation.
+    let (again, again_loop) = env.attach_loop(&file);
+    assert_eq!(again, dev);
+    let info = env.ok(&["cbtinfo", "--device", &dev]);
+    assert!(
+        info.contains("generation_reason=changed-while-detached"),
+        "{info}"
+    );
+    let remounted = env.mount(&again_loop, "origin", &[]);
+    verify(&remounted.join("data"), &all, "origin attached again");
+}
+
+/// Opens a loop device exclusively, as a mount does, and writes through it.
+fn exclusive(device: &str) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        // O_EXCL of Linux (asm-generic/fcntl.h); no libc in these tests.
+        .custom_flags(0o200)
+        .open(device)
+        .unwrap_or_else(|e| panic!("O_EXCL open of {device}: {e}"))
+}
+
+/// An exclusive opener of a loop device (what a mount does) stops its
+/// release: `snapshot_destroy` and `shutdown` refuse (EBUSY), and a detach
+/// leaves the loop device serving the holder (detaching) instead of tearing
+/// it away. The check and the release are one step under the daemon's own
+/// exclusive open, so a mount cannot come in between.
+#[test]
+fn exclusive_holder_keeps_its_loop_device() {
+    const TEST: &str = "exclusive_holder_keeps_its_loop_device";
+    let Some(env) = Env::start_if_ready(TEST, &[], None) else {
+        return;
+    };
+    use std::os::unix::fs::FileExt;
+    let file = env.file("a.img", 16 * MIB);
+    let (dev, dev_loop) = env.attach_loop(&file);
+    let storage = env.dir("storage");
+    let id = env.snapshot(&dev, &storage);
+    let image = env.image_of(&dev);
+
+    let image_holder = exclusive(&image);
+    env.fails(
+        &["snapshot_destroy", "--id", &id],
+        &["EBUSY", &image, "in use"],
+    );
+    assert_eq!(env.info(&dev)["taken"], true);
+    assert!(backing_of(&image).is_some(), "{image} torn away");
+    drop(image_holder);
+    env.ok(&["snapshot_destroy", "--id", &id]);
+    env.wait_image_loops_gone();
+
+    let holder = exclusive(&dev_loop);
+    env.fails(&["shutdown"], &["EBUSY", &dev_loop]);
+    assert!(running(env.pid));
+    let out = env.cli(&["detach", "--device", &dev]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&dev_loop), "{stderr}");
+    assert_eq!(env.list()["detaching"][0]["loop"], dev_loop.as_str());
+    // Not torn away: the holder still writes, onto the origin.
+    let data = vec![0x5au8; 64 * 1024];
+    holder.write_all_at(&data, MIB).unwrap();
+    holder.sync_all().unwrap();
+    let mut on_file = vec![0u8; data.len()];
+    std::fs::File::open(&file)
+        .unwrap()
+        .read_exact_at(&mut on_file, MIB)
+        .unwrap();
+    assert!(
+        on_file == data,
+        "a write after the detach missed the origin"
+    );
+    drop(holder);
+    assert!(
+        wait_until(Duration::from_secs(5), || backing_of(&dev_loop).is_none()
+            && env.list().get("detaching").is_none()),
+        "{dev_loop} not gone after its holder closed it: {}",
+        env.list()
+    );
+    let (_, again) = env.attach_loop(&file);
+    assert!(again.starts_with("/dev/loop"));
 }
