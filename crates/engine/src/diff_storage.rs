@@ -47,6 +47,12 @@ pub enum StorageSpec {
     /// directory (an unnamed temporary file there, grown), or a block device
     /// (used whole, fixed size).
     Path(PathBuf),
+    /// As `Path`, opened already (read-write, without `O_EXCL`) by the
+    /// caller, who checked the right to: a regular file (an O_TMPFILE for a
+    /// directory) or a block device. The engine never resolves `path`
+    /// (messages only): it makes the file exclusive itself
+    /// ([`FileDevice::exclusive`]) on a duplicate of the descriptor.
+    File { file: Arc<File>, path: PathBuf },
     /// Nothing yet: sector ranges are appended later.
     Empty,
     /// A whole device object, fixed size (tests, benchmarks).
@@ -193,6 +199,27 @@ pub(crate) fn check_not_served(path: &Path, served: &HashSet<DeviceIdentity>) ->
         std::io::ErrorKind::NotFound => Error::NotFound(format!("difference storage path {shown}")),
         _ => Error::io(format!("cannot stat {shown}"), e),
     })?;
+    check_meta_not_served(path, &meta, served)
+}
+
+/// [`check_not_served`] of a file open already (`path` for messages only).
+pub(crate) fn check_file_not_served(
+    file: &File,
+    path: &Path,
+    served: &HashSet<DeviceIdentity>,
+) -> Result<()> {
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+    check_meta_not_served(path, &meta, served)
+}
+
+fn check_meta_not_served(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    served: &HashSet<DeviceIdentity>,
+) -> Result<()> {
+    let shown = path.display();
     let own = if meta.file_type().is_block_device() {
         DeviceIdentity::Block { rdev: meta.rdev() }
     } else {
@@ -269,24 +296,50 @@ impl DiffStorage {
                     let file = open_tmpfile(path)?;
                     storage.growable = Some(GrowableFile::new(FileDevice::from_file(file, path)?));
                 } else {
-                    let device = FileDevice::open(path)?;
-                    if device.is_block_device() {
-                        let len = device.size() / SECTOR_SIZE * SECTOR_SIZE;
-                        storage.add_extent(Arc::new(device), 0, len)?;
-                    } else {
-                        let growable = GrowableFile::new(device);
-                        let len = growable.original_len / SECTOR_SIZE * SECTOR_SIZE;
-                        *growable.len.lock().unwrap() = len;
-                        let dev = growable.device.clone();
-                        storage.growable = Some(growable);
-                        if len > 0 {
-                            storage.add_extent(dev, 0, len)?;
-                        }
-                    }
+                    storage.start_with(FileDevice::open(path)?)?;
                 }
+            }
+            StorageSpec::File { file, path } => {
+                check_file_not_served(file, path, served)?;
+                let file = file
+                    .try_clone()
+                    .map_err(|e| Error::io(format!("cannot use {}", path.display()), e))?;
+                storage.start_with(FileDevice::exclusive(file, path)?)?;
             }
         }
         Ok(storage)
+    }
+
+    /// A block device is used whole; a regular file whole and then grown.
+    fn start_with(&mut self, device: FileDevice) -> Result<()> {
+        if device.is_block_device() {
+            let len = device.size() / SECTOR_SIZE * SECTOR_SIZE;
+            return self.add_extent(Arc::new(device), 0, len);
+        }
+        let growable = GrowableFile::new(device);
+        let len = growable.original_len / SECTOR_SIZE * SECTOR_SIZE;
+        *growable.len.lock().unwrap() = len;
+        let dev = growable.device.clone();
+        self.growable = Some(growable);
+        if len > 0 {
+            self.add_extent(dev, 0, len)?;
+        }
+        Ok(())
+    }
+
+    /// The block device with identity `identity` that this storage holds
+    /// (opened exclusively), for appending more of its ranges: a second
+    /// exclusive open of it, ours included, is refused by the kernel.
+    pub(crate) fn held_block_device(
+        &self,
+        identity: DeviceIdentity,
+    ) -> Option<Arc<dyn BlockDevice>> {
+        self.extents
+            .read()
+            .unwrap()
+            .iter()
+            .find(|e| e.device.identity() == Some(identity))
+            .map(|e| e.device.clone())
     }
 
     fn add_extent(&self, device: Arc<dyn BlockDevice>, offset: u64, len: u64) -> Result<()> {

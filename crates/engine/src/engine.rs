@@ -12,6 +12,7 @@
 //! in-flight writes); the write path never takes it, so this cannot deadlock.
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,9 @@ use crate::cbt::{CbtInfo, CbtState, ChangeJournal, ChangeTracker, GenerationReas
 use crate::config::{Config, SnapshotOptions};
 use crate::copier::{CopierPool, COPIER_THREADS};
 use crate::device::{BlockDevice, DeviceIdentity, FileDevice};
-use crate::diff_storage::{check_not_served, DiffStorage, StorageSpec, StorageStats};
+use crate::diff_storage::{
+    check_file_not_served, check_not_served, DiffStorage, StorageSpec, StorageStats,
+};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventQueue};
 use crate::image::Image;
@@ -166,6 +169,19 @@ impl Registry {
     }
 }
 
+/// What a file open at `meta` is, as [`BlockDevice::identity`] says it.
+fn identity_of(meta: &std::fs::Metadata) -> DeviceIdentity {
+    use std::os::unix::fs::MetadataExt;
+    if meta.file_type().is_block_device() {
+        DeviceIdentity::Block { rdev: meta.rdev() }
+    } else {
+        DeviceIdentity::File {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
 /// Adds the backing files of served loop devices. Reads sysfs and stats
 /// files that may live on our own FUSE mount, whose handlers take the
 /// registry lock: never call it with the lock held.
@@ -237,6 +253,49 @@ impl Engine {
         let device = FileDevice::open(path)?;
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         self.attach_inner(&name, Some(&canonical), Arc::new(device), start)
+    }
+
+    /// Attaches `file`, opened read-write (without `O_EXCL`) by the caller,
+    /// who checked the right to: the daemon opens a client's path with the
+    /// client's rights. The engine makes it exclusive
+    /// ([`FileDevice::exclusive`]) and never resolves `path`, which is the
+    /// path the file was opened at (symlinks resolved), recorded as the
+    /// device's. Its name is `name`, or else the path's file name.
+    pub fn attach_file_with(
+        &self,
+        file: std::fs::File,
+        path: &Path,
+        name: Option<&str>,
+        start: TrackingStart,
+    ) -> Result<Arc<TrackedDevice>> {
+        let shown = path.display().to_string();
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| Error::InvalidArgument(format!("{shown} has no file name")))?,
+        };
+        // As attach_path_with: the same path is EEXIST; the same file under
+        // another path (a hard link) is served, so EINVAL, below.
+        if let Some(existing) = self
+            .registry()
+            .devices
+            .iter()
+            .find(|d| d.path() == Some(path))
+        {
+            return Err(Error::AlreadyExists(format!(
+                "tracked device {} for {shown}",
+                existing.name()
+            )));
+        }
+        if let Err(Error::InvalidArgument(_)) = check_file_not_served(&file, path, &self.served()) {
+            return Err(Error::InvalidArgument(format!(
+                "{shown} is served by this daemon; attach the original device instead"
+            )));
+        }
+        let device = FileDevice::exclusive(file, path)?;
+        self.attach_inner(&name, Some(path), Arc::new(device), start)
     }
 
     fn attach_inner(
@@ -428,6 +487,19 @@ impl Engine {
                 "difference storage limit must be positive".into(),
             ));
         }
+        if let StorageSpec::File { file, path } = &storage {
+            let meta = file
+                .metadata()
+                .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+            if meta.file_type().is_block_device() {
+                if let Some(other) = self.storage_holder(identity_of(&meta)) {
+                    return Err(Error::Busy {
+                        what: format!("storage device {}", path.display()),
+                        why: format!("it is difference storage of snapshot {other}"),
+                    });
+                }
+            }
+        }
         let id = Uuid::new_v4();
         let served = self.served();
         let events = Arc::new(EventQueue::default());
@@ -488,15 +560,64 @@ impl Engine {
         path: &Path,
         ranges: &[SectorRange],
     ) -> Result<()> {
-        let (storage, min_len) = self.storage_of(id)?;
+        self.storage_of(id)?;
         check_not_served(path, &self.served())?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(|e| Error::io(format!("cannot open storage {}", path.display()), e))?;
-        let device = FileDevice::from_file(file, path)?;
-        storage.append_ranges(Arc::new(device), ranges, min_len)
+        self.snapshot_append_storage_file(id, file, path, ranges)
+    }
+
+    /// Appends sector ranges of `file`, opened read-write (without
+    /// `O_EXCL`) by the caller, who checked the right to; `path` names it
+    /// in messages only. A block device is held exclusively: the one this
+    /// snapshot's storage holds already is used again, one that another
+    /// snapshot or program holds is refused (busy). A regular file is used
+    /// as it is (its ranges are the caller's to give).
+    pub fn snapshot_append_storage_file(
+        &self,
+        id: &Uuid,
+        file: std::fs::File,
+        path: &Path,
+        ranges: &[SectorRange],
+    ) -> Result<()> {
+        let (storage, min_len) = self.storage_of(id)?;
+        let shown = path.display().to_string();
+        check_file_not_served(&file, path, &self.served())?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot stat {shown}"), e))?;
+        let device: Arc<dyn BlockDevice> = if meta.file_type().is_block_device() {
+            let identity = identity_of(&meta);
+            match storage.held_block_device(identity) {
+                Some(held) => held,
+                None => {
+                    if let Some(other) = self.storage_holder(identity) {
+                        return Err(Error::Busy {
+                            what: format!("storage device {shown}"),
+                            why: format!(
+                                "it is difference storage of snapshot {other}; a block device is storage of one snapshot at a time"
+                            ),
+                        });
+                    }
+                    Arc::new(FileDevice::exclusive(file, path)?)
+                }
+            }
+        } else {
+            Arc::new(FileDevice::from_file(file, path)?)
+        };
+        storage.append_ranges(device, ranges, min_len)
+    }
+
+    /// The snapshot whose storage holds the block device `identity`.
+    fn storage_holder(&self, identity: DeviceIdentity) -> Option<Uuid> {
+        self.registry()
+            .snapshots
+            .iter()
+            .find(|(_, s)| s.storage.held_block_device(identity).is_some())
+            .map(|(id, _)| *id)
     }
 
     /// Appends ranges of a device object (tests, benchmarks).

@@ -81,18 +81,35 @@ impl FileDevice {
         }
         let file = opts.open(path).map_err(|e| busy_or_io(e, &shown))?;
         if ft.is_file() {
-            rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
-                if e == Errno::WOULDBLOCK {
-                    Error::Busy {
-                        what: shown.clone(),
-                        why: "the file is locked by another program".into(),
-                    }
-                } else {
-                    Error::io(format!("cannot lock {shown}"), e.into())
-                }
-            })?;
+            lock_exclusive(&file, &shown)?;
         }
         Self::from_file(file, path)
+    }
+
+    /// Makes `file`, opened read-write (and without `O_EXCL`) by the caller,
+    /// exclusive as [`Self::open`] does: a block device is opened again
+    /// through `/proc/self/fd` with `O_EXCL` (the same device, whatever its
+    /// path names by now; refused while mounted or held exclusively), a
+    /// regular file is flock'ed. `path` names it in messages. For callers
+    /// that open with someone else's rights (the daemon opens client paths
+    /// with the client's), so that the engine never resolves the path.
+    pub fn exclusive(file: File, path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        let st = rustix::fs::fstat(&file)
+            .map_err(|e| Error::io(format!("cannot stat {shown}"), e.into()))?;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::BlockDevice => {
+                let again = reopen_exclusive(&file).map_err(|e| busy_or_io(e, &shown))?;
+                Self::from_file(again, path)
+            }
+            FileType::RegularFile => {
+                lock_exclusive(&file, &shown)?;
+                Self::from_file(file, path)
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "{shown} is neither a regular file nor a block device"
+            ))),
+        }
     }
 
     /// Wraps an already-open file (for instance an O_TMPFILE storage); takes
@@ -202,6 +219,32 @@ impl FileDevice {
     fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
         super::write_zero_pieces(offset, len, |zeroes, at| self.file.write_all_at(zeroes, at))
     }
+}
+
+/// The `flock(LOCK_EX)` that keeps other cooperating programs off a file.
+fn lock_exclusive(file: &File, shown: &str) -> Result<()> {
+    rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        if e == Errno::WOULDBLOCK {
+            Error::Busy {
+                what: shown.to_string(),
+                why: "the file is locked by another program".into(),
+            }
+        } else {
+            Error::io(format!("cannot lock {shown}"), e.into())
+        }
+    })
+}
+
+/// The block device open in `file`, opened again read-write with `O_EXCL`.
+/// Through the descriptor's magic link: the inode already open, not
+/// whatever a path names now.
+fn reopen_exclusive(file: &File) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags((rustix::fs::OFlags::EXCL | rustix::fs::OFlags::CLOEXEC).bits() as i32)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 fn busy_or_io(e: io::Error, shown: &str) -> Error {
