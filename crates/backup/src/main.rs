@@ -467,6 +467,7 @@ fn create(
         copy_timeout_ms: None,
         storage_wait_ms: None,
         auto_destroy: true,
+        overwrite: false,
     })?;
     let taken = client.snapshot_take(id);
     let result = taken.map_err(Failure::from).and_then(|take| {

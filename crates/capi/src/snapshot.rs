@@ -1,4 +1,5 @@
-//! The snapshot commands: `blksnap_snapshot_create()` and `_create_ex()`,
+//! The snapshot commands: `blksnap_snapshot_create()`, `_create_ex()` and
+//! `_create_flags()`,
 //! `_add()`, `_appendstorage()`, `_take()`, `_destroy()`, `_collect()`,
 //! `_info()` and `_waitevent()`.
 //!
@@ -29,6 +30,7 @@ use crate::types::{
     BLKSNAP_EVENT_CBT_RESET, BLKSNAP_EVENT_CORRUPTED, BLKSNAP_EVENT_NONE, BLKSNAP_EVENT_NO_SPACE,
     BLKSNAP_ID_SIZE, BLKSNAP_NAME_MAX, BLKSNAP_ON_COPY_ERROR_BREAK_ORIGIN_WRITE,
     BLKSNAP_ON_COPY_ERROR_DEFAULT, BLKSNAP_ON_COPY_ERROR_KEEP_ORIGIN_WRITES, BLKSNAP_PATH_MAX,
+    BLKSNAP_SNAPSHOT_OVERWRITE,
 };
 
 /// Creates a snapshot of `n_devices` devices (names or paths; more can be
@@ -67,6 +69,7 @@ pub unsafe extern "C" fn blksnap_snapshot_create(
             n_devices,
             storage,
             &options,
+            0,
             id_out,
         )
     }
@@ -95,16 +98,52 @@ pub unsafe extern "C" fn blksnap_snapshot_create_ex(
             n_devices,
             storage,
             options,
+            0,
             id_out,
         )
     }
 }
 
-/// Both `blksnap_snapshot_create()` and `_create_ex()`; `what` names the
-/// one called.
+/// As `blksnap_snapshot_create_ex()`, with `flags`, an OR of
+/// `BLKSNAP_SNAPSHOT_*` (0: as `blksnap_snapshot_create_ex()`).
+/// `BLKSNAP_SNAPSHOT_OVERWRITE`: a `storage` that is a regular file with
+/// content may be used, its content lost; without it such a file is refused
+/// with -EEXIST. Unknown flags: -EINVAL.
 ///
 /// # Safety
 /// As `blksnap_snapshot_create_ex()`.
+#[no_mangle]
+pub unsafe extern "C" fn blksnap_snapshot_create_flags(
+    c: *mut blksnap_client,
+    devices: *const *const c_char,
+    n_devices: usize,
+    storage: *const c_char,
+    options: *const blksnap_snapshot_options,
+    flags: u32,
+    id_out: *mut u8,
+) -> c_int {
+    // SAFETY: passed on from this function's contract.
+    unsafe {
+        create(
+            c,
+            "blksnap_snapshot_create_flags",
+            devices,
+            n_devices,
+            storage,
+            options,
+            flags,
+            id_out,
+        )
+    }
+}
+
+/// `blksnap_snapshot_create()`, `_create_ex()` and `_create_flags()`;
+/// `what` names the one called.
+///
+/// # Safety
+/// As `blksnap_snapshot_create_ex()`.
+// The C function's seven arguments, and which one it is.
+#[allow(clippy::too_many_arguments)]
 unsafe fn create(
     c: *mut blksnap_client,
     what: &str,
@@ -112,6 +151,7 @@ unsafe fn create(
     n_devices: usize,
     storage: *const c_char,
     options: *const blksnap_snapshot_options,
+    flags: u32,
     id_out: *mut u8,
 ) -> c_int {
     // SAFETY: `c` is NULL or a live client that only this thread uses
@@ -119,6 +159,11 @@ unsafe fn create(
     call(unsafe { c.as_mut() }, what, |client| {
         if !options.is_aligned() {
             return Err(invalid("options is misaligned"));
+        }
+        if flags & !BLKSNAP_SNAPSHOT_OVERWRITE != 0 {
+            return Err(invalid(format!(
+                "flags {flags:#x} has bits none of BLKSNAP_SNAPSHOT_* ({BLKSNAP_SNAPSHOT_OVERWRITE:#x})"
+            )));
         }
         // SAFETY: `devices` has `n_devices` elements, `storage` is NULL
         // or NUL-terminated, `options` NULL or readable (contract) and
@@ -165,6 +210,7 @@ unsafe fn create(
             copy_timeout_ms: (options.copy_timeout_ms > 0).then_some(options.copy_timeout_ms),
             storage_wait_ms: None,
             auto_destroy: false,
+            overwrite: flags & BLKSNAP_SNAPSHOT_OVERWRITE != 0,
         };
         check_request_size(Request::SnapshotCreate(args.clone()))?;
         let id = client.snapshot_create(args)?;

@@ -49,6 +49,10 @@ pub const BLKSNAP_ON_COPY_ERROR_KEEP_ORIGIN_WRITES: i32 = 1;
 /// The origin write fails when its copy fails; the image stays valid.
 pub const BLKSNAP_ON_COPY_ERROR_BREAK_ORIGIN_WRITE: i32 = 2;
 
+/// `blksnap_snapshot_create_flags()`: a storage that is a regular file with
+/// content may be used (its content is lost).
+pub const BLKSNAP_SNAPSHOT_OVERWRITE: u32 = 1;
+
 /// A device's change-tracking parameters (`blksnap_cbtinfo()`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]

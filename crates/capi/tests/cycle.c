@@ -270,6 +270,16 @@ int main(int argc, char **argv)
     EXPECT(blksnap_snapshot_destroy(c, id3), 0);
     options.on_copy_error = 7;
     EXPECT(blksnap_snapshot_create_ex(c, keys, 1, storage_dir, &options, id3), -EINVAL);
+    options.on_copy_error = BLKSNAP_ON_COPY_ERROR_DEFAULT;
+    /* A file with content (the appended one, now free) is storage only
+       with BLKSNAP_SNAPSHOT_OVERWRITE. */
+    EXPECT(blksnap_snapshot_create_ex(c, keys, 1, append_file, &options, id3), -EEXIST);
+    CHECK(strstr(blksnap_last_error(c), "overwrite") != NULL, "%s", blksnap_last_error(c));
+    EXPECT(blksnap_snapshot_create_flags(c, keys, 1, append_file, &options, 2, id3), -EINVAL);
+    EXPECT(blksnap_snapshot_create_flags(c, keys, 1, append_file, &options,
+                                         BLKSNAP_SNAPSHOT_OVERWRITE, id3),
+           0);
+    EXPECT(blksnap_snapshot_destroy(c, id3), 0);
 
     /* ---- error paths ---- */
     EXPECT(blksnap_attach(c, missing, NULL, NULL, 0), -ENOENT);

@@ -145,6 +145,11 @@ enum Command {
         /// storage_wait_ms (5000).
         #[arg(long, value_name = "MS")]
         storage_wait: Option<u64>,
+        /// Use --file even when it is a regular file with content, which is
+        /// lost (without it such a file is refused; an empty file, a
+        /// directory or a block device needs no --overwrite).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Add a device to a snapshot that is not taken yet.
     #[command(name = "snapshot_add")]
@@ -503,6 +508,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             on_copy_error,
             copy_timeout,
             storage_wait,
+            overwrite,
         } => {
             let storage = file
                 .as_deref()
@@ -519,6 +525,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 copy_timeout_ms: *copy_timeout,
                 storage_wait_ms: *storage_wait,
                 auto_destroy: false,
+                overwrite: *overwrite,
             })?;
             if json {
                 print_json(&serde_json::json!({ "id": id }));

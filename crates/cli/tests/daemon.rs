@@ -129,6 +129,7 @@ fn rust_client_full_cycle() {
             copy_timeout_ms: None,
             storage_wait_ms: None,
             auto_destroy: false,
+            overwrite: false,
         })
         .unwrap();
     c.snapshot_take(id).unwrap();

@@ -142,6 +142,10 @@ pub struct SnapshotCreateArgs {
     /// closes (a backup that dies leaves no snapshot behind).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub auto_destroy: bool,
+    /// A `storage` that is a regular file with content may be used (its
+    /// content is lost); without it such a file is refused (EEXIST).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
