@@ -1,5 +1,6 @@
 //! The control socket server: a Unix stream socket speaking the protocol of
-//! `docs/protocol.md`, one thread per client connection.
+//! `docs/protocol.md`, one thread per client connection, which knows the
+//! client's credentials ([`Client`], for [`crate::rights`]).
 //!
 //! Owns the socket file and its lock file (`<socket>.lock`, flock'ed and
 //! holding the daemon's pid) so that a second daemon on the same socket
@@ -34,6 +35,7 @@ use blksnap_proto::{self as proto, ErrorReply, ReplyMessage, RequestMessage};
 use rustix::fs::FlockOperation;
 
 use crate::files::{self, file_id, FileId, RunDir};
+use crate::rights::Client;
 use crate::service::Service;
 
 /// How long shutdown waits for connections to finish their request.
@@ -415,12 +417,21 @@ impl Read for TimedReader {
 
 /// Answers one client's requests, in order, until it hangs up or stays
 /// idle longer than `limits.idle_timeout` (then it gets an `ETIMEDOUT`
-/// error reply and is closed).
+/// error reply and is closed). The paths they name are opened with the
+/// rights of the client's credentials, read once off the connection (as
+/// they were when it connected).
 fn serve_connection(
     service: &Service,
     stream: UnixStream,
     limits: &ControlLimits,
 ) -> io::Result<()> {
+    let client = Client::of_peer(&stream)?;
+    tracing::debug!(
+        uid = client.uid,
+        gid = client.gid,
+        pid = client.pid,
+        "control client"
+    );
     /// Destroys the connection's auto-destroy snapshots however it ends.
     struct Owned<'a>(&'a Service, Vec<uuid::Uuid>);
     impl Drop for Owned<'_> {
@@ -467,7 +478,7 @@ fn serve_connection(
         let reply = match RequestMessage::parse(&line) {
             Ok(message) => {
                 tracing::debug!(request = ?message.request, "request");
-                match service.handle_owned(message.request, &mut owned.1) {
+                match service.handle_owned(&client, message.request, &mut owned.1) {
                     Ok(result) => ReplyMessage {
                         id: message.id,
                         ok: true,

@@ -25,6 +25,7 @@ use blksnap_engine::volume::{image_device, image_name};
 use blksnap_engine::{DeviceIdentity, Engine, SectorRange, SnapshotOptions, StorageSpec};
 use blksnap_fuse::LocalDevices;
 
+use crate::rights::{self, Client};
 use crate::state::Persistence;
 use blksnap_proto as proto;
 use proto::{ErrorReply, Request};
@@ -193,11 +194,12 @@ impl Service {
     /// connection hands to [`Service::destroy_owned`] when it closes.
     pub fn handle_owned(
         &self,
+        client: &Client,
         request: Request,
         owned: &mut Vec<Uuid>,
     ) -> Reply<serde_json::Value> {
         let auto_destroy = matches!(&request, Request::SnapshotCreate(a) if a.auto_destroy);
-        let reply = self.handle(request)?;
+        let reply = self.handle(client, request)?;
         if auto_destroy {
             if let Some(id) = reply
                 .get("id")
@@ -233,8 +235,9 @@ impl Service {
         }
     }
 
-    /// Answers one request.
-    pub fn handle(&self, mut request: Request) -> Reply<serde_json::Value> {
+    /// Answers one request of `client`, whose rights open the paths it
+    /// names ([`crate::rights`]).
+    pub fn handle(&self, client: &Client, mut request: Request) -> Reply<serde_json::Value> {
         self.prune_detaching();
         for key in device_keys(&mut request) {
             self.resolve_key(key)?;
@@ -242,16 +245,16 @@ impl Service {
         }
         match request {
             Request::Version => json(self.version()),
-            Request::Attach(a) => json(self.attach(a)?),
+            Request::Attach(a) => json(self.attach(client, a)?),
             Request::Detach(a) => json(self.detach(&a.device)?),
             Request::Shutdown(a) => json(self.shutdown(a.force)?),
             Request::List => json(self.list()?),
             Request::Cbtinfo(a) => json(self.cbtinfo(&a.device)?),
             Request::Readcbtmap(a) => json(self.readcbtmap(a)?),
             Request::Markdirtyblock(a) => json(self.markdirtyblock(a)?),
-            Request::SnapshotCreate(a) => json(self.snapshot_create(a)?),
-            Request::SnapshotAdd(a) => json(self.snapshot_add(a)?),
-            Request::SnapshotAppendstorage(a) => json(self.snapshot_appendstorage(a)?),
+            Request::SnapshotCreate(a) => json(self.snapshot_create(client, a)?),
+            Request::SnapshotAdd(a) => json(self.snapshot_add(client, a)?),
+            Request::SnapshotAppendstorage(a) => json(self.snapshot_appendstorage(client, a)?),
             Request::SnapshotTake(a) => json(self.snapshot_take(&a.id)?),
             Request::SnapshotDestroy(a) => json(self.snapshot_destroy(&a.id)?),
             Request::SnapshotCollect => json(self.snapshot_collect()),
@@ -269,20 +272,29 @@ impl Service {
         }
     }
 
-    fn attach(&self, a: proto::AttachArgs) -> Reply<proto::DeviceInfo> {
+    fn attach(&self, client: &Client, a: proto::AttachArgs) -> Reply<proto::DeviceInfo> {
         let path = absolute(&a.device, "device")?;
         let want_loop = a.loop_device.unwrap_or(self.attach_loop);
-        let name =
-            self.attach_device(path, a.name.as_deref(), want_loop, a.cbt_persistence, false)?;
+        let file = rights::open_rw(client, path, "device")?;
+        let name = self.attach_device(
+            file,
+            path,
+            a.name.as_deref(),
+            want_loop,
+            a.cbt_persistence,
+            false,
+        )?;
         self.device_info(&name)
     }
 
-    /// Attaches `path` (with its loop device when `want_loop`), starting
-    /// its tracking from the state dir's record when there is one; at start
-    /// (`restoring`) a recorded device that is gone or another one is not
-    /// attached. All or nothing. Returns the device's name.
-    pub fn attach_device(
+    /// Attaches `file`, open at `path` (with its loop device when
+    /// `want_loop`), starting its tracking from the state dir's record when
+    /// there is one; at start (`restoring`) a recorded device that is gone
+    /// or another one is not attached. All or nothing. Returns the device's
+    /// name.
+    fn attach_device(
         &self,
+        file: std::fs::File,
         path: &Path,
         name: Option<&str>,
         want_loop: bool,
@@ -290,13 +302,6 @@ impl Service {
         restoring: bool,
     ) -> Reply<String> {
         self.check_attach_not_detaching(path, name)?;
-        let Some(persistence) = &self.persistence else {
-            let device = self.engine.attach_path(path, name)?;
-            self.finish_attach(device.name(), want_loop)?;
-            return Ok(device.name().to_string());
-        };
-        // Checked before the state dir hears of it: no record of a name
-        // that the engine would refuse.
         let name = match name {
             Some(n) => {
                 blksnap_engine::volume::check_device_name(n)?;
@@ -304,16 +309,35 @@ impl Service {
             }
             None => blksnap_engine::volume::default_device_name(path)?,
         };
+        // Recorded as the device's path: where the file is, not where a
+        // symlink named may point by now.
+        let path = &rights::opened_path(&file, path);
+        let Some(persistence) = &self.persistence else {
+            let device =
+                self.engine
+                    .attach_file_with(file, path, Some(&name), Default::default())?;
+            self.finish_attach(device.name(), want_loop)?;
+            return Ok(device.name().to_string());
+        };
         let mut prepared = persistence
             .prepare(path, &name, mode, restoring)
             .map_err(|why| ErrorReply::new(libc::ENODEV, format!("{name}: {why}")))?;
         let start = std::mem::take(&mut prepared.start);
         let restoring_state = start.restore.is_some();
-        let device = match self.engine.attach_path_with(path, Some(&name), start) {
+        // A second try needs the file again: the first attach consumed it.
+        let spare = if restoring_state {
+            file.try_clone().ok()
+        } else {
+            None
+        };
+        let device = match self.engine.attach_file_with(file, path, Some(&name), start) {
             Err(blksnap_engine::Error::InvalidArgument(why)) if restoring_state => {
                 tracing::error!(device = %name, %why, "saved change maps refused (record-corrupt)");
+                let file = spare.ok_or_else(|| {
+                    ErrorReply::new(libc::EIO, format!("cannot open {} again", path.display()))
+                })?;
                 self.engine
-                    .attach_path_with(path, Some(&name), prepared.corrupt_start())?
+                    .attach_file_with(file, path, Some(&name), prepared.corrupt_start())?
             }
             other => other?,
         };
@@ -346,7 +370,11 @@ impl Service {
             return;
         };
         for (name, path, want_loop) in persistence.recorded_devices() {
-            match self.attach_device(&path, Some(&name), want_loop, None, true) {
+            // As root: the client that attached it had the right to.
+            let attached = rights::open_recorded(&path).and_then(|file| {
+                self.attach_device(file, &path, Some(&name), want_loop, None, true)
+            });
+            match attached {
                 Ok(_) => tracing::info!(device = %name, path = %path.display(), "re-attached"),
                 Err(e) => {
                     tracing::error!(device = %name, path = %path.display(), error = %e.message, "not re-attached");
@@ -549,10 +577,20 @@ impl Service {
         Ok(proto::Empty {})
     }
 
-    fn snapshot_create(&self, a: proto::SnapshotCreateArgs) -> Reply<proto::SnapshotId> {
+    fn snapshot_create(
+        &self,
+        client: &Client,
+        a: proto::SnapshotCreateArgs,
+    ) -> Reply<proto::SnapshotId> {
         let e = &self.engine;
         let storage = match &a.storage {
-            Some(path) => StorageSpec::Path(absolute(path, "difference storage")?.to_path_buf()),
+            Some(path) => {
+                let path = absolute(path, "difference storage")?;
+                StorageSpec::File {
+                    file: Arc::new(rights::open_storage(client, path, a.overwrite)?),
+                    path: path.to_path_buf(),
+                }
+            }
             None => StorageSpec::Empty,
         };
         let options = SnapshotOptions {
@@ -567,7 +605,7 @@ impl Service {
         let id = e.snapshot_create(storage, options)?;
         let mut attached = Vec::new();
         for device in &a.devices {
-            if let Err(err) = self.add_attaching(&id, device, &mut attached) {
+            if let Err(err) = self.add_attaching(client, &id, device, &mut attached) {
                 // All or nothing: a create that names a bad device leaves no
                 // half-made snapshot behind, nor devices it attached.
                 let _ = e.snapshot_destroy(&id);
@@ -580,9 +618,9 @@ impl Service {
         Ok(proto::SnapshotId { id })
     }
 
-    fn snapshot_add(&self, a: proto::SnapshotDeviceArgs) -> Reply<proto::Empty> {
+    fn snapshot_add(&self, client: &Client, a: proto::SnapshotDeviceArgs) -> Reply<proto::Empty> {
         let mut attached = Vec::new();
-        self.add_attaching(&a.id, &a.device, &mut attached)?;
+        self.add_attaching(client, &a.id, &a.device, &mut attached)?;
         Ok(proto::Empty {})
     }
 
@@ -590,14 +628,22 @@ impl Service {
     /// not attached yet, as the original's snapshot_create and
     /// snapshot_add do; what it attached is pushed on `attached`, for the
     /// caller to undo. The add failing undoes the attach itself.
-    fn add_attaching(&self, id: &Uuid, key: &str, attached: &mut Vec<String>) -> Reply<()> {
+    fn add_attaching(
+        &self,
+        client: &Client,
+        id: &Uuid,
+        key: &str,
+        attached: &mut Vec<String>,
+    ) -> Reply<()> {
         let e = &self.engine;
         let attach_first = key.starts_with('/') && e.device(key).is_err();
         if !attach_first {
             return Ok(e.snapshot_add(id, key)?);
         }
+        let path = Path::new(key);
+        let file = rights::open_rw(client, path, "device")?;
         let name = self
-            .attach_device(Path::new(key), None, self.attach_loop, None, false)
+            .attach_device(file, path, None, self.attach_loop, None, false)
             .map_err(|err| {
                 if err.errno == libc::EBUSY {
                     busy(format!(
@@ -625,10 +671,17 @@ impl Service {
         }
     }
 
-    fn snapshot_appendstorage(&self, a: proto::AppendStorageArgs) -> Reply<proto::Empty> {
+    fn snapshot_appendstorage(
+        &self,
+        client: &Client,
+        a: proto::AppendStorageArgs,
+    ) -> Reply<proto::Empty> {
         let path = absolute(&a.device, "storage device")?;
+        // The snapshot first: an unknown id opens nothing.
+        self.engine.snapshot_info(&a.id)?;
+        let file = rights::open_rw(client, path, "storage device")?;
         self.engine
-            .snapshot_append_storage(&a.id, path, &ranges(&a.ranges))?;
+            .snapshot_append_storage_file(&a.id, file, path, &ranges(&a.ranges))?;
         Ok(proto::Empty {})
     }
 
