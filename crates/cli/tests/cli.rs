@@ -212,7 +212,8 @@ fn whole_command_set() {
     assert_eq!(d.ok(&["snapshot_collect"]), "\n");
     assert_eq!(d.ok(&["snapshot_collect", "--json"]), "{\"ids\":[]}\n");
 
-    // a second snapshot: its storage a regular file; then detach everything
+    // a second snapshot: its storage a regular file (with a length, so
+    // --overwrite); then detach everything
     let store_file = d.image("store.file", 4096);
     let id2 = d.ok(&[
         "snapshot_create",
@@ -222,6 +223,7 @@ fn whole_command_set() {
         store_file.to_str().unwrap(),
         "--limit",
         "1G",
+        "--overwrite",
         "--json",
     ]);
     let id2: serde_json::Value = serde_json::from_str(&id2).unwrap();
