@@ -868,11 +868,11 @@ fn difference_storage_variants() {
     };
     let (dev, _, origin) = env.ext4_origin();
 
-    // A regular file of 4 KiB, grown in 8 MiB steps.
+    // A regular file of 4 KiB (a length: --overwrite), grown in 8 MiB steps.
     {
         let file = env.file("diff.file", 4096);
         let round = Round::begin(&env, &dev, &origin, "file", 21);
-        let id = round.create(&["--file", s(&file), "--limit", "1G"]);
+        let id = round.create(&["--file", s(&file), "--limit", "1G", "--overwrite"]);
         env.take(&id);
         let mut totals = vec![env.storage_total(&dev)];
         for batch in 0..6 {
@@ -1039,7 +1039,15 @@ fn storage_overflow_corrupts_only_the_image() {
     sync_fs(&origin);
 
     let storage = env.file("diff.file", 4096);
-    let id = env.create(&["--device", &dev, "--file", s(&storage), "--limit", "8M"]);
+    let id = env.create(&[
+        "--device",
+        &dev,
+        "--file",
+        s(&storage),
+        "--limit",
+        "8M",
+        "--overwrite",
+    ]);
     env.take(&id);
     let waits = env.waits(&id);
     let watcher = env.spawn_cli(&["snapshot_watcher", "--id", &id], "watcher");
