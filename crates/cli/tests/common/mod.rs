@@ -53,6 +53,25 @@ pub fn cargo_build_same_profile() -> Command {
             .arg(parent.parent().unwrap());
     }
     command.current_dir(env!("CARGO_MANIFEST_DIR"));
+    // Cargo sets these for the test, not for the `cargo test` that built
+    // the test; ring's build script tracks some (CARGO_PKG_NAME,
+    // CARGO_MANIFEST_DIR): with them, each run would rebuild ring, rustls
+    // and everything above them, twice.
+    for (var, _) in std::env::vars_os() {
+        let var = var.to_string_lossy();
+        let per_package = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"];
+        if per_package.iter().any(|p| var.starts_with(p))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&var.as_ref())
+        {
+            command.env_remove(var.as_ref());
+        }
+    }
     command
 }
 
