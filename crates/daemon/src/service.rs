@@ -275,16 +275,44 @@ impl Service {
     fn attach(&self, client: &Client, a: proto::AttachArgs) -> Reply<proto::DeviceInfo> {
         let path = absolute(&a.device, "device")?;
         let want_loop = a.loop_device.unwrap_or(self.attach_loop);
+        // Opened first, with the client's rights: an attach that finds the
+        // device attached already still needs them.
         let file = rights::open_rw(client, path, "device")?;
-        let name = self.attach_device(
+        if let Some(info) = self.attached_as_asked(&a)? {
+            return Ok(info);
+        }
+        match self.attach_device(
             file,
             path,
             a.name.as_deref(),
             want_loop,
             a.cbt_persistence,
             false,
-        )?;
-        self.device_info(&name)
+        ) {
+            Ok(name) => self.device_info(&name),
+            // A concurrent attach of the same path came first.
+            Err(e) if e.errno == libc::EEXIST => self.attached_as_asked(&a)?.ok_or(e),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// With `exist_ok`: the device attached from `a.device` (by its path,
+    /// symlinks resolved), when it is what `a` asks for (the name, if
+    /// given; a loop device, if asked for), marked `already_attached`.
+    fn attached_as_asked(&self, a: &proto::AttachArgs) -> Reply<Option<proto::DeviceInfo>> {
+        if !a.exist_ok {
+            return Ok(None);
+        }
+        let Ok(device) = self.engine.device(&a.device) else {
+            return Ok(None);
+        };
+        let Ok(mut info) = self.device_info(device.name()) else {
+            return Ok(None); // detached meanwhile
+        };
+        let as_asked = a.name.as_deref().is_none_or(|n| n == info.name)
+            && (a.loop_device != Some(true) || info.loop_device.is_some());
+        info.already_attached = true;
+        Ok(as_asked.then_some(info))
     }
 
     /// Attaches `file`, open at `path` (with its loop device when
@@ -784,9 +812,10 @@ impl Service {
         }
         let event = self
             .engine
-            .snapshot_wait_event(&a.id, Duration::from_millis(a.timeout_ms))?;
+            .snapshot_wait_event_timed(&a.id, Duration::from_millis(a.timeout_ms))?;
         Ok(proto::WaitEventResult {
-            event: event.map(Into::into),
+            time: event.as_ref().map(|(time, _)| *time),
+            event: event.map(|(_, event)| event.into()),
         })
     }
 
@@ -801,6 +830,7 @@ impl Service {
             snapshot: self.engine.snapshot_of(key)?,
             nbd: self.nbd_uri(device.name()),
             loop_device: self.loop_path(device.name()),
+            already_attached: false,
         })
     }
 

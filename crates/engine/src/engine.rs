@@ -884,9 +884,21 @@ impl Engine {
     /// The next event of a snapshot, waiting up to `timeout`; `None` when none
     /// came in time.
     pub fn snapshot_wait_event(&self, id: &Uuid, timeout: Duration) -> Result<Option<Event>> {
+        Ok(self
+            .snapshot_wait_event_timed(id, timeout)?
+            .map(|(_, event)| event))
+    }
+
+    /// As [`Self::snapshot_wait_event`], with the time the event happened:
+    /// CLOCK_MONOTONIC in nanoseconds ([`crate::monotonic_ns`]).
+    pub fn snapshot_wait_event_timed(
+        &self,
+        id: &Uuid,
+        timeout: Duration,
+    ) -> Result<Option<(i64, Event)>> {
         let events = self.registry().snapshot(id)?.events.clone();
         events
-            .wait(timeout)
+            .wait_timed(timeout)
             .map_err(|()| Error::NotFound(format!("snapshot {id} (destroyed while waiting)")))
     }
 

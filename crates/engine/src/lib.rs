@@ -33,7 +33,7 @@ pub use device::{BlockDevice, DeviceIdentity, Extent, FileDevice, MemDevice, Zer
 pub use diff_storage::{StorageSpec, StorageStats};
 pub use engine::{Engine, ImageInfo, SnapshotInfo, TrackingStart};
 pub use error::{Error, Result};
-pub use events::Event;
+pub use events::{monotonic_ns, Event};
 pub use image::Image;
 pub use io_flusher::mark_io_flusher;
 pub use tracked::{DeviceMode, TrackedDevice};

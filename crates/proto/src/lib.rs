@@ -54,6 +54,11 @@ pub struct AttachArgs {
     /// `cbt_persistence` setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cbt_persistence: Option<CbtPersistence>,
+    /// Succeed when the path is already attached as asked (under `name`,
+    /// if given; with a loop device, if `loop` is true): the reply then
+    /// says `already_attached`. The original tool's "Already was attached".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exist_ok: bool,
 }
 
 /// How a device's change maps survive the daemon (docs/blksnapd.md,
@@ -317,6 +322,10 @@ pub struct DeviceInfo {
     /// The loop device serving it locally, if any.
     #[serde(default, rename = "loop", skip_serializing_if = "Option::is_none")]
     pub loop_device: Option<String>,
+    /// In an `attach` reply with `exist_ok`: the device was attached
+    /// already, nothing was done.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub already_attached: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -478,10 +487,26 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The device the event is about; `None` for `no_space`, which is
+    /// about the snapshot's difference storage, shared by its devices.
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Event::NoSpace { .. } => None,
+            Event::Corrupted { device, .. } | Event::CbtReset { device, .. } => Some(device),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaitEventResult {
     /// None when the timeout passed without an event.
     pub event: Option<Event>,
+    /// When the event happened (was queued): CLOCK_MONOTONIC in
+    /// nanoseconds, the clock of the original's `time_label`. Absent
+    /// without an event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
