@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use blksnap_client::{Client, Event, OnCopyError, Range, SnapshotCreateArgs, SnapshotInfo};
+use blksnap_client::{
+    Client, Event, OnCopyError, Range, SnapshotCreateArgs, SnapshotInfo, TimedEvent,
+};
 use blksnap_proto::{errno_name, parse_range, parse_size};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -361,22 +363,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 _ => blksnap_proto::CbtPersistence::CleanStop,
             });
             let path = absolute(device, "device")?;
-            let attached = client.attach_with_args(blksnap_proto::AttachArgs {
+            // The daemon says whether the same file was attached already as
+            // asked (the original's "Already was attached", status 0).
+            let info = client.attach_with_args(blksnap_proto::AttachArgs {
                 device: path.clone(),
                 name: name.clone(),
                 loop_device: want_loop,
                 cbt_persistence,
-            });
-            let (info, already) = match attached {
-                Ok(info) => (info, false),
-                Err(blksnap_client::Error::Remote(e)) if e.name == "EEXIST" => {
-                    match already_attached(&mut client, &path, name.as_deref(), want_loop)? {
-                        Some(info) => (info, true),
-                        None => return Err(blksnap_client::Error::Remote(e).into()),
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            };
+                exist_ok: true,
+            })?;
+            let already = info.already_attached;
             if json {
                 print_json(&info);
             } else {
@@ -576,7 +572,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             snapshot_info(&info, *field, json)?;
         }
         Command::SnapshotWaitevent { id, timeout } => {
-            let waited = client.snapshot_wait_event(*id, Duration::from_millis(*timeout));
+            let waited = client.snapshot_wait_event_timed(*id, Duration::from_millis(*timeout));
             // The original's answers when there is no event: an unknown
             // snapshot and an interrupted wait are results, not failures.
             let result = match &waited {
@@ -594,14 +590,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
             let event = waited?;
             if json {
-                print_json(&serde_json::json!({ "event": event }));
+                let time = event.as_ref().map(|e| e.time);
+                let event = event.map(|e| e.event);
+                print_json(&serde_json::json!({ "event": event, "time": time }));
             } else {
                 match &event {
                     None => println!("result=timeout"),
-                    Some(event) => {
+                    Some(timed) => {
                         println!("result=ok");
-                        println!("time={}", time_label());
-                        print_event(event);
+                        println!("time={}", timed.time);
+                        print_event(&timed.event);
                     }
                 }
             }
@@ -626,13 +624,12 @@ fn watch(client: &mut Client, id: Uuid, json: bool) -> Result<(), Failure> {
     };
     say("Start snapshot watcher.");
     loop {
-        match client.snapshot_wait_event(id, Duration::from_secs(1)) {
+        match client.snapshot_wait_event_timed(id, Duration::from_secs(1)) {
             Ok(None) => {}
-            Ok(Some(event)) => {
+            Ok(Some(TimedEvent { time, event })) => {
                 if json {
                     print_json(&event);
                 }
-                let time = time_label();
                 match &event {
                     Event::Corrupted { device, errno } => {
                         say(&format!(
@@ -661,14 +658,6 @@ fn watch(client: &mut Client, id: Uuid, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The `time=` of an event: CLOCK_MONOTONIC in nanoseconds, the clock of
-/// the original's time label, read when the event reaches this tool (the
-/// event itself carries no time stamp yet).
-fn time_label() -> i128 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec)
-}
-
 /// An errno's text as strerror(3) has it ("No space left on device").
 fn strerror(errno: i32) -> String {
     let text = std::io::Error::from_raw_os_error(errno).to_string();
@@ -676,31 +665,6 @@ fn strerror(errno: i32) -> String {
         Some(at) => text[..at].to_string(),
         None => text,
     }
-}
-
-/// After an EEXIST from attach: the device already attached from `path`
-/// (the same file), when it is what this attach asked for (the same name
-/// if one was given, a loop device if one was asked for); `None` when the
-/// EEXIST means something else (another device of that name, or a
-/// different attach of this one).
-fn already_attached(
-    client: &mut Client,
-    path: &str,
-    name: Option<&str>,
-    want_loop: Option<bool>,
-) -> Result<Option<blksnap_proto::DeviceInfo>, Failure> {
-    let identity = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    let wanted = identity(path);
-    let list = client.list()?;
-    Ok(list.devices.into_iter().find(|d| {
-        let same_file = d
-            .path
-            .as_deref()
-            .is_some_and(|p| p == path || (wanted.is_some() && identity(p) == wanted));
-        same_file
-            && name.is_none_or(|n| n == d.name)
-            && (want_loop != Some(true) || d.loop_device.is_some())
-    }))
 }
 
 fn empty(json: bool) {

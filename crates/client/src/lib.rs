@@ -1,7 +1,10 @@
 //! Typed Rust client of the blksnap control protocol (`docs/protocol.md`):
 //! one [`Client`] is one connection to `blksnapd`'s control socket; each
-//! method sends one request and waits for its reply. Used by the `blksnap`
-//! CLI and the C library; speaks the protocol and nothing else.
+//! method sends one request and waits for its reply. [`Session`] is the
+//! original library's `ISession`: a taken snapshot of some devices, its
+//! events gathered on a thread of its own, destroyed when dropped. Used by
+//! the `blksnap` CLI and the C library; speaks the protocol and nothing
+//! else.
 
 use std::io::BufReader;
 use std::os::unix::net::UnixStream;
@@ -12,10 +15,21 @@ use blksnap_proto::{self as proto, ErrorReply, ReplyMessage, Request, RequestMes
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
+mod session;
+
 pub use proto::{
-    CbtInfo, DeviceInfo, Event, ListResult, OnCopyError, Range, SnapshotCreateArgs, SnapshotInfo,
-    TakeResult, VersionInfo,
+    CbtInfo, DeviceInfo, Event, ImageInfo, ListResult, OnCopyError, Range, SnapshotCreateArgs,
+    SnapshotInfo, TakeResult, VersionInfo,
 };
+pub use session::{Session, SessionError, SessionStorage};
+
+/// An event with the time it happened: CLOCK_MONOTONIC in nanoseconds (the
+/// clock of the original's `time_label`), as the daemon stamped it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimedEvent {
+    pub time: i64,
+    pub event: Event,
+}
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_CONTROL: &str = "/run/blksnap/control.sock";
@@ -166,6 +180,22 @@ impl Client {
             name: name.map(Into::into),
             loop_device,
             cbt_persistence: None,
+            exist_ok: false,
+        })
+    }
+
+    /// Attaches `device` (an absolute path) under `name`, or succeeds when
+    /// it is attached already under that name (any name, when `None`):
+    /// then the result's `already_attached` is true. One request: the
+    /// daemon decides, so a concurrent attach or detach cannot slip between
+    /// a refusal and a look-up.
+    pub fn attach_idempotent(&mut self, device: &str, name: Option<&str>) -> Result<DeviceInfo> {
+        self.attach_with_args(proto::AttachArgs {
+            device: device.into(),
+            name: name.map(Into::into),
+            loop_device: None,
+            cbt_persistence: None,
+            exist_ok: true,
         })
     }
 
@@ -218,6 +248,43 @@ impl Client {
             map.extend_from_slice(&bytes);
             if map.len() as u64 >= part.block_count {
                 return Ok(map);
+            }
+        }
+    }
+
+    /// A window of the readable change map: up to `length` bytes from
+    /// block `offset` (fewer where the map ends), and the map's full block
+    /// count. An `offset` beyond the map is EINVAL. The original's
+    /// `ReadCbtMap(offset, length, buffer)`.
+    pub fn read_cbt_map_range(
+        &mut self,
+        device: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<(Vec<u8>, u64)> {
+        let mut window = Vec::new();
+        loop {
+            let want = (length - window.len() as u64).min(proto::MAX_CBT_MAP_READ);
+            let part: proto::CbtMapPart =
+                self.typed(Request::Readcbtmap(proto::ReadCbtMapArgs {
+                    device: device.into(),
+                    offset: offset + window.len() as u64,
+                    length: want,
+                }))?;
+            let bytes = part.decode().map_err(Error::Protocol)?;
+            if bytes.len() as u64 > want {
+                return Err(Error::Protocol(format!(
+                    "{} bytes of change map, {want} asked for",
+                    bytes.len()
+                )));
+            }
+            window.extend_from_slice(&bytes);
+            let at = offset + window.len() as u64;
+            if window.len() as u64 == length || at >= part.block_count {
+                return Ok((window, part.block_count));
+            }
+            if bytes.is_empty() {
+                return Err(Error::Protocol("empty change map part".into()));
             }
         }
     }
@@ -286,10 +353,29 @@ impl Client {
 
     /// The snapshot's next event; `None` when `timeout` passed without one.
     pub fn snapshot_wait_event(&mut self, id: Uuid, timeout: Duration) -> Result<Option<Event>> {
-        self.typed::<proto::WaitEventResult>(Request::SnapshotWaitevent(proto::WaitEventArgs {
-            id,
-            timeout_ms: timeout.as_millis() as u64,
-        }))
-        .map(|r| r.event)
+        Ok(self
+            .snapshot_wait_event_timed(id, timeout)?
+            .map(|e| e.event))
+    }
+
+    /// As [`Client::snapshot_wait_event`], with the time the event happened.
+    pub fn snapshot_wait_event_timed(
+        &mut self,
+        id: Uuid,
+        timeout: Duration,
+    ) -> Result<Option<TimedEvent>> {
+        let reply = self.typed::<proto::WaitEventResult>(Request::SnapshotWaitevent(
+            proto::WaitEventArgs {
+                id,
+                timeout_ms: timeout.as_millis() as u64,
+            },
+        ))?;
+        match (reply.event, reply.time) {
+            (None, _) => Ok(None),
+            (Some(event), Some(time)) => Ok(Some(TimedEvent { time, event })),
+            (Some(_), None) => Err(Error::Protocol(
+                "an event without its time (a daemon older than this client?)".into(),
+            )),
+        }
     }
 }
