@@ -26,7 +26,7 @@ use blksnap_proto::{Request, RequestMessage};
 use uuid::Uuid;
 
 use crate::failure::{invalid, Failure, Outcome};
-use crate::types::{blksnap_range, BLKSNAP_ID_SIZE};
+use crate::types::{blksnapu_range, BLKSNAP_ID_SIZE};
 
 /// A required string argument.
 ///
@@ -273,7 +273,7 @@ pub(crate) fn put_field<const N: usize>(field: &mut [c_char; N], text: &str) -> 
     n == bytes.len()
 }
 
-pub(crate) fn ranges(ranges: &[blksnap_range]) -> Vec<Range> {
+pub(crate) fn ranges(ranges: &[blksnapu_range]) -> Vec<Range> {
     ranges
         .iter()
         .map(|r| Range {

@@ -1,4 +1,4 @@
-//! The connection: the opaque handle `blksnap_client` (one connection to
+//! The connection: the opaque handle `blksnapu_client` (one connection to
 //! the daemon's control socket), `blksnap_connect()`, `blksnap_disconnect()`,
 //! `blksnap_last_error()`, `blksnap_library_version()`, and [`call`], which
 //! every other entry point that takes a client runs its body in.
@@ -28,7 +28,7 @@ use crate::failure::{c_message, guarded, panic_failure, Failure, Outcome};
 
 /// A connection to blksnapd (opaque): from `blksnap_connect()`, released by
 /// `blksnap_disconnect()`.
-pub struct blksnap_client {
+pub struct blksnapu_client {
     client: Client,
     /// Message of the last failure, returned by `blksnap_last_error()`.
     last_error: CString,
@@ -38,13 +38,14 @@ pub struct blksnap_client {
 }
 
 thread_local! {
-    /// Message of this thread's last failed `blksnap_connect()`.
+    /// Message of this thread's last failed `blksnap_connect()` or
+    /// `blksnap_session_create()`.
     static CONNECT_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
 /// Records the message of a failed connect (without ever panicking, even
 /// while the thread's storage is being torn down).
-fn set_connect_error(message: String) {
+pub(crate) fn set_connect_error(message: String) {
     let message = c_message(message);
     let _ = CONNECT_ERROR.try_with(|e| {
         if let Ok(mut slot) = e.try_borrow_mut() {
@@ -65,7 +66,7 @@ fn set_connect_error(message: String) {
 /// call(unsafe { c.as_mut() }, "blksnap_detach", |client| { ... })
 /// ```
 pub(crate) fn call(
-    handle: Option<&mut blksnap_client>,
+    handle: Option<&mut blksnapu_client>,
     what: &str,
     body: impl FnOnce(&mut Client) -> Outcome,
 ) -> c_int {
@@ -105,7 +106,7 @@ pub(crate) fn call(
 pub unsafe extern "C" fn blksnap_connect(
     control_path: *const c_char,
     err: *mut c_int,
-) -> *mut blksnap_client {
+) -> *mut blksnapu_client {
     let outcome = catch_unwind(|| -> Outcome<Client> {
         let path = if control_path.is_null() {
             ::blksnap_client::default_control_path()
@@ -118,7 +119,7 @@ pub unsafe extern "C" fn blksnap_connect(
     });
     let (result, code) = match outcome {
         Ok(Ok(client)) => {
-            let handle = Box::new(blksnap_client {
+            let handle = Box::new(blksnapu_client {
                 client,
                 last_error: CString::default(),
                 broken: None,
@@ -150,7 +151,7 @@ pub unsafe extern "C" fn blksnap_connect(
 /// it is invalid afterwards, as are the strings `blksnap_last_error()`
 /// returned for it.
 #[no_mangle]
-pub unsafe extern "C" fn blksnap_disconnect(c: *mut blksnap_client) {
+pub unsafe extern "C" fn blksnap_disconnect(c: *mut blksnapu_client) {
     if c.is_null() {
         return;
     }
@@ -162,14 +163,15 @@ pub unsafe extern "C" fn blksnap_disconnect(c: *mut blksnap_client) {
 
 /// The message of the last failed call on `c` ("" before any failure;
 /// successful calls leave it as it was). With NULL: the message of this
-/// thread's last failed `blksnap_connect()`. The string belongs to the
-/// library: valid until the next call on the same client (or the next
-/// `blksnap_connect()` in this thread, for NULL).
+/// thread's last failed `blksnap_connect()` or `blksnap_session_create()`.
+/// The string belongs to the library: valid until the next call on the same
+/// client (or the next `blksnap_connect()` or `blksnap_session_create()` in
+/// this thread, for NULL).
 ///
 /// # Safety
 /// `c` is NULL or a live pointer from `blksnap_connect()`.
 #[no_mangle]
-pub unsafe extern "C" fn blksnap_last_error(c: *const blksnap_client) -> *const c_char {
+pub unsafe extern "C" fn blksnap_last_error(c: *const blksnapu_client) -> *const c_char {
     // SAFETY: `c` is NULL or points to a live client (caller's contract);
     // only a shared reference is made.
     match unsafe { c.as_ref() } {

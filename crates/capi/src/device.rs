@@ -1,6 +1,6 @@
 //! The commands on the daemon and its tracked devices: `blksnap_version()`,
 //! `blksnap_attach()`, `blksnap_detach()`, `blksnap_list()` and change
-//! tracking (`blksnap_cbtinfo()`, `blksnap_readcbtmap()`,
+//! tracking (`blksnapu_cbtinfo()`, `blksnap_readcbtmap()`,
 //! `blksnap_markdirtyblock()`).
 //!
 //! Invariants: each function is one `call` on its client: arguments are
@@ -20,10 +20,10 @@ use crate::args::{
     absolute_path, arg_device, arg_slice, arg_str, check_out, check_request_size, device_key,
     opt_out, opt_str, out_ptr, put_count, put_field, OutBuf,
 };
-use crate::connection::{blksnap_client, call};
+use crate::connection::{blksnapu_client, call};
 use crate::failure::invalid;
 use crate::types::{
-    blksnap_cbtinfo, blksnap_device_info, blksnap_range, BLKSNAP_ID_SIZE, BLKSNAP_NAME_MAX,
+    blksnapu_cbtinfo, blksnapu_device_info, blksnapu_range, BLKSNAP_ID_SIZE, BLKSNAP_NAME_MAX,
     BLKSNAP_PATH_MAX, BLKSNAP_REASON_MAX,
 };
 
@@ -36,7 +36,7 @@ use crate::types::{
 /// writable for `len` bytes; `protocol` is NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_version(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     buf: *mut c_char,
     len: usize,
     protocol: *mut u32,
@@ -74,7 +74,7 @@ pub unsafe extern "C" fn blksnap_version(
 /// NULL); `name_out` NULL or writable for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_attach(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     path: *const c_char,
     name: *const c_char,
     name_out: *mut c_char,
@@ -101,13 +101,65 @@ pub unsafe extern "C" fn blksnap_attach(
     })
 }
 
+/// As `blksnap_attach()`, but succeeds when `path` is attached already
+/// (under `name`, when it is not NULL): `*already` (when not NULL) is then
+/// true, else false. The original tool's "Already was attached". One
+/// request: the daemon decides, so no attach or detach can slip in between.
+/// -EEXIST: `path` is attached under another name than `name`, or `name`
+/// is taken by another device.
+///
+/// # Safety
+/// As `blksnap_attach()`; `already` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn blksnap_attach_idempotent(
+    c: *mut blksnapu_client,
+    path: *const c_char,
+    name: *const c_char,
+    name_out: *mut c_char,
+    len: usize,
+    already: *mut bool,
+) -> c_int {
+    // SAFETY: `c` is NULL or a live client that only this thread uses
+    // (this function's contract).
+    call(
+        unsafe { c.as_mut() },
+        "blksnap_attach_idempotent",
+        |client| {
+            // SAFETY: strings and `already` as this function's contract.
+            let (path, name, already) = unsafe {
+                (
+                    arg_str(path, "path")?,
+                    opt_str(name, "name")?,
+                    opt_out(already, "already")?,
+                )
+            };
+            let path = absolute_path(path, "path")?;
+            if !name_out.is_null() && len < BLKSNAP_NAME_MAX {
+                return Err(invalid(format!(
+                    "name_out has {len} bytes, fewer than BLKSNAP_NAME_MAX ({BLKSNAP_NAME_MAX})"
+                )));
+            }
+            // SAFETY: `name_out` is NULL or has `len` writable bytes (contract).
+            let out = unsafe { OutBuf::new(name_out.cast(), len, "name_out")? };
+            let info = client.attach_idempotent(&path, name)?;
+            if !name_out.is_null() {
+                out.put_str(&info.name, "the device name")?;
+            }
+            if let Some(already) = already {
+                already.put(info.already_attached);
+            }
+            Ok(())
+        },
+    )
+}
+
 /// Stops tracking `device` (name or path). -ENOENT: not tracked; -EBUSY: it
 /// is in a snapshot (destroy the snapshot first).
 ///
 /// # Safety
 /// `c` as for every call; `device` NUL-terminated.
 #[no_mangle]
-pub unsafe extern "C" fn blksnap_detach(c: *mut blksnap_client, device: *const c_char) -> c_int {
+pub unsafe extern "C" fn blksnap_detach(c: *mut blksnapu_client, device: *const c_char) -> c_int {
     // SAFETY: `c` is NULL or a live client that only this thread uses
     // (this function's contract).
     call(unsafe { c.as_mut() }, "blksnap_detach", |client| {
@@ -127,8 +179,8 @@ pub unsafe extern "C" fn blksnap_detach(c: *mut blksnap_client, device: *const c
 /// or writable.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_list(
-    c: *mut blksnap_client,
-    out: *mut blksnap_device_info,
+    c: *mut blksnapu_client,
+    out: *mut blksnapu_device_info,
     cap: usize,
     count: *mut usize,
 ) -> c_int {
@@ -142,7 +194,7 @@ pub unsafe extern "C" fn blksnap_list(
         let count = unsafe { opt_out(count, "count")? };
         let list = client.list()?;
         for (i, d) in list.devices.iter().take(cap).enumerate() {
-            let mut info = blksnap_device_info {
+            let mut info = blksnapu_device_info {
                 name: [0; BLKSNAP_NAME_MAX],
                 path: [0; BLKSNAP_PATH_MAX],
                 size: d.size,
@@ -165,18 +217,18 @@ pub unsafe extern "C" fn blksnap_list(
 /// # Safety
 /// `c` as for every call; `device` NUL-terminated; `out` writable.
 #[no_mangle]
-pub unsafe extern "C" fn blksnap_cbtinfo(
-    c: *mut blksnap_client,
+pub unsafe extern "C" fn blksnapu_cbtinfo(
+    c: *mut blksnapu_client,
     device: *const c_char,
-    out: *mut blksnap_cbtinfo,
+    out: *mut blksnapu_cbtinfo,
 ) -> c_int {
     // SAFETY: `c` is NULL or a live client that only this thread uses
     // (this function's contract).
-    call(unsafe { c.as_mut() }, "blksnap_cbtinfo", |client| {
+    call(unsafe { c.as_mut() }, "blksnapu_cbtinfo", |client| {
         // SAFETY: `device` NUL-terminated, `out` writable (contract).
         let (device, out) = unsafe { (arg_device(device)?, out_ptr(out, "out")?) };
         let i = client.cbtinfo(&device)?;
-        let mut info = blksnap_cbtinfo {
+        let mut info = blksnapu_cbtinfo {
             block_size: i.block_size,
             device_capacity: i.device_capacity,
             block_count: i.block_count,
@@ -196,14 +248,14 @@ pub unsafe extern "C" fn blksnap_cbtinfo(
 /// up to `len` bytes into `buf`, the full block count into `*block_count`
 /// (when not NULL). -EOVERFLOW when the map is longer than `len` (`buf` then
 /// holds its first `len` bytes); `buf` may be NULL when `len` is 0, to ask
-/// for the count (`blksnap_cbtinfo()` gives it too).
+/// for the count (`blksnapu_cbtinfo()` gives it too).
 ///
 /// # Safety
 /// `c` as for every call; `device` NUL-terminated; `buf` writable for `len`
 /// bytes; `block_count` NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_readcbtmap(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     device: *const c_char,
     buf: *mut u8,
     len: usize,
@@ -230,6 +282,51 @@ pub unsafe extern "C" fn blksnap_readcbtmap(
     })
 }
 
+/// A window of the readable change map of `device` (as
+/// `blksnap_readcbtmap()`): the bytes of blocks `offset` to `offset + len`
+/// (fewer where the map ends) into `buf`, their number into `*read` and
+/// the map's full block count into `*block_count` (each when not NULL).
+/// The original's `ReadCbtMap(offset, length, buffer)`. -EINVAL: `offset`
+/// is beyond the map (`offset` equal to the block count reads nothing).
+///
+/// # Safety
+/// `c` as for every call; `device` NUL-terminated; `buf` writable for `len`
+/// bytes; `read` and `block_count` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn blksnap_readcbtmap_at(
+    c: *mut blksnapu_client,
+    device: *const c_char,
+    offset: u64,
+    buf: *mut u8,
+    len: usize,
+    read: *mut usize,
+    block_count: *mut u64,
+) -> c_int {
+    // SAFETY: `c` is NULL or a live client that only this thread uses
+    // (this function's contract).
+    call(unsafe { c.as_mut() }, "blksnap_readcbtmap_at", |client| {
+        // SAFETY: `device` NUL-terminated, `buf` has `len` writable bytes,
+        // `read` and `block_count` are NULL or writable (contract).
+        let (device, out, read, block_count) = unsafe {
+            (
+                arg_device(device)?,
+                OutBuf::new(buf, len, "buf")?,
+                opt_out(read, "read")?,
+                opt_out(block_count, "block_count")?,
+            )
+        };
+        let (window, count) = client.read_cbt_map_range(&device, offset, len as u64)?;
+        out.fill(&window);
+        if let Some(read) = read {
+            read.put(window.len());
+        }
+        if let Some(block_count) = block_count {
+            block_count.put(count);
+        }
+        Ok(())
+    })
+}
+
 /// Marks `n` sector ranges of `device` (name or path) as changed, so the
 /// next incremental backup includes them. -EINVAL: a range outside the
 /// device; -E2BIG: too many ranges for one request (some ten thousand; split
@@ -240,9 +337,9 @@ pub unsafe extern "C" fn blksnap_readcbtmap(
 /// `n` elements (may be NULL when `n` is 0).
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_markdirtyblock(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     device: *const c_char,
-    ranges: *const blksnap_range,
+    ranges: *const blksnapu_range,
     n: usize,
 ) -> c_int {
     // SAFETY: `c` is NULL or a live client that only this thread uses

@@ -1,12 +1,26 @@
 //! libblksnap: the C library of blksnapd, the blksnap daemon (user-space
 //! snapshots and change-block tracking of block devices and image files).
 //!
-//! One `struct blksnap_client` is one connection to the daemon's control
+//! One `struct blksnapu_client` is one connection to the daemon's control
 //! socket; each function sends one request (readcbtmap: a few) and waits for
 //! its reply. The functions follow the commands of the `blksnap` tool:
 //! version, attach, detach, list, cbtinfo, readcbtmap, markdirtyblock and
 //! snapshot_create, _add, _appendstorage, _take, _destroy, _collect, _info,
-//! _waitevent.
+//! _waitevent. `blksnap_attach_idempotent()` is the tool's attach that says
+//! "Already was attached"; `blksnap_readcbtmap_at()` reads a window of the
+//! change map.
+//!
+//! Sessions: one `struct blksnapu_session` is the original library's
+//! `ISession`: `blksnap_session_create()` attaches the devices, creates
+//! their snapshot, gives it its storage and takes it in one call; a thread
+//! of the session gathers its events (`blksnap_session_error()` gives the
+//! first corruption or loss); `blksnap_session_free()` destroys it.
+//!
+//! Names: every type is `struct blksnapu_*`, so that this header and the
+//! kernel's <linux/blksnap.h> of the original blksnap (which defines
+//! `struct blksnap_cbtinfo`, `struct blksnap_version`, ... of other
+//! layouts) can be included together; functions are `blksnap_*`, constants
+//! `BLKSNAP_*`, none of them a name of that header.
 //!
 //! Errors: every `int` function returns 0 on success and a negative errno
 //! value on failure (-EINVAL for a NULL or malformed argument, -ENOENT for an
@@ -31,7 +45,9 @@
 //!
 //! Threads: a client may be used from any thread, but by one thread at a
 //! time; give each thread its own client for concurrent requests (a waiting
-//! `blksnap_snapshot_waitevent()` holds its client until it returns).
+//! `blksnap_snapshot_waitevent()` holds its client until it returns). A
+//! session's functions may be called from any thread at once (it holds
+//! connections of its own), except `blksnap_session_free()`.
 //!
 //! Build: `pkg-config --cflags --libs blksnap` (`-lblksnap`).
 
@@ -64,9 +80,13 @@ mod snapshot;
 // Ids to and from text.
 mod ids;
 
+// The session: snapshot create, storage, take and events in one handle.
+mod session;
+
 pub use connection::*;
 pub use device::*;
 pub use ids::*;
+pub use session::*;
 pub use snapshot::*;
 pub use types::*;
 

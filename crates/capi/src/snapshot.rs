@@ -23,10 +23,10 @@ use crate::args::{
     absolute_path, arg_device, arg_id, arg_slice, arg_str, check_request_size, device_key, opt_out,
     opt_str, out_ptr, put_count, put_field, OutBuf,
 };
-use crate::connection::{blksnap_client, call};
+use crate::connection::{blksnapu_client, call};
 use crate::failure::{invalid, Failure};
 use crate::types::{
-    blksnap_event, blksnap_image_info, blksnap_range, blksnap_snapshot_options,
+    blksnapu_event, blksnapu_image_info, blksnapu_range, blksnapu_snapshot_options,
     BLKSNAP_EVENT_CBT_RESET, BLKSNAP_EVENT_CORRUPTED, BLKSNAP_EVENT_NONE, BLKSNAP_EVENT_NO_SPACE,
     BLKSNAP_ID_SIZE, BLKSNAP_NAME_MAX, BLKSNAP_ON_COPY_ERROR_BREAK_ORIGIN_WRITE,
     BLKSNAP_ON_COPY_ERROR_DEFAULT, BLKSNAP_ON_COPY_ERROR_KEEP_ORIGIN_WRITES, BLKSNAP_PATH_MAX,
@@ -48,14 +48,14 @@ use crate::types::{
 /// NUL-terminated; `id_out` writable for 16 bytes.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_snapshot_create(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     devices: *const *const c_char,
     n_devices: usize,
     storage: *const c_char,
     limit: u64,
     id_out: *mut u8,
 ) -> c_int {
-    let options = blksnap_snapshot_options {
+    let options = blksnapu_snapshot_options {
         limit,
         on_copy_error: BLKSNAP_ON_COPY_ERROR_DEFAULT,
         copy_timeout_ms: 0,
@@ -82,11 +82,11 @@ pub unsafe extern "C" fn blksnap_snapshot_create(
 /// As `blksnap_snapshot_create()`; `options` NULL or readable.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_snapshot_create_ex(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     devices: *const *const c_char,
     n_devices: usize,
     storage: *const c_char,
-    options: *const blksnap_snapshot_options,
+    options: *const blksnapu_snapshot_options,
     id_out: *mut u8,
 ) -> c_int {
     // SAFETY: passed on from this function's contract.
@@ -114,11 +114,11 @@ pub unsafe extern "C" fn blksnap_snapshot_create_ex(
 /// As `blksnap_snapshot_create_ex()`.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_snapshot_create_flags(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     devices: *const *const c_char,
     n_devices: usize,
     storage: *const c_char,
-    options: *const blksnap_snapshot_options,
+    options: *const blksnapu_snapshot_options,
     flags: u32,
     id_out: *mut u8,
 ) -> c_int {
@@ -145,12 +145,12 @@ pub unsafe extern "C" fn blksnap_snapshot_create_flags(
 // The C function's seven arguments, and which one it is.
 #[allow(clippy::too_many_arguments)]
 unsafe fn create(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     what: &str,
     devices: *const *const c_char,
     n_devices: usize,
     storage: *const c_char,
-    options: *const blksnap_snapshot_options,
+    options: *const blksnapu_snapshot_options,
     flags: u32,
     id_out: *mut u8,
 ) -> c_int {
@@ -175,7 +175,7 @@ unsafe fn create(
                 options.as_ref(),
             )
         };
-        let options = options.copied().unwrap_or(blksnap_snapshot_options {
+        let options = options.copied().unwrap_or(blksnapu_snapshot_options {
             limit: 0,
             on_copy_error: BLKSNAP_ON_COPY_ERROR_DEFAULT,
             copy_timeout_ms: 0,
@@ -227,7 +227,7 @@ unsafe fn create(
 /// NUL-terminated.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_snapshot_add(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     id: *const u8,
     device: *const c_char,
 ) -> c_int {
@@ -249,10 +249,10 @@ pub unsafe extern "C" fn blksnap_snapshot_add(
 /// NUL-terminated; `ranges` readable for `n` elements.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_snapshot_appendstorage(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     id: *const u8,
     device: *const c_char,
-    ranges: *const blksnap_range,
+    ranges: *const blksnapu_range,
     n: usize,
 ) -> c_int {
     // SAFETY: `c` is NULL or a live client that only this thread uses
@@ -289,7 +289,7 @@ pub unsafe extern "C" fn blksnap_snapshot_appendstorage(
 /// # Safety
 /// `c` as for every call; `id` readable for 16 bytes.
 #[no_mangle]
-pub unsafe extern "C" fn blksnap_snapshot_take(c: *mut blksnap_client, id: *const u8) -> c_int {
+pub unsafe extern "C" fn blksnap_snapshot_take(c: *mut blksnapu_client, id: *const u8) -> c_int {
     // SAFETY: `c` is NULL or a live client that only this thread uses
     // (this function's contract).
     call(unsafe { c.as_mut() }, "blksnap_snapshot_take", |client| {
@@ -306,7 +306,7 @@ pub unsafe extern "C" fn blksnap_snapshot_take(c: *mut blksnap_client, id: *cons
 /// # Safety
 /// `c` as for every call; `id` readable for 16 bytes.
 #[no_mangle]
-pub unsafe extern "C" fn blksnap_snapshot_destroy(c: *mut blksnap_client, id: *const u8) -> c_int {
+pub unsafe extern "C" fn blksnap_snapshot_destroy(c: *mut blksnapu_client, id: *const u8) -> c_int {
     // SAFETY: `c` is NULL or a live client that only this thread uses
     // (this function's contract).
     call(
@@ -329,7 +329,7 @@ pub unsafe extern "C" fn blksnap_snapshot_destroy(c: *mut blksnap_client, id: *c
 /// writable.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_snapshot_collect(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     ids: *mut [u8; BLKSNAP_ID_SIZE],
     cap: usize,
     count: *mut usize,
@@ -371,10 +371,10 @@ pub unsafe extern "C" fn blksnap_snapshot_collect(
 /// writable for 16 bytes; `out` writable.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_snapshot_info(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     device: *const c_char,
     id_out: *mut u8,
-    out: *mut blksnap_image_info,
+    out: *mut blksnapu_image_info,
 ) -> c_int {
     // SAFETY: `c` is NULL or a live client that only this thread uses
     // (this function's contract).
@@ -392,7 +392,7 @@ pub unsafe extern "C" fn blksnap_snapshot_info(
         let s = client.snapshot_info_of_device(&device)?;
         let for_device = s.for_device.as_deref().unwrap_or_default();
         let image = s.images.iter().find(|i| i.device == for_device);
-        let mut info = blksnap_image_info {
+        let mut info = blksnapu_image_info {
             error_code: image.map_or(0, |i| i.error_code),
             size: image.map_or(0, |i| i.size),
             chunk_size: image.map_or(0, |i| i.chunk_size),
@@ -426,10 +426,10 @@ pub unsafe extern "C" fn blksnap_snapshot_info(
 /// `c` as for every call; `id` readable for 16 bytes; `out` writable.
 #[no_mangle]
 pub unsafe extern "C" fn blksnap_snapshot_waitevent(
-    c: *mut blksnap_client,
+    c: *mut blksnapu_client,
     id: *const u8,
     timeout_ms: u32,
-    out: *mut blksnap_event,
+    out: *mut blksnapu_event,
 ) -> c_int {
     // SAFETY: `c` is NULL or a live client that only this thread uses
     // (this function's contract).
@@ -439,14 +439,16 @@ pub unsafe extern "C" fn blksnap_snapshot_waitevent(
         |client| {
             // SAFETY: `id` has 16 readable bytes, `out` is writable (contract).
             let (id, out) = unsafe { (arg_id(id, "id")?, out_ptr(out, "out")?) };
-            let event = client.snapshot_wait_event(id, Duration::from_millis(timeout_ms.into()))?;
-            let mut e = blksnap_event {
+            let timed =
+                client.snapshot_wait_event_timed(id, Duration::from_millis(timeout_ms.into()))?;
+            let mut e = blksnapu_event {
                 r#type: BLKSNAP_EVENT_NONE,
+                time_ns: timed.as_ref().map_or(0, |t| t.time),
                 requested_sectors: 0,
                 errno_value: 0,
                 device: [0; BLKSNAP_NAME_MAX],
             };
-            match event {
+            match timed.map(|t| t.event) {
                 None => {}
                 Some(Event::NoSpace { requested_sectors }) => {
                     e.r#type = BLKSNAP_EVENT_NO_SPACE;

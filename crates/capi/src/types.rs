@@ -1,6 +1,17 @@
 //! The data of the C ABI: the `BLKSNAP_*` constants and the `#[repr(C)]`
 //! structures that the functions fill in or read (the opaque
-//! `blksnap_client` lives in `connection`).
+//! `blksnapu_client` lives in `connection`, `blksnapu_session` in
+//! `session`).
+//!
+//! Every type is named `blksnapu_*` ("u" for user space): the kernel's
+//! uapi header <linux/blksnap.h> of the original blksnap defines `struct
+//! blksnap_cbtinfo`, `blksnap_version`, `blksnap_snapshot_create`, ... with
+//! other layouts, and a program of the original may include both headers.
+//! One prefix for all our types, not just for today's clashes, so that no
+//! later uapi struct can clash either. Functions and constants keep
+//! `blksnap_` and `BLKSNAP_`: the uapi header declares no functions, and
+//! none of its macros or enumerators is one of our names (tested by
+//! tests/uapi_names.c).
 //!
 //! Invariants: every item here is part of the ABI and appears in blksnap.h
 //! as written (names, field order, types, doc comments); changing one is an
@@ -20,7 +31,7 @@ pub const BLKSNAP_ID_STRING_SIZE: usize = 37;
 /// Size of the buffers for device names: the longest name (255 bytes) and
 /// its NUL.
 pub const BLKSNAP_NAME_MAX: usize = 256;
-/// Size of `blksnap_cbtinfo.generation_reason`, NUL included.
+/// Size of `blksnapu_cbtinfo.generation_reason`, NUL included.
 pub const BLKSNAP_REASON_MAX: usize = 32;
 /// Size of the path fields of the structures, NUL included.
 pub const BLKSNAP_PATH_MAX: usize = 4096;
@@ -28,21 +39,23 @@ pub const BLKSNAP_PATH_MAX: usize = 4096;
 pub const BLKSNAP_SECTOR_SIZE: u64 = 512;
 /// The control protocol version this library speaks.
 pub const BLKSNAP_PROTOCOL_VERSION: u32 = 1;
+/// Size of `blksnapu_session_error.message`, NUL included.
+pub const BLKSNAP_MESSAGE_MAX: usize = 512;
 
-/// `blksnap_event.type`: the timeout passed without an event.
+/// `blksnapu_event.type`: the timeout passed without an event.
 pub const BLKSNAP_EVENT_NONE: i32 = 0;
-/// `blksnap_event.type`: the difference storage needs to grow past its limit
+/// `blksnapu_event.type`: the difference storage needs to grow past its limit
 /// (`requested_sectors` more sectors); append storage or expect corruption.
 pub const BLKSNAP_EVENT_NO_SPACE: i32 = 1;
-/// `blksnap_event.type`: the image of `device` became invalid
+/// `blksnapu_event.type`: the image of `device` became invalid
 /// (`errno_value` says why).
 pub const BLKSNAP_EVENT_CORRUPTED: i32 = 2;
-/// `blksnap_event.type`: the take began a new change-tracking generation of
+/// `blksnapu_event.type`: the take began a new change-tracking generation of
 /// `device` (its reason is `generation_reason` in `blksnap cbtinfo`): back
 /// it up in full.
 pub const BLKSNAP_EVENT_CBT_RESET: i32 = 3;
 
-/// `blksnap_snapshot_options.on_copy_error`: the daemon's configured policy.
+/// `blksnapu_snapshot_options.on_copy_error`: the daemon's configured policy.
 pub const BLKSNAP_ON_COPY_ERROR_DEFAULT: i32 = 0;
 /// The origin write proceeds when its copy fails; the image becomes corrupted.
 pub const BLKSNAP_ON_COPY_ERROR_KEEP_ORIGIN_WRITES: i32 = 1;
@@ -56,7 +69,7 @@ pub const BLKSNAP_SNAPSHOT_OVERWRITE: u32 = 1;
 /// A device's change-tracking parameters (`blksnap_cbtinfo()`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct blksnap_cbtinfo {
+pub struct blksnapu_cbtinfo {
     /// Bytes of a tracking block (one byte of the change map).
     pub block_size: u32,
     /// Bytes of the device.
@@ -80,7 +93,7 @@ pub struct blksnap_cbtinfo {
 /// A range of 512-byte sectors.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct blksnap_range {
+pub struct blksnapu_range {
     /// First sector.
     pub start: u64,
     /// Number of sectors (positive).
@@ -90,7 +103,7 @@ pub struct blksnap_range {
 /// Options of `blksnap_snapshot_create_ex()`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct blksnap_snapshot_options {
+pub struct blksnapu_snapshot_options {
     /// Largest size of the difference storage in bytes; 0: no limit.
     pub limit: u64,
     /// BLKSNAP_ON_COPY_ERROR_*.
@@ -103,7 +116,7 @@ pub struct blksnap_snapshot_options {
 /// A tracked device (`blksnap_list()`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct blksnap_device_info {
+pub struct blksnapu_device_info {
     /// The device's name.
     pub name: [c_char; BLKSNAP_NAME_MAX],
     /// Its origin path (symlinks resolved); empty when it has none.
@@ -119,7 +132,7 @@ pub struct blksnap_device_info {
 /// A device's snapshot image and its snapshot (`blksnap_snapshot_info()`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct blksnap_image_info {
+pub struct blksnapu_image_info {
     /// 0 while the image is valid, else the errno that invalidated it.
     pub error_code: i32,
     /// Bytes of the image (0 before the take).
@@ -142,15 +155,38 @@ pub struct blksnap_image_info {
 /// A snapshot event (`blksnap_snapshot_waitevent()`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct blksnap_event {
+pub struct blksnapu_event {
     /// BLKSNAP_EVENT_NONE, _NO_SPACE, _CORRUPTED or _CBT_RESET.
     pub r#type: i32,
+    /// When the event happened: CLOCK_MONOTONIC in nanoseconds (the clock
+    /// of the original's `time_label`); 0 for BLKSNAP_EVENT_NONE.
+    pub time_ns: i64,
     /// NO_SPACE: sectors the storage needed.
     pub requested_sectors: u64,
     /// CORRUPTED: the errno that invalidated the image.
     pub errno_value: i32,
-    /// CORRUPTED: the device whose image it is.
+    /// CORRUPTED, CBT_RESET: the device the event is about ("" for
+    /// NO_SPACE: the storage is the snapshot's, shared by its devices).
     pub device: [c_char; BLKSNAP_NAME_MAX],
+}
+
+/// The first error of a session (`blksnap_session_error()`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct blksnapu_session_error {
+    /// Why: ENOSPC (the difference storage overflowed), EIO, ETIMEDOUT (a
+    /// copy timed out): the image of `device` is invalid; ENOENT: the
+    /// snapshot was destroyed by someone else; another errno: the
+    /// session's event connection was lost. 0: no error.
+    pub errno_value: i32,
+    /// When it happened: CLOCK_MONOTONIC in nanoseconds.
+    pub time_ns: i64,
+    /// The device whose image is invalid; "" when the error is not about
+    /// one device.
+    pub device: [c_char; BLKSNAP_NAME_MAX],
+    /// A message naming the device and the cause, NUL-terminated (cut to
+    /// fit).
+    pub message: [c_char; BLKSNAP_MESSAGE_MAX],
 }
 
 #[cfg(test)]

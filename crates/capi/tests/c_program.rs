@@ -1,8 +1,12 @@
 //! The C library from C: builds `blksnapd`, starts it on a socket in a
 //! temporary directory (no root needed: image files), compiles
-//! `tests/cycle.c` against the generated `blksnap.h` and `libblksnap.so`
-//! with `-Wall -Wextra -Werror -pedantic`, runs it through a full cycle of
-//! every command and its error paths, then stops the daemon with SIGTERM.
+//! `tests/cycle.c` and `tests/session.c` against the generated `blksnap.h`
+//! and `libblksnap.so` with `-Wall -Wextra -Werror -pedantic`, runs the
+//! first through a full cycle of every command and its error paths and the
+//! second through a session (writes and reads through the daemon's NBD
+//! exports), then stops the daemon with SIGTERM. Also compiles
+//! `tests/uapi_names.c` (blksnap.h beside stand-ins for every name of the
+//! kernel's <linux/blksnap.h>) as C, both ways round, and as C++.
 
 use std::fs::File;
 use std::os::unix::net::UnixStream;
@@ -40,6 +44,25 @@ fn cargo_build_same_profile(target: &Path) -> Command {
     let parent = target.parent().expect("the target directory");
     let mut command = Command::new(env!("CARGO"));
     command.args(["build", "--profile", profile]);
+    // Cargo sets these for the test, not for the `cargo test` that built
+    // the test; ring's build script tracks some (CARGO_PKG_NAME,
+    // CARGO_MANIFEST_DIR): with them, each run would rebuild ring, rustls
+    // and everything above them, twice.
+    for (var, _) in std::env::vars_os() {
+        let var = var.to_string_lossy();
+        let per_package = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"];
+        if per_package.iter().any(|p| var.starts_with(p))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&var.as_ref())
+        {
+            command.env_remove(var.as_ref());
+        }
+    }
     if parent.join("CACHEDIR.TAG").exists() {
         command.arg("--target-dir").arg(parent);
     } else {
@@ -90,6 +113,35 @@ fn image(path: &Path, size: u64) {
     File::create(path)
         .and_then(|f| f.set_len(size))
         .expect("create an image file");
+}
+
+/// Compiles `tests/<source>` with `compiler` and `flags`, -pedantic -Wall
+/// -Wextra -Werror, against `include`; `more` adds the output arguments.
+fn compile(
+    compiler: &str,
+    include: &Path,
+    flags: &[&str],
+    source: &str,
+    more: impl FnOnce(&mut Command),
+) {
+    let mut cc = Command::new(compiler);
+    cc.args(flags)
+        .args(["-pedantic", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(include)
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests")
+                .join(source),
+        );
+    more(&mut cc);
+    let output = cc.output().expect("run the compiler");
+    assert!(
+        output.status.success(),
+        "{compiler} {flags:?} {source} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
@@ -182,25 +234,37 @@ fn c_program_drives_a_full_cycle() {
         "blksnap.pc missing"
     );
     let program = dir.join("cycle");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cycle.c");
-    let output = Command::new("cc")
-        .args(["-std=c11", "-pedantic", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(&include)
-        .arg(&source)
-        .arg("-o")
-        .arg(&program)
-        .arg("-L")
-        .arg(&target)
-        .arg("-lblksnap")
-        .arg(format!("-Wl,-rpath,{}", target.display()))
-        .output()
-        .expect("run cc");
-    assert!(
-        output.status.success(),
-        "cc failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    compile("cc", &include, &["-std=c11"], "cycle.c", |cc| {
+        cc.arg("-o")
+            .arg(&program)
+            .arg("-L")
+            .arg(&target)
+            .arg("-lblksnap")
+            .arg(format!("-Wl,-rpath,{}", target.display()));
+    });
+    let session_program = dir.join("session");
+    compile("cc", &include, &["-std=c11"], "session.c", |cc| {
+        cc.arg("-o")
+            .arg(&session_program)
+            .arg("-L")
+            .arg(&target)
+            .arg("-lblksnap")
+            .arg(format!("-Wl,-rpath,{}", target.display()));
+    });
+    // No clash with the kernel's uapi names, in either order, in C and C++.
+    for flags in [&["-std=c11"][..], &["-std=c11", "-DUAPI_FIRST"]] {
+        compile("cc", &include, flags, "uapi_names.c", |cc| {
+            cc.arg("-fsyntax-only");
+        });
+    }
+    compile(
+        "c++",
+        &include,
+        &["-x", "c++", "-std=c++17"],
+        "uapi_names.c",
+        |cc| {
+            cc.arg("-fsyntax-only");
+        },
     );
 
     // (c) the cycle.
@@ -246,7 +310,46 @@ fn c_program_drives_a_full_cycle() {
         .unwrap_or_else(|| panic!("no summary line: {summary:?}"));
     assert!(passed >= 80, "only {passed} checks");
 
-    // (d) SIGTERM: a clean stop.
+    // (d) the session.
+    let session_disk = dir.join("session.img");
+    image(&session_disk, 8 << 20);
+    let output = Command::new(&session_program)
+        .arg(&socket)
+        .arg(&session_disk)
+        .arg(&storage)
+        .env_remove("BLKSNAP_CONTROL")
+        .output()
+        .expect("run the session program");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "session failed ({}):\n{stdout}\n{}\nblksnapd log:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        daemon.log()
+    );
+    for expected in [
+        "ok   rc == 0 && already",
+        "ok   nbd_io(image, 0, MIB, block, sizeof block) == 0 && all(block, sizeof block, 0x11)",
+        "ok   blksnap_session_error(s, &e) == 0",
+        "ok   blksnap_snapshot_collect(c, NULL, 0, &n) == 0 && n == 0",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    let session_checks: u32 = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("session: "))
+        .and_then(|s| s.strip_suffix(" checks passed"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no summary line in:\n{stdout}"));
+    assert!(session_checks >= 30, "only {session_checks} checks");
+
+    // (e) SIGTERM: a clean stop.
     let pid = daemon.child.id().to_string();
     let status = Command::new("kill")
         .args(["-TERM", &pid])

@@ -26,7 +26,7 @@
 
 #define MIB (UINT64_C(1) << 20)
 
-static struct blksnap_client *c;
+static struct blksnapu_client *c;
 static int checks;
 
 static void fail(const char *file, int line, const char *what, const char *detail)
@@ -121,7 +121,7 @@ int main(int argc, char **argv)
     EXPECT(blksnap_attach(c, a_path, "again", NULL, 0), -EEXIST);
 
     /* ---- list ---- */
-    struct blksnap_device_info devices_info[4];
+    struct blksnapu_device_info devices_info[4];
     size_t n = 0;
     EXPECT(blksnap_list(c, devices_info, 4, &n), 0);
     CHECK(n == 2, "%zu devices", n);
@@ -141,9 +141,9 @@ int main(int argc, char **argv)
 
     /* ---- cbtinfo ---- */
     const char *keys[2] = {"disk-a", b_path};
-    struct blksnap_cbtinfo cbt;
+    struct blksnapu_cbtinfo cbt;
     for (int i = 0; i < 2; i++) {
-        EXPECT(blksnap_cbtinfo(c, keys[i], &cbt), 0);
+        EXPECT(blksnapu_cbtinfo(c, keys[i], &cbt), 0);
         CHECK(cbt.block_size == 65536 && cbt.block_count == 128 && cbt.device_capacity == 8 * MIB,
               "block_size %u block_count %llu capacity %llu", (unsigned)cbt.block_size,
               (unsigned long long)cbt.block_count, (unsigned long long)cbt.device_capacity);
@@ -159,7 +159,7 @@ int main(int argc, char **argv)
     /* ---- snapshot 1: both devices, directory storage ---- */
     uint8_t id1[BLKSNAP_ID_SIZE], seen[BLKSNAP_ID_SIZE];
     char id1_text[BLKSNAP_ID_STRING_SIZE];
-    struct blksnap_image_info image;
+    struct blksnapu_image_info image;
     EXPECT(blksnap_snapshot_create(c, keys, 2, storage_dir, 0, id1), 0);
     EXPECT(blksnap_id_to_string(id1, id1_text, sizeof id1_text), 0);
     printf("     snapshot %s\n", id1_text);
@@ -177,19 +177,19 @@ int main(int argc, char **argv)
            (unsigned long long)image.size, (unsigned long long)image.chunk_size,
            (unsigned long long)image.storage_used, (unsigned long long)image.storage_total,
            image.image);
-    EXPECT(blksnap_cbtinfo(c, "disk-a", &cbt), 0);
+    EXPECT(blksnapu_cbtinfo(c, "disk-a", &cbt), 0);
     CHECK(cbt.changes_number == 1 && cbt.current_number == 2, "changes %u current %u",
           cbt.changes_number, cbt.current_number);
 
     /* ---- markdirtyblock: 4 KiB at 1 MiB = tracking block 16 of A ---- */
-    const struct blksnap_range dirty = {.start = 2048, .count = 8};
+    const struct blksnapu_range dirty = {.start = 2048, .count = 8};
     EXPECT(blksnap_markdirtyblock(c, "disk-a", &dirty, 1), 0);
-    const struct blksnap_range outside = {.start = 16384, .count = 8};
+    const struct blksnapu_range outside = {.start = 16384, .count = 8};
     EXPECT(blksnap_markdirtyblock(c, "disk-a", &outside, 1), -EINVAL);
     EXPECT(blksnap_markdirtyblock(c, "disk-a", NULL, 1), -EINVAL);
     /* Over the daemon's request size: refused here, the connection goes on. */
     size_t many = 60000;
-    struct blksnap_range *ranges = calloc(many, sizeof *ranges);
+    struct blksnapu_range *ranges = calloc(many, sizeof *ranges);
     CHECK(ranges != NULL, "calloc");
     for (size_t i = 0; i < many; i++)
         ranges[i] = dirty;
@@ -212,10 +212,10 @@ int main(int argc, char **argv)
     uint8_t ids[4][BLKSNAP_ID_SIZE];
     EXPECT(blksnap_snapshot_collect(c, ids, 4, &count), 0);
     CHECK(count == 1 && memcmp(ids[0], id1, sizeof id1) == 0, "%zu snapshots", count);
-    struct blksnap_event event;
+    struct blksnapu_event event;
     memset(&event, 0xff, sizeof event);
     EXPECT(blksnap_snapshot_waitevent(c, id1, 10, &event), 0);
-    CHECK(event.type == BLKSNAP_EVENT_NONE, "event type %d", (int)event.type);
+    CHECK(event.type == BLKSNAP_EVENT_NONE && event.time_ns == 0, "event type %d", (int)event.type);
 
     /* ---- a device in a snapshot cannot be detached ---- */
     EXPECT(blksnap_detach(c, "disk-a"), -EBUSY);
@@ -234,7 +234,7 @@ int main(int argc, char **argv)
     EXPECT(blksnap_snapshot_create(c, NULL, 0, NULL, 0, id2), 0);
     EXPECT(blksnap_snapshot_add(c, id2, "disk-a"), 0);
     EXPECT(blksnap_snapshot_add(c, id2, b_rel), 0); /* relative, resolved in B's directory */
-    const struct blksnap_range storage = {.start = 0, .count = 8192}; /* 4 MiB */
+    const struct blksnapu_range storage = {.start = 0, .count = 8192}; /* 4 MiB */
     EXPECT(blksnap_snapshot_appendstorage(c, id2, append_file, &storage, 1), 0);
     EXPECT(blksnap_snapshot_take(c, id2), 0);
     EXPECT(blksnap_snapshot_add(c, id2, "disk-a"), -EEXIST); /* already in it */
@@ -249,7 +249,7 @@ int main(int argc, char **argv)
     EXPECT(blksnap_readcbtmap(c, "disk-a", map, sizeof map, &count), 0);
     CHECK(count == 128 && map[16] == 2 && all_zero(map, count, 16), "count %zu map[16] %u", count,
           map[16]);
-    EXPECT(blksnap_cbtinfo(c, "disk-a", &cbt), 0);
+    EXPECT(blksnapu_cbtinfo(c, "disk-a", &cbt), 0);
     CHECK(cbt.changes_number == 2 && map[16] > 1, "changes %u: block 16 changed since backup 1",
           cbt.changes_number);
     EXPECT(blksnap_readcbtmap(c, name_b, map, sizeof map, &count), 0);
@@ -258,7 +258,7 @@ int main(int argc, char **argv)
 
     /* ---- snapshot 3: options ---- */
     uint8_t id3[BLKSNAP_ID_SIZE];
-    struct blksnap_snapshot_options options = {
+    struct blksnapu_snapshot_options options = {
         .limit = 64 * MIB,
         .on_copy_error = BLKSNAP_ON_COPY_ERROR_BREAK_ORIGIN_WRITE,
         .copy_timeout_ms = 1000,
@@ -295,7 +295,7 @@ int main(int argc, char **argv)
     CHECK(count == 0, "a failed create left %zu snapshots", count);
     EXPECT(blksnap_snapshot_info(c, "disk-a", NULL, &image), -ENOENT);
     EXPECT(blksnap_detach(c, NULL), -EINVAL);
-    EXPECT(blksnap_cbtinfo(c, "disk-a", NULL), -EINVAL);
+    EXPECT(blksnapu_cbtinfo(c, "disk-a", NULL), -EINVAL);
     CHECK(strstr(blksnap_last_error(c), "out") != NULL, "%s", blksnap_last_error(c));
     EXPECT(blksnap_detach(NULL, "disk-a"), -EINVAL);
     EXPECT(blksnap_snapshot_take(c, NULL), -EINVAL);
