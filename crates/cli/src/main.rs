@@ -590,9 +590,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
             let event = waited?;
             if json {
-                let time = event.as_ref().map(|e| e.time);
-                let event = event.map(|e| e.event);
-                print_json(&serde_json::json!({ "event": event, "time": time }));
+                match event {
+                    None => print_json(&serde_json::json!({ "event": null })),
+                    Some(TimedEvent { time, event }) => {
+                        print_json(&serde_json::json!({ "event": event, "time": time }))
+                    }
+                }
             } else {
                 match &event {
                     None => println!("result=timeout"),
