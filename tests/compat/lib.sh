@@ -204,12 +204,12 @@ watcher_said()
 # until the daemon allows it, detach is refused (EBUSY) and the scenarios
 # that end this way fail at this point.
 # VARIANT ORDERING, only for landing without item 5: with
-# BLKSNAP_COMPAT_UMOUNT_FIRST=1 the filesystem is unmounted first. Remove
-# it once item 5 is in.
+# BLKSNAP_COMPAT_UMOUNT_BEFORE_DETACH=1 the filesystem is unmounted
+# first. Remove it once item 5 is in.
 blksnap_detach_mounted()
 {
 	local dev=$1 mountpoint=$2
-	if [ -n "${BLKSNAP_COMPAT_UMOUNT_FIRST:-}" ]; then
+	if [ -n "${BLKSNAP_COMPAT_UMOUNT_BEFORE_DETACH:-}" ]; then
 		umount "${mountpoint}"
 		blksnap_detach "${dev}"
 		return
