@@ -50,6 +50,7 @@ fn a_window_of_the_change_map_is_the_slice_of_the_whole_map() {
             copy_timeout_ms: None,
             storage_wait_ms: None,
             auto_destroy: false,
+            overwrite: false,
         })
         .unwrap()
     };
