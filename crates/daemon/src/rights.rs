@@ -272,7 +272,7 @@ pub fn open_storage(client: &Client, path: &Path, overwrite: bool) -> Result<Fil
         .metadata()
         .map_err(|e| open_error(client, WHAT, path, e))?;
     // An O_TMPFILE has no link: nobody's content.
-    if meta.is_file() && meta.nlink() > 0 && meta.len() > 0 && !overwrite {
+    if meta.is_file() && meta.nlink() > 0 && !overwrite && holds_data(&file) {
         return Err(ErrorReply::new(
             libc::EEXIST,
             format!(
@@ -284,6 +284,18 @@ pub fn open_storage(client: &Client, path: &Path, overwrite: bool) -> Result<Fil
         ));
     }
     Ok(file)
+}
+
+/// Whether a regular file holds written data. Space reserved with
+/// `fallocate` and never written, or a hole, is no content: that is how the
+/// original tool's scripts make their storage files (`fallocate --length`).
+/// Where the filesystem cannot tell (an error other than "no data"), the
+/// answer is yes.
+fn holds_data(file: &File) -> bool {
+    !matches!(
+        rustix::fs::seek(file, rustix::fs::SeekFrom::Data(0)),
+        Err(rustix::io::Errno::NXIO)
+    )
 }
 
 #[cfg(test)]
@@ -376,6 +388,17 @@ mod tests {
         let empty = dir.path().join("empty");
         std::fs::write(&empty, b"").unwrap();
         open_storage(&me, &empty, false).unwrap();
+        // Reserved or sparse, never written: nothing to lose.
+        let reserved = std::fs::File::create(dir.path().join("reserved")).unwrap();
+        rustix::fs::fallocate(&reserved, rustix::fs::FallocateFlags::empty(), 0, 1 << 20).unwrap();
+        open_storage(&me, &dir.path().join("reserved"), false).unwrap();
+        let sparse = std::fs::File::create(dir.path().join("sparse")).unwrap();
+        sparse.set_len(1 << 20).unwrap();
+        open_storage(&me, &dir.path().join("sparse"), false).unwrap();
+        // One written block among the holes is content.
+        std::os::unix::fs::FileExt::write_all_at(&sparse, b"x", 700 << 10).unwrap();
+        let err = open_storage(&me, &dir.path().join("sparse"), false).unwrap_err();
+        assert_eq!(err.errno, libc::EEXIST);
         let tmp = open_storage(&me, dir.path(), false).unwrap();
         assert_eq!(tmp.metadata().unwrap().nlink(), 0);
     }
