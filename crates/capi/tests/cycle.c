@@ -17,6 +17,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -271,8 +272,13 @@ int main(int argc, char **argv)
     options.on_copy_error = 7;
     EXPECT(blksnap_snapshot_create_ex(c, keys, 1, storage_dir, &options, id3), -EINVAL);
     options.on_copy_error = BLKSNAP_ON_COPY_ERROR_DEFAULT;
-    /* A file with content (the appended one, now free) is storage only
-       with BLKSNAP_SNAPSHOT_OVERWRITE. */
+    /* A file with content (the appended one, now free, given a written
+       byte: reserved space or holes are no content) is storage only with
+       BLKSNAP_SNAPSHOT_OVERWRITE. */
+    int content_fd = open(append_file, O_WRONLY);
+    CHECK(content_fd >= 0, "open %s", append_file);
+    CHECK(pwrite(content_fd, "x", 1, 4096) == 1, "pwrite %s", append_file);
+    close(content_fd);
     EXPECT(blksnap_snapshot_create_ex(c, keys, 1, append_file, &options, id3), -EEXIST);
     CHECK(strstr(blksnap_last_error(c), "overwrite") != NULL, "%s", blksnap_last_error(c));
     EXPECT(blksnap_snapshot_create_flags(c, keys, 1, append_file, &options, 2, id3), -EINVAL);
