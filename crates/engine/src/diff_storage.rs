@@ -170,6 +170,9 @@ struct GrowableFile {
     device: Arc<FileDevice>,
     /// The file's length when we got it; restored when the storage goes.
     original_len: u64,
+    /// It held no data when we got it (only holes or reserved space), so it
+    /// holds none when given back: what we wrote there is cleared.
+    was_empty: bool,
     len: Mutex<u64>,
 }
 
@@ -935,9 +938,14 @@ fn check_no_overlap(
 impl GrowableFile {
     fn new(device: FileDevice) -> Self {
         let original_len = device.size();
+        let was_empty = matches!(
+            rustix::fs::seek(device.file(), rustix::fs::SeekFrom::Data(0)),
+            Err(rustix::io::Errno::NXIO)
+        );
         Self {
             device: Arc::new(device),
             original_len,
+            was_empty,
             len: Mutex::new(original_len),
         }
     }
@@ -949,6 +957,19 @@ impl Drop for DiffStorage {
         if let Some(g) = &self.growable {
             if let Err(e) = g.device.file().set_len(g.original_len) {
                 tracing::warn!(path = %g.device.path().display(), error = %e, "cannot shrink difference storage back");
+            }
+            // A file given empty (as the original tool's scripts make it,
+            // `fallocate --length`) is given back empty: none of the
+            // origin's old blocks stay in it, and the next snapshot may use
+            // it again without `overwrite`. A file given with content keeps
+            // what we did not overwrite. Where holes cannot be punched the
+            // copies stay.
+            let punch =
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+            if g.was_empty && g.original_len > 0 {
+                if let Err(e) = rustix::fs::fallocate(g.device.file(), punch, 0, g.original_len) {
+                    tracing::warn!(path = %g.device.path().display(), error = %e, "cannot clear the difference storage given back");
+                }
             }
         }
     }

@@ -477,6 +477,49 @@ fn file_storage_grows_in_steps_up_to_the_limit() {
     dev.write(&[1; 512], 0).unwrap();
 }
 
+#[test]
+fn a_storage_file_given_empty_is_given_back_empty() {
+    // The original tool's scripts reserve their storage with `fallocate
+    // --length` and use it for snapshot after snapshot: given back, it holds
+    // none of the origin's old blocks, and so no content.
+    let dir = tempfile::tempdir().unwrap();
+    let (origin_path, _) = random_file(dir.path(), "origin.img", 4 * MIB, 7);
+    let storage_path = dir.path().join("reserved.bin");
+    let reserved = File::create(&storage_path).unwrap();
+    let flags = rustix::fs::FallocateFlags::empty();
+    rustix::fs::fallocate(&reserved, flags, 0, 2 * MIB).unwrap();
+    drop(reserved);
+    let holds_data = |path: &Path| {
+        let file = File::open(path).unwrap();
+        !matches!(
+            rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(0)),
+            Err(rustix::io::Errno::NXIO)
+        )
+    };
+    assert!(
+        !holds_data(&storage_path),
+        "fallocate reserves, writes nothing"
+    );
+    let engine = Engine::new(config()).unwrap();
+    let dev = engine.attach_path(&origin_path, Some("origin")).unwrap();
+    for round in 0..2u8 {
+        let id = engine
+            .snapshot_create(StorageSpec::Path(storage_path.clone()), limited(2 * MIB))
+            .unwrap();
+        engine.snapshot_add(&id, "origin").unwrap();
+        engine.snapshot_take(&id).unwrap();
+        dev.write(&[round + 1; 4096], MIB).unwrap();
+        assert!(stats(&engine, &id).used > 0, "a chunk was copied");
+        assert!(holds_data(&storage_path), "the copy is in the file");
+        engine.snapshot_destroy(&id).unwrap();
+        assert_eq!(file_len(&storage_path), 2 * MIB);
+        assert!(
+            !holds_data(&storage_path),
+            "round {round}: copies left behind"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 2. A directory: an unnamed O_TMPFILE
 // ---------------------------------------------------------------------------
