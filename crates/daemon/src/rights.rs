@@ -272,7 +272,7 @@ pub fn open_storage(client: &Client, path: &Path, overwrite: bool) -> Result<Fil
         .metadata()
         .map_err(|e| open_error(client, WHAT, path, e))?;
     // An O_TMPFILE has no link: nobody's content.
-    if meta.is_file() && meta.nlink() > 0 && !overwrite && holds_data(&file) {
+    if meta.is_file() && meta.nlink() > 0 && !overwrite && blksnap_engine::holds_data(&file) {
         return Err(ErrorReply::new(
             libc::EEXIST,
             format!(
@@ -284,18 +284,6 @@ pub fn open_storage(client: &Client, path: &Path, overwrite: bool) -> Result<Fil
         ));
     }
     Ok(file)
-}
-
-/// Whether a regular file holds written data. Space reserved with
-/// `fallocate` and never written, or a hole, is no content: that is how the
-/// original tool's scripts make their storage files (`fallocate --length`).
-/// Where the filesystem cannot tell (an error other than "no data"), the
-/// answer is yes.
-fn holds_data(file: &File) -> bool {
-    !matches!(
-        rustix::fs::seek(file, rustix::fs::SeekFrom::Data(0)),
-        Err(rustix::io::Errno::NXIO)
-    )
 }
 
 #[cfg(test)]

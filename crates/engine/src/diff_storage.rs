@@ -938,10 +938,7 @@ fn check_no_overlap(
 impl GrowableFile {
     fn new(device: FileDevice) -> Self {
         let original_len = device.size();
-        let was_empty = matches!(
-            rustix::fs::seek(device.file(), rustix::fs::SeekFrom::Data(0)),
-            Err(rustix::io::Errno::NXIO)
-        );
+        let was_empty = !crate::device::holds_data(device.file());
         Self {
             device: Arc::new(device),
             original_len,

@@ -29,7 +29,7 @@ pub mod volume;
 
 pub use cbt::{CbtInfo, CbtState, Change, ChangeJournal, ChangeTracker, GenerationReason};
 pub use config::{Config, CopyErrorPolicy, SnapshotOptions};
-pub use device::{BlockDevice, DeviceIdentity, Extent, FileDevice, MemDevice, Zeroing};
+pub use device::{holds_data, BlockDevice, DeviceIdentity, Extent, FileDevice, MemDevice, Zeroing};
 pub use diff_storage::{StorageSpec, StorageStats};
 pub use engine::{Engine, ImageInfo, SnapshotInfo, TrackingStart};
 pub use error::{Error, Result};

@@ -247,6 +247,18 @@ fn reopen_exclusive(file: &File) -> io::Result<File> {
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
+/// Whether a regular file holds written data. Space reserved with
+/// `fallocate` and never written, or a hole, is no content: that is how the
+/// original tool's scripts make their storage files (`fallocate --length`).
+/// Where the filesystem cannot tell (an error other than "no data"), the
+/// answer is yes.
+pub fn holds_data(file: &File) -> bool {
+    !matches!(
+        rustix::fs::seek(file, rustix::fs::SeekFrom::Data(0)),
+        Err(Errno::NXIO)
+    )
+}
+
 fn busy_or_io(e: io::Error, shown: &str) -> Error {
     if e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) {
         Error::Busy {

@@ -12,7 +12,7 @@ mod memory;
 use std::io;
 use std::os::fd::BorrowedFd;
 
-pub use file::FileDevice;
+pub use file::{holds_data, FileDevice};
 pub use memory::MemDevice;
 
 /// One shared buffer of zeroes (in .bss: it costs no memory until read, and
