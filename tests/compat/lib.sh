@@ -197,23 +197,12 @@ watcher_said()
 }
 
 # The end of a device, as the original ends it: detach from blksnap while
-# its filesystem is still mounted, then unmount it, then remove its loop
-# device (loop_device_detach, after this).
-#
-# Detaching a device whose loop device is mounted is issue 16 item 5;
-# until the daemon allows it, detach is refused (EBUSY) and the scenarios
-# that end this way fail at this point.
-# VARIANT ORDERING, only for landing without item 5: with
-# BLKSNAP_COMPAT_UMOUNT_BEFORE_DETACH=1 the filesystem is unmounted
-# first. Remove it once item 5 is in.
+# its filesystem is still mounted (tracking stops, the loop device serves
+# the filesystem untracked), then unmount it, then remove its loop device
+# (loop_device_detach, after this).
 blksnap_detach_mounted()
 {
 	local dev=$1 mountpoint=$2
-	if [ -n "${BLKSNAP_COMPAT_UMOUNT_BEFORE_DETACH:-}" ]; then
-		umount "${mountpoint}"
-		blksnap_detach "${dev}"
-		return
-	fi
 	blksnap_detach "${dev}"
 	umount "${mountpoint}"
 }

@@ -315,7 +315,8 @@ pub unsafe extern "C" fn blksnap_snapshot_destroy(c: *mut blksnapu_client, id: *
         |client| {
             // SAFETY: `id` has 16 readable bytes (contract).
             let id = unsafe { arg_id(id, "id")? };
-            Ok(client.snapshot_destroy(id)?)
+            client.snapshot_destroy(id)?;
+            Ok(())
         },
     )
 }

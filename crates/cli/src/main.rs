@@ -551,8 +551,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             empty(json);
         }
         Command::SnapshotDestroy { id } => {
-            client.snapshot_destroy(*id)?;
-            empty(json);
+            let result = client.snapshot_destroy(*id)?;
+            for path in &result.images_in_use {
+                eprintln!(
+                    "blksnap: warning: the image loop device {path} is in use (mounted?): \
+                     it stays until its last user closes it, and I/O on it fails"
+                );
+            }
+            if json {
+                print_json(&result);
+            }
         }
         Command::SnapshotCollect => {
             let ids = client.snapshot_collect()?;

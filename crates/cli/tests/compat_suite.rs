@@ -39,10 +39,6 @@ fn original_suite_scenarios() {
     let runner = repository().join("tests/compat/run");
     let out = Command::new(&runner)
         .env("PATH", std::env::join_paths(path).unwrap())
-        // The one ordering still different from the original: a snapshot
-        // whose image is mounted is not destroyed (EBUSY) here, so 7000
-        // unmounts the image first (docs/blksnap.md, COMPATIBILITY).
-        .env("BLKSNAP_COMPAT_UMOUNT_BEFORE_DESTROY", "1")
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", runner.display()));
     let stdout = String::from_utf8_lossy(&out.stdout);

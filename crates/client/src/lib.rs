@@ -327,8 +327,11 @@ impl Client {
         self.typed(Request::SnapshotTake(proto::SnapshotIdArgs { id }))
     }
 
-    pub fn snapshot_destroy(&mut self, id: Uuid) -> Result<()> {
-        self.unit(Request::SnapshotDestroy(proto::SnapshotIdArgs { id }))
+    /// Destroys the snapshot; the result names the image loop devices that
+    /// were in use (mounted), which stay, failing every I/O, until their
+    /// last user closes them.
+    pub fn snapshot_destroy(&mut self, id: Uuid) -> Result<proto::DestroyResult> {
+        self.typed(Request::SnapshotDestroy(proto::SnapshotIdArgs { id }))
     }
 
     pub fn snapshot_collect(&mut self) -> Result<Vec<Uuid>> {

@@ -266,7 +266,7 @@ impl Session {
             return Ok(());
         }
         let id = std::mem::replace(&mut self.id, Uuid::nil());
-        self.lock().snapshot_destroy(id)
+        self.lock().snapshot_destroy(id).map(drop)
     }
 }
 

@@ -14,7 +14,9 @@
 //! of the engine, so no snapshot can include it), and the loop device goes
 //! on serving the origin, untracked, until its last user closes it; the
 //! device is *detaching* until then (listed, and its name and path refused
-//! to `attach`).
+//! to `attach`). A destroy whose image loop device is in use does what the
+//! original does for a mounted image: the snapshot goes at once, and the
+//! loop device stays, failing every I/O, until its last user closes it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -741,7 +743,12 @@ impl Service {
         Ok(proto::TakeResult { frozen, warnings })
     }
 
-    fn snapshot_destroy(&self, id: &Uuid) -> Reply<proto::Empty> {
+    /// Destroys the snapshot and releases its images' loop devices. One in
+    /// use (a mounted image) does not stop the destroy, as in the original
+    /// tool: it stays until its last user closes it (autoclear), and I/O on
+    /// it fails from the destroy on, since its FUSE handle holds an image
+    /// that refuses every call once destroyed.
+    fn snapshot_destroy(&self, id: &Uuid) -> Reply<proto::DestroyResult> {
         let images: Vec<String> = self
             .engine
             .snapshot_info(id)?
@@ -749,31 +756,30 @@ impl Service {
             .iter()
             .map(|d| image_name(d))
             .collect();
-        // Every image loop device claimed before any is released: all or
-        // nothing, and none can be mounted between the check and the
-        // release.
+        // The free image loop devices are claimed, so that none can be
+        // mounted between the check and the release.
         let mut claims = Vec::new();
+        let mut in_use = Vec::new();
         if let Some(local) = &self.local {
-            let mut in_use = Vec::new();
             for image in &images {
                 match local.claim_loop(image) {
                     Some(Ok(claim)) => claims.push((image, claim)),
-                    Some(Err(why)) => in_use.push(why.to_string()),
+                    Some(Err(why)) => in_use.push((image, why)),
                     None => {}
                 }
-            }
-            if !in_use.is_empty() {
-                return Err(busy(format!(
-                    "snapshot {id} is busy: its image loop device {}; unmount it first",
-                    in_use.join(", ")
-                )));
             }
         }
         for (image, claim) in claims {
             self.remove_loop_claimed(image, Some(claim));
         }
         self.engine.snapshot_destroy(id)?;
-        Ok(proto::Empty {})
+        let mut result = proto::DestroyResult::default();
+        for (image, why) in in_use {
+            tracing::warn!(snapshot = %id, volume = %image, why = %why, "image loop device in use at the destroy: it stays until its last user closes it, and I/O on it fails");
+            self.remove_loop_claimed(image, None);
+            result.images_in_use.push(why.path.display().to_string());
+        }
+        Ok(result)
     }
 
     fn snapshot_collect(&self) -> proto::SnapshotIds {

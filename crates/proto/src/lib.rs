@@ -461,6 +461,15 @@ pub struct DetachResult {
     pub detaching: Option<String>,
 }
 
+/// The result of `snapshot_destroy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestroyResult {
+    /// Image loop devices that were in use (mounted) at the destroy: each
+    /// stays until its last user closes it, and I/O on it fails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images_in_use: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MissingDevice {
     pub name: String,

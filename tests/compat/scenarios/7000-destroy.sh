@@ -9,12 +9,6 @@
 # Changed from the original: sizes (128 MiB origin, a 64 MiB storage
 # file), the check that the snapshot is gone and the origin intact, and
 # the origin is our loop device (tests/compat/shim.sh).
-#
-# Destroying a snapshot whose image is mounted is refused (EBUSY) until
-# the daemon lets an image go while it is in use, as issue 16 item 5 lets
-# a device go; until then this fails at "the snapshot is still there".
-# BLKSNAP_COMPAT_UMOUNT_BEFORE_DESTROY=1 is a variant for landing without
-# it, marked below.
 . "$(dirname "$0")/../lib.sh"
 
 blksnap version
@@ -50,14 +44,6 @@ dd if="${IMAGE1}" of=/dev/null status=none &
 PID_DD2=$!
 
 echo "destroy the snapshot under load"
-if [ -n "${BLKSNAP_COMPAT_UMOUNT_BEFORE_DESTROY:-}" ]; then
-	# VARIANT ORDERING, only for landing before the daemon lets a mounted
-	# image go (see lib.sh, blksnap_detach_mounted): the image's writer
-	# finishes and the image is unmounted first, so the destroy runs under
-	# the origin's writer and the image's readers only.
-	wait "${PID_GEN2}"
-	umount "${MP}/image"
-fi
 blksnap_snapshot_destroy
 umount --lazy --force "${MP}/image"
 
