@@ -1248,6 +1248,17 @@ fn cbt_map_and_markdirtyblock_file() {
         .map(|(start, count)| format!("allocate range: ofs={start} cnt={count}"))
         .collect();
     assert_eq!(listed, wanted, "{text}");
+    // As with the original, the marks show at once in the held snapshot's
+    // map, at its change number: a backup made from it includes them.
+    let held_marked = map("held-marked.map");
+    for (b, (&was, &now)) in after_writes.iter().zip(&held_marked).enumerate() {
+        let want = if expected.contains(&(b as u64)) {
+            was.max(c2 as u8)
+        } else {
+            was
+        };
+        assert_eq!(now, want, "block {b} of the held map after markdirtyblock");
+    }
     env.ok(&["snapshot_destroy", "--id", &second]);
     let third = env.snapshot(&dev, &storage);
     let next = map("marked.map");

@@ -405,10 +405,11 @@ impl ChangeTracker {
         journal.wait(ticket);
     }
 
-    /// An image write: the live map as any write, and the readable map of
-    /// the image's take raised to its change number (`previous`), so the
-    /// consumer of that snapshot sees the blocks its image changed.
-    pub(crate) fn mark_image_write(&self, offset: u64, len: u64) {
+    /// An image write or a mark-dirty: the live map as any write, and the
+    /// readable map of the last take raised to its change number
+    /// (`previous`), so the consumer of that snapshot sees the blocks its
+    /// image changed and the ranges marked dirty while it is held.
+    pub(crate) fn mark_live_and_readable(&self, offset: u64, len: u64) {
         self.mark(offset, len);
         if len == 0 || offset >= self.capacity {
             return;
@@ -621,7 +622,7 @@ mod tests {
             for (kind, offset, len) in ops {
                 match kind {
                     0 => t.switch(),
-                    1 => t.mark_image_write(offset, len),
+                    1 => t.mark_live_and_readable(offset, len),
                     _ => {
                         let before = recorder.changes.lock().unwrap().len();
                         // Blocks of 4 KiB (small()): a record iff one is below current.

@@ -458,7 +458,9 @@ impl Engine {
     }
 
     /// Marks sector ranges changed, so the next incremental backup includes
-    /// them (they show in the readable map after the next take).
+    /// them: in the live map, and at once in the readable map at the last
+    /// take's change number, as the original does, so that a backup made
+    /// from the snapshot held now includes them too.
     pub fn mark_dirty(&self, key: &str, ranges: &[SectorRange]) -> Result<()> {
         let device = self.device(key)?;
         for r in ranges {
@@ -475,7 +477,7 @@ impl Engine {
             }
         }
         for r in ranges {
-            device.mark_changed(r.byte_offset(), r.byte_len());
+            device.mark_live_and_readable(r.byte_offset(), r.byte_len());
         }
         Ok(())
     }

@@ -78,7 +78,7 @@ impl Image {
         // Marked first: a write that fails part-way may have changed the
         // image already, and an extra mark only costs a block in the next
         // incremental.
-        self.device.mark_image_write(offset, buf.len() as u64);
+        self.device.mark_live_and_readable(offset, buf.len() as u64);
         self.device_snapshot.write_image(buf, offset)
     }
 

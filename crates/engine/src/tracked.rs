@@ -304,19 +304,13 @@ impl TrackedDevice {
         })
     }
 
-    /// Marks ranges changed (mark-dirty) under the gate, so the mark cannot
+    /// Marks ranges that an image write or a mark-dirty changes, in the
+    /// live map and in the readable map of the last take (as the original's
+    /// `cbt_map_set_both` does for both), under the gate, so the mark cannot
     /// straddle a take.
-    pub(crate) fn mark_changed(&self, offset: u64, len: u64) {
+    pub(crate) fn mark_live_and_readable(&self, offset: u64, len: u64) {
         let _held = self.gate.read().unwrap();
-        self.cbt.mark(offset, len);
-    }
-
-    /// Marks the ranges an image write changes, in the live map and in the
-    /// readable map of the image's take (as the original does), under the
-    /// gate.
-    pub(crate) fn mark_image_write(&self, offset: u64, len: u64) {
-        let _held = self.gate.read().unwrap();
-        self.cbt.mark_image_write(offset, len);
+        self.cbt.mark_live_and_readable(offset, len);
     }
 
     /// Holds new writes and waits for in-flight ones to finish.

@@ -430,10 +430,11 @@ impl ModelDevice {
         }
     }
 
-    /// An image write marks the live map and raises the readable map to
-    /// the take's change number (DESIGN.md: the image's own changes show up
-    /// to a consumer of that snapshot).
-    fn mark_image_write(&mut self, offset: u64, len: u64) {
+    /// An image write or a mark-dirty marks the live map and raises the
+    /// readable map to the last take's change number (DESIGN.md: the
+    /// image's own changes show up to a consumer of that snapshot; the
+    /// original's markdirtyblock marks both maps likewise).
+    fn mark_live_and_readable(&mut self, offset: u64, len: u64) {
         if len == 0 {
             return;
         }
@@ -692,7 +693,7 @@ impl Harness {
                 let dev = dev % n;
                 let range = pos.sectors(self.setup.sizes[dev]);
                 self.engine.mark_dirty(&name(dev), &[range]).unwrap();
-                self.model[dev].mark(range.byte_offset(), range.byte_len());
+                self.model[dev].mark_live_and_readable(range.byte_offset(), range.byte_len());
             }
             Op::Destroy { which } => {
                 if !self.snaps.is_empty() {
@@ -1042,7 +1043,7 @@ impl Harness {
         if len == 0 {
             return Expect::Ok;
         }
-        m.mark_image_write(offset, len);
+        m.mark_live_and_readable(offset, len);
         let id = m.snapshot.unwrap();
         let snap = self.snaps.iter_mut().find(|s| s.id == id).unwrap();
         for chunk in m.chunks(offset, len) {

@@ -96,6 +96,11 @@ blksnap_readcbt "${DEV1}" "${WORK}/dirty_.map"
 blksnap_snapshot_destroy
 echo "dirty blocks in the map of the held snapshot (the original prints them):"
 cmp -l "${WORK}/dirty.map" "${WORK}/dirty_.map" || true
+# As with the original, they show at once, at the held snapshot's number.
+cmp -s "${WORK}/dirty.map" "${WORK}/dirty_.map" &&
+	fail "the dirty blocks do not show in the held snapshot's map"
+map_values "${WORK}/dirty_.map" | awk -v n="${DIRTY_N}" '$1 > n { bad = 1 } END { exit bad }' ||
+	fail "the held snapshot's map has a block above its changes_number ${DIRTY_N}"
 
 # The marked ranges are changes of the next backup.
 blksnap_snapshot_create "${DEV1}" "${STORAGE}" 1G
