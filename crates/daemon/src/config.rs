@@ -171,7 +171,7 @@ impl DaemonConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blksnap_engine::CopyErrorPolicy;
+    use blksnap_engine::{CopyErrorPolicy, OriginCache};
     use std::time::Duration;
 
     #[test]
@@ -192,6 +192,14 @@ mod tests {
         assert_eq!(c.engine.diff_storage_minimum, 256 << 20);
         assert_eq!(c.engine.copy_timeout, Some(Duration::from_millis(500)));
         assert_eq!(c.engine.on_copy_error, CopyErrorPolicy::BreakOriginWrite);
+        assert_eq!(c.engine.origin_cache, OriginCache::Writeback);
+        let c = DaemonConfig::parse("origin_cache = \"none\"").unwrap();
+        assert_eq!(c.engine.origin_cache, OriginCache::None);
+        let err = DaemonConfig::parse("origin_cache = \"direct\"").unwrap_err();
+        assert!(
+            err.contains("origin_cache") || err.contains("direct"),
+            "{err}"
+        );
         let err = DaemonConfig::parse("chunk_minimum_shfit = 18").unwrap_err();
         assert!(err.contains("chunk_minimum_shfit"), "{err}");
         let err = DaemonConfig::parse("chunk_minimum_shift = 40").unwrap_err();

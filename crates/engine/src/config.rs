@@ -24,6 +24,21 @@ pub enum CopyErrorPolicy {
     BreakOriginWrite,
 }
 
+/// How origins that are files or block devices are read and written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub enum OriginCache {
+    /// Through the page cache, like qemu's `cache=writeback`: data read or
+    /// written recently is served from memory.
+    #[default]
+    Writeback,
+    /// Direct I/O, like qemu's `cache=none`: no copy of the origin in the
+    /// page cache (a loop device over the volume, or the guest, caches it
+    /// already). Where the filesystem has no direct I/O, attach fails.
+    None,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(default))]
@@ -57,6 +72,8 @@ pub struct Config {
         serde(rename = "storage_wait_ms", deserialize_with = "millis")
     )]
     pub storage_wait: Duration,
+    /// Page cache or direct I/O for origins.
+    pub origin_cache: OriginCache,
 }
 
 /// A duration in milliseconds.
@@ -87,6 +104,7 @@ impl Default for Config {
             on_copy_error: CopyErrorPolicy::KeepOriginWrites,
             copy_timeout: None,
             storage_wait: Duration::from_secs(5),
+            origin_cache: OriginCache::Writeback,
         }
     }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::cbt::{CbtInfo, CbtState, ChangeJournal, ChangeTracker, GenerationReason};
-use crate::config::{Config, SnapshotOptions};
+use crate::config::{Config, OriginCache, SnapshotOptions};
 use crate::copier::{CopierPool, COPIER_THREADS};
 use crate::device::{BlockDevice, DeviceIdentity, FileDevice};
 use crate::diff_storage::{
@@ -250,7 +250,7 @@ impl Engine {
                 "{shown} is served by this daemon; attach the original device instead"
             )));
         }
-        let device = FileDevice::open(path)?;
+        let device = self.origin_device(FileDevice::open(path)?)?;
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         self.attach_inner(&name, Some(&canonical), Arc::new(device), start)
     }
@@ -294,8 +294,17 @@ impl Engine {
                 "{shown} is served by this daemon; attach the original device instead"
             )));
         }
-        let device = FileDevice::exclusive(file, path)?;
+        let device = self.origin_device(FileDevice::exclusive(file, path)?)?;
         self.attach_inner(&name, Some(path), Arc::new(device), start)
+    }
+
+    /// An origin opened from a path or file, with the page cache mode of
+    /// the configuration (`origin_cache`).
+    fn origin_device(&self, device: FileDevice) -> Result<FileDevice> {
+        match self.config.origin_cache {
+            OriginCache::Writeback => Ok(device),
+            OriginCache::None => device.bypass_page_cache(),
+        }
     }
 
     fn attach_inner(

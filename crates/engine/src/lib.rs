@@ -28,7 +28,7 @@ mod tracked;
 pub mod volume;
 
 pub use cbt::{CbtInfo, CbtState, Change, ChangeJournal, ChangeTracker, GenerationReason};
-pub use config::{Config, CopyErrorPolicy, SnapshotOptions};
+pub use config::{Config, CopyErrorPolicy, OriginCache, SnapshotOptions};
 pub use device::{holds_data, BlockDevice, DeviceIdentity, Extent, FileDevice, MemDevice, Zeroing};
 pub use diff_storage::{StorageSpec, StorageStats};
 pub use engine::{Engine, ImageInfo, SnapshotInfo, TrackingStart};

@@ -9,6 +9,10 @@
 //! (btrfs), an in-kernel page-cache copy elsewhere on one filesystem (ext4),
 //! except from files on xfs, where sharing the extent makes the copy slower
 //! (see [`kernel_copy_pays`]).
+//!
+//! An origin may bypass the page cache ([`FileDevice::bypass_page_cache`],
+//! `origin_cache = "none"`): its aligned reads and writes then go through
+//! direct I/O ([`super::direct`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -19,6 +23,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FallocateFlags, FileType, FlockOperation};
 use rustix::io::Errno;
 
+use super::direct::DirectIo;
 use super::{push_extent, BlockDevice, DeviceIdentity, Extent, Zeroing};
 use crate::error::{Error, Result};
 
@@ -33,6 +38,8 @@ pub struct FileDevice {
     identity: DeviceIdentity,
     /// Whether [`BlockDevice::copy_to`] tries `copy_file_range(2)`.
     kernel_copy: bool,
+    /// Set when the page cache is bypassed.
+    direct: Option<DirectIo>,
 }
 
 /// `XFS_SUPER_MAGIC`, the `f_type` of `statfs(2)` on xfs.
@@ -151,7 +158,35 @@ impl FileDevice {
             min_io,
             identity,
             kernel_copy,
+            direct: None,
         })
+    }
+
+    /// Bypasses the page cache, as qemu's `cache=none`: reads and writes
+    /// whose offset and length are aligned for direct I/O go through an
+    /// `O_DIRECT` descriptor of the same file; others, and zeroing, through
+    /// the page cache, which the kernel keeps coherent with them. No copy
+    /// through `copy_file_range(2)` either: it would fill the page cache.
+    /// Fails, naming the device, where its filesystem has no direct I/O.
+    pub fn bypass_page_cache(mut self) -> Result<Self> {
+        let direct =
+            DirectIo::open(&self.file, self.is_block, self.logical_block).map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot bypass the page cache of {} (origin_cache = \"none\")",
+                        self.path.display()
+                    ),
+                    e,
+                )
+            })?;
+        self.direct = Some(direct);
+        self.kernel_copy = false;
+        Ok(self)
+    }
+
+    /// Whether the page cache is bypassed.
+    pub fn bypasses_page_cache(&self) -> bool {
+        self.direct.is_some()
     }
 
     pub fn path(&self) -> &Path {
@@ -286,11 +321,17 @@ impl BlockDevice for FileDevice {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        match &self.direct {
+            Some(direct) if direct.covers(offset, buf.len()) => direct.read(buf, offset),
+            _ => self.file.read_exact_at(buf, offset),
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        match &self.direct {
+            Some(direct) if direct.covers(offset, buf.len()) => direct.write(buf, offset),
+            _ => self.file.write_all_at(buf, offset),
+        }
     }
 
     fn flush(&self) -> io::Result<()> {

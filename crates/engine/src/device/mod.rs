@@ -5,6 +5,7 @@
 //! Implementations do not check ranges: the engine validates every request
 //! against [`BlockDevice::size`] before calling them.
 
+mod direct;
 mod file;
 pub(crate) mod media;
 mod memory;
