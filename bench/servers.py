@@ -212,11 +212,14 @@ class Qemu(Server):
     label = "qemu-storage-daemon"
     snapshots = True
 
-    def __init__(self, work, cluster, aio="io_uring", iothread=False):
+    def __init__(self, work, cluster, aio="io_uring", iothread=False, direct=False):
         self.work = work
         self.cluster = cluster
         self.aio = aio
         self.iothread = iothread
+        # cache=none for the origins (cache.direct=on; the copy-before-write
+        # target keeps the page cache, as our difference storage does).
+        self.direct = direct
         self.proc = None
         self.taken = []
 
@@ -245,8 +248,9 @@ class Qemu(Server):
         bitmap at our tracking block size (tracking only)."""
         i = len(self.images)
         self.images.append(img)
+        cache = {"cache": {"direct": True}} if self.direct else {}
         self.qmp.cmd("blockdev-add", driver="file", **{"node-name": f"disk{i}"}, filename=img,
-                     aio=self.aio)
+                     aio=self.aio, **cache)
         extra = {"iothread": "io0"} if self.iothread else {}
         self.qmp.cmd("block-export-add", type="nbd", id=f"e{i}", **{"node-name": f"disk{i}"},
                      name=f"disk{i}", writable=True, **extra)
