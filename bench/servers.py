@@ -313,19 +313,33 @@ class Qemu(Server):
 
 
 class Control:
-    """blksnapd's control protocol: one JSON request per line."""
+    """blksnapd's control protocol: one JSON request per line. The daemon
+    closes a connection idle for `control_idle_timeout_ms` (60 s by
+    default), and other servers' jobs take longer than that: a connection
+    idle for half of it is replaced before the next request."""
+
+    IDLE = 30.0
 
     def __init__(self, path):
+        self.path = path
+        self.connect()
+
+    def connect(self):
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+        self.sock.connect(self.path)
         self.f = self.sock.makefile("rw")
         self.n = 0
+        self.last = time.monotonic()
 
     def cmd(self, command, **args):
+        if time.monotonic() - self.last > self.IDLE:
+            self.close()
+            self.connect()
         self.n += 1
         self.f.write(json.dumps({"id": self.n, "command": command, "args": args}) + "\n")
         self.f.flush()
         reply = json.loads(self.f.readline())
+        self.last = time.monotonic()
         if not reply["ok"]:
             raise RuntimeError(f"blksnapd {command}: {reply['error']['message']}")
         return reply["result"]
