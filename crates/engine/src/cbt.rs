@@ -127,8 +127,8 @@ pub enum Change {
     /// Live blocks `first..=last` raised to `number` (the current one).
     Mark { first: u64, last: u64, number: u8 },
     /// Readable blocks `first..=last` raised to at least `number` (an image
-    /// write; `number` is the readable map's change number).
-    ImageMark { first: u64, last: u64, number: u8 },
+    /// write or a mark-dirty; `number` is the readable map's change number).
+    ReadableMark { first: u64, last: u64, number: u8 },
     /// A take: the readable map becomes the live map and the numbers move
     /// on, or everything restarts (wrap) in `generation`.
     Switch { generation: Uuid },
@@ -162,7 +162,7 @@ impl CbtState {
                 }
                 self.live[range(first, last)?].fill(number);
             }
-            Change::ImageMark {
+            Change::ReadableMark {
                 first,
                 last,
                 number,
@@ -423,7 +423,7 @@ impl ChangeTracker {
             *byte = (*byte).max(number);
         }
         if let Some(journal) = &self.journal {
-            let ticket = journal.record(Change::ImageMark {
+            let ticket = journal.record(Change::ReadableMark {
                 first: first as u64,
                 last: last as u64,
                 number,

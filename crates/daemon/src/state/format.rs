@@ -156,7 +156,7 @@ pub fn encode_record(change: &Change) -> [u8; RECORD] {
             last,
             number,
         }
-        | Change::ImageMark {
+        | Change::ReadableMark {
             first,
             last,
             number,
@@ -199,7 +199,7 @@ pub fn decode_record(r: &[u8]) -> Option<Change> {
             last,
             number: r[1],
         }),
-        2 => Some(Change::ImageMark {
+        2 => Some(Change::ReadableMark {
             first,
             last,
             number: r[1],
@@ -251,7 +251,7 @@ mod tests {
                 last: 9,
                 number: 4,
             },
-            Change::ImageMark {
+            Change::ReadableMark {
                 first: 0,
                 last: 0,
                 number: 3,

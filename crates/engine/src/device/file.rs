@@ -184,11 +184,6 @@ impl FileDevice {
         Ok(self)
     }
 
-    /// Whether the page cache is bypassed.
-    pub fn bypasses_page_cache(&self) -> bool {
-        self.direct.is_some()
-    }
-
     pub fn path(&self) -> &Path {
         &self.path
     }
