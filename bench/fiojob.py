@@ -3,10 +3,12 @@
 A job is a pattern (block size, direction, one pass or timed) plus an
 iodepth and a number of connections. With N connections fio runs N jobs
 (processes, each with its own NBD connection or file descriptor), each over
-its own 1/N of the image, and the figures are their sum.
+its own 1/N of the image, and the figures are their sum. The images they
+run on are made by `fill_random`.
 """
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 
@@ -34,6 +36,19 @@ PATTERNS = {
     "r1m": Pattern("r1m", "read", "1m", True, "MiB/s", False, "1 MiB sequential read"),
     "r4k": Pattern("r4k", "randread", "4k", True, "IOPS", False, "4 KiB random read"),
 }
+
+
+def fill_random(path, size):
+    """`size` bytes of random data at `path`, written in 4 MiB writes and
+    made durable."""
+    with open("/dev/urandom", "rb") as src, open(path, "wb") as dst:
+        left = size
+        while left:
+            n = min(left, 4 << 20)
+            dst.write(src.read(n))
+            left -= n
+        dst.flush()
+        os.fsync(dst.fileno())
 
 
 def run_fio(target, pattern, iodepth, conns, size, runtime, ramp, extra=(), log=None):
