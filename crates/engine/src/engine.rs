@@ -515,19 +515,22 @@ impl Engine {
         let served = self.served();
         let events = Arc::new(EventQueue::default());
         // Made without the registry lock: opening storage is file I/O.
-        let storage = DiffStorage::new(
+        let storage = Arc::new(DiffStorage::new(
             id.to_string(),
             &storage,
             options.limit,
             self.config.diff_storage_minimum,
             &served,
             events.clone(),
-        )?;
+        )?);
+        // Grown from now on, in the background: the first copies after the
+        // take would otherwise wait for the first fallocate.
+        storage.grow_ahead();
         self.registry().snapshots.insert(
             id,
             Snapshot {
                 devices: Vec::new(),
-                storage: Arc::new(storage),
+                storage,
                 events,
                 options,
                 device_snapshots: Vec::new(),
@@ -672,6 +675,12 @@ impl Engine {
     /// when the storage can neither hold one chunk nor grow: the first write
     /// would corrupt the image.
     pub fn snapshot_take(&self, id: &Uuid) -> Result<()> {
+        // With every door open and without the registry lock: a storage
+        // still making its first room (grown from the create on) is waited
+        // for here, not by the first writes after the take.
+        if let Ok((storage, chunk)) = self.storage_of(id) {
+            storage.wait_for_room(chunk);
+        }
         let mut registry = self.registry();
         let snapshot = registry.snapshot(id)?;
         if !snapshot.device_snapshots.is_empty() {

@@ -15,8 +15,8 @@
 //!   re-attach);
 //! - every difference storage's size and use equal those of a simulated
 //!   allocator (extents filled in order, tails too short for the next chunk
-//!   skipped, slots of failed copies reused first, growth by steps when
-//!   free space falls to half a step, up to the limit).
+//!   skipped, slots of failed copies reused first, growth by steps at
+//!   creation and when free space falls to half a step, up to the limit).
 //!
 //! Nothing is taken from the engine: faults are injected (EIO on origin
 //! reads or writes, on storage writes) and storage overflows happen, and
@@ -307,6 +307,14 @@ impl StorageModel {
         }
         self.push(by, false);
         true
+    }
+
+    /// At creation: a growable storage with less than half a step free
+    /// grows a step (less at the limit), as an allocation would.
+    fn grow_ahead(&mut self) {
+        if self.total - self.used < STEP / 2 {
+            self.grow(0);
+        }
     }
 
     /// A slot for a chunk of `len` bytes, or `None`: ENOSPC.
@@ -794,6 +802,7 @@ impl Harness {
             // Nothing: the take is refused until storage is appended.
             _ => StorageSpec::Empty,
         };
+        storage.grow_ahead();
         let options = SnapshotOptions {
             limit,
             on_copy_error: break_writes.then_some(CopyErrorPolicy::BreakOriginWrite),
