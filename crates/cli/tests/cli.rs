@@ -108,12 +108,24 @@ fn whole_command_set() {
     assert_eq!(uuid::Uuid::parse_str(&id).unwrap().to_string(), id);
     assert_eq!(d.ok(&["snapshot_collect"]), format!("{id} \n\n"));
     assert_eq!(d.ok(&["snapshot_take", "--id", &id]), "");
+    let info = d.ok(&["snapshot_info", "--device", "bee"]);
+    let (info, total) = info
+        .strip_suffix('\n')
+        .and_then(|i| i.rsplit_once("\nstorage_total="))
+        .unwrap_or_else(|| panic!("no storage_total last: {info}"));
     assert_eq!(
-        d.ok(&["snapshot_info", "--device", "bee"]),
+        info,
         format!(
-            "error_code=0\nimage=-\nid={id}\ntaken=true\ndevice=bee\nnbd={}\nchunk_size=262144\nstorage_used=0\nstorage_total=0\n",
+            "error_code=0\nimage=-\nid={id}\ntaken=true\ndevice=bee\nnbd={}\nchunk_size=262144\nstorage_used=0",
             d.uri("snapshot/bee")
         )
+    );
+    // Grown from the create on, in 16 MiB pieces up to the 64 MiB limit;
+    // the take waited for the first.
+    let total: u64 = total.parse().unwrap();
+    assert!(
+        (16 * MIB..=64 * MIB).contains(&total) && total % (16 * MIB) == 0,
+        "storage_total={total}"
     );
     assert_eq!(
         d.ok(&[
@@ -189,8 +201,17 @@ fn whole_command_set() {
     );
     let info: serde_json::Value =
         serde_json::from_str(&d.ok(&["snapshot_info", "--device", "a.img", "--json"])).unwrap();
-    assert_eq!(info["storage"]["total"], 2 * MIB);
-    assert_eq!(info["storage"]["extents"], 2);
+    // The two ranges (2 MiB) on top of the directory's file, grown since
+    // the create in 16 MiB pieces (one extent, or two when a piece came
+    // after the append) up to the 64 MiB limit.
+    let total = info["storage"]["total"].as_u64().unwrap();
+    let grown = total - 2 * MIB;
+    assert!(
+        (16 * MIB..=64 * MIB).contains(&grown) && grown % (16 * MIB) == 0,
+        "{info}"
+    );
+    let extents = info["storage"]["extents"].as_u64().unwrap();
+    assert!((3..=4).contains(&extents), "{info}");
 
     // the watcher reports the destroy and exits 0
     let waits = d.log_lines(&["SnapshotWaitevent", &id]).len();

@@ -33,6 +33,16 @@ use local_tools::*;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
+
+/// Held by the tests that leave a FUSE mount stuck (its server stopped) or
+/// dead (its daemon killed) for a while, and by `mkfs.btrfs`, which stats
+/// every mount in the table and fails on such a one (ECONNABORTED) or
+/// hangs: tests of one binary run in parallel in one mount namespace.
+static MOUNT_TABLE: Mutex<()> = Mutex::new(());
+
+fn mount_table() -> std::sync::MutexGuard<'static, ()> {
+    MOUNT_TABLE.lock().unwrap_or_else(PoisonError::into_inner)
+}
 const COMMAND_TIMEOUT: &str = "60";
 const WATCHDOG: Duration = Duration::from_secs(120);
 const TOOLS: &[&str] = &[
@@ -436,6 +446,7 @@ fn fast_and_slow(env: &mut Env) -> (PathBuf, PathBuf, String) {
 #[test]
 fn shutdown_force_during_a_stuck_take_thaws_first() {
     const TEST: &str = "shutdown_force_during_a_stuck_take_thaws_first";
+    let _mounts = mount_table();
     let Some(mut env) = Env::start(TEST, "freeze_timeout_ms = 60000\n") else {
         return;
     };
@@ -512,6 +523,7 @@ fn shutdown_force_during_a_stuck_take_thaws_first() {
 #[test]
 fn freeze_deadline_thaws_while_the_take_is_stuck() {
     const TEST: &str = "freeze_deadline_thaws_while_the_take_is_stuck";
+    let _mounts = mount_table();
     let Some(mut env) = Env::start(TEST, "freeze_timeout_ms = 1000\n") else {
         return;
     };
@@ -589,6 +601,7 @@ fn freeze_deadline_thaws_while_the_take_is_stuck() {
 #[test]
 fn a_freeze_left_by_a_killed_daemon_is_thawed_at_start() {
     const TEST: &str = "a_freeze_left_by_a_killed_daemon_is_thawed_at_start";
+    let _mounts = mount_table();
     let Some(mut env) = Env::start(TEST, "freeze_timeout_ms = 60000\n") else {
         return;
     };
@@ -759,7 +772,10 @@ fn each_filesystem_is_frozen_once_bind_mounts_and_btrfs() {
         return;
     }
     let device = env.attach_loop(&sparse_file(&env.work, "b.img", 160 * MIB), "b");
-    run_ok("mkfs.btrfs", &["-q", "-f", &device]);
+    {
+        let _mounts = mount_table();
+        run_ok("mkfs.btrfs", &["-q", "-f", &device]);
+    }
     let top = env.mount(&[&device], "b");
     run_ok("btrfs", &["subvolume", "create", s(&top.join("sub"))]);
     let sub = env.mount(&["-o", "subvol=sub", &device], "b-sub");

@@ -70,14 +70,14 @@ const SLOT_SECTOR_BITS: u32 = 42;
 /// lock is not off every lock: fallocate holds the file's inode lock, and so
 /// does every write into the file (ext4, tmpfs), so a writer storing a chunk
 /// waits for the piece in progress ([`pause_for_writers`] makes it one
-/// piece). Pieces of 4 MiB keep that wait short where fallocate is slow
-/// (tmpfs zeroes pages: about 0.6 ms here, 2.2 ms for 16 MiB, seconds for a
-/// 1 GiB step; the longest first write on tmpfs went from 10-13 ms with
-/// 16 MiB pieces and no pause to 1-4 ms), and an allocation that finds the
+/// piece). Pieces of 16 MiB keep that wait short where fallocate is slow
+/// (tmpfs zeroes pages: about 2 ms here, seconds for a 1 GiB step; 4 MiB
+/// pieces, 0.6 ms, would shorten it further but make a step of up to
+/// 16 MiB grow in several visible parts), and an allocation that finds the
 /// storage truly full waits for one piece, not for the whole step. Where
 /// fallocate is cheap (ext4: under 1 ms for 1 GiB) the extra calls cost
 /// nothing measurable.
-const GROW_PIECE: u64 = 4 << 20;
+const GROW_PIECE: u64 = 16 << 20;
 
 /// Longest pause between two pieces of a growth.
 const GROW_PAUSE_MAX: Duration = Duration::from_millis(5);
@@ -725,8 +725,11 @@ impl DiffStorage {
                 } else if alloc.total - alloc.used < self.step / 2 {
                     // What the allocation that took free space below the
                     // mark while this growth ran would have started.
+                    // A growth ahead of any need (`need` 0, at the
+                    // create) that stops at the limit reports nothing:
+                    // the first allocation below the mark does.
                     again = self.growth_step(&alloc, need);
-                    if again.is_none() {
+                    if again.is_none() && need > 0 {
                         self.report_no_space(&mut alloc);
                     }
                 }
@@ -1208,6 +1211,19 @@ mod tests {
         fixed.wait_growth();
         assert_eq!((fixed.stats().total, counters(&fixed)), (0, (0, 0)));
         assert!(drain(&events).is_empty(), "no no_space before a need");
+
+        // A limit below half a step: grown to it, and no_space only once an
+        // allocation takes free space below the mark, as without growth
+        // ahead.
+        let third = tempfile::tempdir().unwrap();
+        let (capped, events) = file_storage(third.path(), Some(STEP / 4));
+        capped.grow_ahead();
+        capped.wait_growth();
+        assert_eq!(capped.stats().total, STEP / 4);
+        assert!(drain(&events).is_empty(), "no no_space before a need");
+        capped.allocate(CHUNK, None).unwrap();
+        capped.wait_growth();
+        assert!(matches!(drain(&events)[..], [Event::NoSpace { .. }]));
     }
 
     /// A step longer than a piece is fallocated piece by piece, and the
