@@ -154,6 +154,10 @@ struct StorageExtent {
     device: Arc<dyn BlockDevice>,
     offset: u64,
     len: u64,
+    /// Space the storage grew by (fallocated past the file's end): it reads
+    /// as zeroes until written. Appended ranges, block devices and a file's
+    /// initial length may hold anything.
+    zeroed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -369,10 +373,12 @@ impl DiffStorage {
     fn add_extent(&self, device: Arc<dyn BlockDevice>, offset: u64, len: u64) -> Result<()> {
         let mut alloc = self.alloc.lock().unwrap();
         let mut extents = self.extents.write().unwrap();
-        self.push_extent_locked(&mut alloc, &mut extents, device, offset, len)
+        self.push_extent_locked(&mut alloc, &mut extents, device, offset, len, false)
     }
 
     /// Adds an extent under both locks: the only place extents are added.
+    /// `zeroed`: it reads as zeroes (grown space).
+    #[allow(clippy::too_many_arguments)]
     fn push_extent_locked(
         &self,
         alloc: &mut Allocator,
@@ -380,6 +386,7 @@ impl DiffStorage {
         device: Arc<dyn BlockDevice>,
         offset: u64,
         len: u64,
+        zeroed: bool,
     ) -> Result<()> {
         // Longer extents are split: a slot's sector has 42 bits.
         let pieces = extent_pieces(len);
@@ -400,6 +407,7 @@ impl DiffStorage {
                 device: device.clone(),
                 offset: offset + pos,
                 len: piece,
+                zeroed,
             });
             alloc.total += piece;
             pos += piece;
@@ -469,6 +477,7 @@ impl DiffStorage {
                 device.clone(),
                 r.byte_offset(),
                 r.byte_len(),
+                false,
             )?;
         }
         Ok(())
@@ -481,6 +490,18 @@ impl DiffStorage {
     /// `no_space` and waits up to `wait` for storage to be appended; after a
     /// wait that ran out, later calls fail at once until storage is added.
     pub fn allocate(self: &Arc<Self>, len: u64, wait: Option<Duration>) -> Result<StorageSlot> {
+        self.allocate_slot(len, wait).map(|(slot, _)| slot)
+    }
+
+    /// [`Self::allocate`], and whether the slot reads as zeroes: it is
+    /// grown space handed out for the first time (not the slot of a failed
+    /// copy, which may hold part of it), so a copy of zeroes into it can be
+    /// skipped.
+    pub fn allocate_slot(
+        self: &Arc<Self>,
+        len: u64,
+        wait: Option<Duration>,
+    ) -> Result<(StorageSlot, bool)> {
         let len = len.next_multiple_of(SECTOR_SIZE);
         // No wait at all for zero; an unbounded one for a wait too long to
         // add to the clock.
@@ -494,13 +515,13 @@ impl DiffStorage {
         loop {
             self.check_open()?;
             if let Some(slot) = self.take_free(&mut alloc, len) {
-                return Ok(slot);
+                return Ok((slot, false));
             }
-            if let Some(slot) = self.take_from_extents(&mut alloc, len) {
+            if let Some((slot, zeroed)) = self.take_from_extents(&mut alloc, len) {
                 if !alloc.growth_running && alloc.total - alloc.used < self.step / 2 {
                     self.grow_or_report(&mut alloc, len);
                 }
-                return Ok(slot);
+                return Ok((slot, zeroed));
             }
             // Truly full: wait for the growth in flight, as the fallocate
             // under the lock used to take (not bounded by `wait`, which is
@@ -580,7 +601,8 @@ impl DiffStorage {
         Some(slot)
     }
 
-    fn take_from_extents(&self, alloc: &mut Allocator, len: u64) -> Option<StorageSlot> {
+    /// The next slot in order, and whether its extent reads as zeroes.
+    fn take_from_extents(&self, alloc: &mut Allocator, len: u64) -> Option<(StorageSlot, bool)> {
         let extents = self.extents.read().unwrap();
         while let Some(extent) = extents.get(alloc.extent) {
             if extent.len - alloc.next >= len {
@@ -588,7 +610,7 @@ impl DiffStorage {
                     .expect("extents are capped in number and length");
                 alloc.next += len;
                 alloc.used += len;
-                return Some(slot);
+                return Some((slot, extent.zeroed));
             }
             alloc.used += extent.len - alloc.next;
             alloc.extent += 1;
@@ -835,7 +857,7 @@ impl DiffStorage {
                 return Ok(i);
             }
         }
-        self.push_extent_locked(alloc, extents, device, offset, by)?;
+        self.push_extent_locked(alloc, extents, device, offset, by, true)?;
         Ok(extents.len() - 1)
     }
 

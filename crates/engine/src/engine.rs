@@ -115,6 +115,9 @@ pub struct ImageInfo {
     /// Of those, the ones copied wholly inside the kernel
     /// (`copy_file_range(2)`: origin and storage are files on one filesystem).
     pub kernel_copied_chunks: u64,
+    /// Of those, the ones that were holes on the origin: kept without a
+    /// copy where their storage slot already read as zeroes.
+    pub hole_chunks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -831,7 +834,7 @@ impl Engine {
                 .iter()
                 .zip(&snapshot.device_snapshots)
                 .map(|(d, i)| {
-                    let (copied_chunks, kernel_copied_chunks) = i.copy_counts();
+                    let (copied_chunks, kernel_copied_chunks, hole_chunks) = i.copy_counts();
                     ImageInfo {
                         device: d.name().to_string(),
                         size: i.size(),
@@ -839,6 +842,7 @@ impl Engine {
                         error_code: i.error_code(),
                         copied_chunks,
                         kernel_copied_chunks,
+                        hole_chunks,
                     }
                 })
                 .collect(),

@@ -24,7 +24,10 @@
 //!   slot; inside the kernel (`copy_file_range(2)`, when the origin and the
 //!   storage are files that allow it) it needs the slot first.
 //! - A chunk's data moves either inside the kernel or through a reused
-//!   buffer; which one changes nothing of the chunk's states.
+//!   buffer; which one changes nothing of the chunk's states. A chunk that
+//!   is a hole on the origin when it is copied (`SEEK_DATA`, which sees the
+//!   page cache; no origin write into it runs meanwhile) moves no data: its
+//!   slot is grown storage that reads as zeroes, or is written with zeroes.
 //!
 //! Called by [`crate::TrackedDevice`] (origin writes) and [`crate::Image`].
 
@@ -71,9 +74,11 @@ pub(crate) struct DeviceSnapshot {
     /// Whether copies try the kernel first: true while the origin is a file
     /// and no copy found the pair unable to; then false for good.
     kernel_copy: HintBool,
-    /// Chunks copied, and of those the ones copied wholly inside the kernel.
+    /// Chunks copied, of those the ones copied wholly inside the kernel,
+    /// and the ones that were holes on the origin.
     copied: Counter,
     kernel_copied: Counter,
+    holes: Counter,
     buffers: BufferPool,
 }
 
@@ -184,6 +189,7 @@ impl DeviceSnapshot {
             kernel_copy: HintBool::new(origin.as_fd().is_some()),
             copied: Counter::new(0),
             kernel_copied: Counter::new(0),
+            holes: Counter::new(0),
             buffers: BufferPool::new(1 << chunk_shift),
             origin,
         }
@@ -201,13 +207,15 @@ impl DeviceSnapshot {
         1 << self.chunk_shift
     }
 
-    /// Chunks copied so far, and of those the ones copied wholly inside
-    /// the kernel.
-    pub fn copy_counts(&self) -> (u64, u64) {
+    /// Chunks copied so far; of those, the ones copied wholly inside the
+    /// kernel, and the ones that were holes on the origin (kept without
+    /// reading or writing data where their slot reads as zeroes).
+    pub fn copy_counts(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
         (
-            self.copied.load(std::sync::atomic::Ordering::Relaxed),
-            self.kernel_copied
-                .load(std::sync::atomic::Ordering::Relaxed),
+            self.copied.load(Relaxed),
+            self.kernel_copied.load(Relaxed),
+            self.holes.load(Relaxed),
         )
     }
 
@@ -434,7 +442,10 @@ impl DeviceSnapshot {
     fn copy_to_storage(&self, chunk: u64) -> Result<StorageSlot> {
         use std::sync::atomic::Ordering::Relaxed;
         let (start, len) = self.chunk_range(chunk);
-        let slot = if self.kernel_copy.load(Relaxed) {
+        let slot = if self.origin_is_hole(start, len) {
+            self.holes.fetch_add(1, Relaxed);
+            self.keep_hole(len)?
+        } else if self.kernel_copy.load(Relaxed) {
             self.copy_in_kernel(chunk, start, len)?
         } else {
             self.buffers.with(len as usize, |buf| {
@@ -482,6 +493,37 @@ impl DeviceSnapshot {
             }
             self.write_storage(slot, len, buf, copied)
         })?;
+        Ok(slot)
+    }
+
+    /// Whether the origin holds no data in `[start, start + len)` (a hole,
+    /// or space reserved and never written), which the filesystem tells
+    /// (`SEEK_DATA`, which sees writes still in the page cache). No origin
+    /// write into the chunk runs meanwhile: it waits for this copy. Where
+    /// the device cannot tell, or the query fails, the chunk is copied.
+    fn origin_is_hole(&self, start: u64, len: u64) -> bool {
+        matches!(
+            self.origin.extents(start, len).as_deref(),
+            Ok([Extent { zero: true, len: l }]) if *l == len
+        )
+    }
+
+    /// The copy of a chunk of zeroes: a slot that reads as zeroes already
+    /// (grown space never handed out) is kept as it is, with no data read
+    /// or written; another one is written with zeroes.
+    fn keep_hole(&self, len: u64) -> Result<StorageSlot> {
+        let (slot, zeroed) = self
+            .storage
+            .allocate_slot(len, Some(self.settings.storage_wait))?;
+        if !zeroed {
+            let written = crate::device::write_zero_pieces(0, len, |zeroes, at| {
+                self.storage.write(slot, zeroes, at)
+            });
+            if let Err(e) = written {
+                self.storage.release(slot, len);
+                return Err(e);
+            }
+        }
         Ok(slot)
     }
 
