@@ -512,23 +512,24 @@ impl DeviceSnapshot {
     /// (grown space never handed out) is kept as it is, with no data read
     /// or written; another one is written with zeroes.
     fn keep_hole(&self, len: u64) -> Result<StorageSlot> {
-        let (slot, zeroed) = self
-            .storage
-            .allocate_slot(len, Some(self.settings.storage_wait))?;
+        let (slot, zeroed) = self.allocate_slot(len)?;
         if !zeroed {
-            let written = crate::device::write_zero_pieces(0, len, |zeroes, at| {
-                self.storage.write(slot, zeroes, at)
-            });
-            if let Err(e) = written {
-                self.storage.release(slot, len);
-                return Err(e);
-            }
+            // The first failed piece gives the slot back and ends the loop.
+            crate::device::write_zero_pieces(0, len, |zeroes, at| {
+                self.write_storage(slot, len, zeroes, at)
+            })?;
         }
         Ok(slot)
     }
 
     fn allocate(&self, len: u64) -> Result<StorageSlot> {
-        self.storage.allocate(len, Some(self.settings.storage_wait))
+        self.allocate_slot(len).map(|(slot, _)| slot)
+    }
+
+    /// A slot, and whether it reads as zeroes ([`DiffStorage::allocate_slot`]).
+    fn allocate_slot(&self, len: u64) -> Result<(StorageSlot, bool)> {
+        self.storage
+            .allocate_slot(len, Some(self.settings.storage_wait))
     }
 
     fn read_origin(&self, chunk: u64, buf: &mut [u8], at: u64) -> Result<()> {
