@@ -485,21 +485,16 @@ impl DiffStorage {
         Ok(())
     }
 
-    /// Hands out `len` bytes (rounded up to a sector) inside one extent.
+    /// Hands out `len` bytes (rounded up to a sector) inside one extent,
+    /// and says whether they read as zeroes: grown space handed out for the
+    /// first time (not the slot of a failed copy, which may hold part of
+    /// it), so a copy of zeroes into it can be skipped.
     /// When that takes free space below half a step, growth starts in the
     /// background. When there is no room, it waits for the growth in flight
     /// (starting one if none is); when the storage cannot grow, it queues
     /// `no_space` and waits up to `wait` for storage to be appended; after a
     /// wait that ran out, later calls fail at once until storage is added.
-    pub fn allocate(self: &Arc<Self>, len: u64, wait: Option<Duration>) -> Result<StorageSlot> {
-        self.allocate_slot(len, wait).map(|(slot, _)| slot)
-    }
-
-    /// [`Self::allocate`], and whether the slot reads as zeroes: it is
-    /// grown space handed out for the first time (not the slot of a failed
-    /// copy, which may hold part of it), so a copy of zeroes into it can be
-    /// skipped.
-    pub fn allocate_slot(
+    pub fn allocate(
         self: &Arc<Self>,
         len: u64,
         wait: Option<Duration>,
@@ -1093,7 +1088,7 @@ mod tests {
         storage.max_extents = 3;
         let storage = Arc::new(storage);
         for i in 0..3 {
-            let slot = storage.allocate(4096, None).unwrap();
+            let (slot, _) = storage.allocate(4096, None).unwrap();
             assert_eq!(slot.extent(), i);
         }
         let err = storage.allocate(4096, None).unwrap_err();
@@ -1131,10 +1126,10 @@ mod tests {
             )
             .unwrap(),
         );
-        let first = storage.allocate(4096, None).unwrap();
+        let (first, _) = storage.allocate(4096, None).unwrap();
         storage.release(first, 4096);
-        assert_eq!(storage.allocate(4096, None).unwrap(), first);
-        let second = storage.allocate(4096, None).unwrap();
+        assert_eq!(storage.allocate(4096, None).unwrap().0, first);
+        let (second, _) = storage.allocate(4096, None).unwrap();
         assert_ne!(second, first);
         storage.write(second, &[1; 512], 0).unwrap();
         storage.close();
@@ -1248,6 +1243,39 @@ mod tests {
         capped.allocate(CHUNK, None).unwrap();
         capped.wait_growth();
         assert!(matches!(drain(&events)[..], [Event::NoSpace { .. }]));
+    }
+
+    /// Only grown space handed out for the first time reads as zeroes: not
+    /// the slot of a failed copy given back, nor a file's initial length.
+    #[test]
+    fn only_fresh_grown_slots_read_as_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (grown, _) = file_storage(dir.path(), None);
+        let (slot, zeroed) = grown.allocate(CHUNK, None).unwrap();
+        assert!(zeroed, "fresh grown space");
+        grown.release(slot, CHUNK);
+        assert_eq!(grown.allocate(CHUNK, None).unwrap(), (slot, false));
+        assert!(grown.allocate(CHUNK, None).unwrap().1, "the next fresh one");
+
+        let other = tempfile::tempdir().unwrap();
+        let path = other.path().join("storage.bin");
+        std::fs::write(&path, vec![0xAB; CHUNK as usize]).unwrap();
+        let given = Arc::new(
+            DiffStorage::new(
+                "given".into(),
+                &StorageSpec::Path(path),
+                None,
+                STEP,
+                &HashSet::new(),
+                Arc::new(EventQueue::default()),
+            )
+            .unwrap(),
+        );
+        assert!(
+            !given.allocate(CHUNK, None).unwrap().1,
+            "the file's own bytes"
+        );
+        assert!(given.allocate(CHUNK, None).unwrap().1, "grown past them");
     }
 
     /// A step longer than a piece is fallocated piece by piece, and the

@@ -526,10 +526,9 @@ impl DeviceSnapshot {
         self.allocate_slot(len).map(|(slot, _)| slot)
     }
 
-    /// A slot, and whether it reads as zeroes ([`DiffStorage::allocate_slot`]).
+    /// A slot, and whether it reads as zeroes ([`DiffStorage::allocate`]).
     fn allocate_slot(&self, len: u64) -> Result<(StorageSlot, bool)> {
-        self.storage
-            .allocate_slot(len, Some(self.settings.storage_wait))
+        self.storage.allocate(len, Some(self.settings.storage_wait))
     }
 
     fn read_origin(&self, chunk: u64, buf: &mut [u8], at: u64) -> Result<()> {
