@@ -26,7 +26,7 @@ use std::process::Command;
 
 use blksnap_engine::{Engine, ImageInfo, StorageSpec};
 use blksnap_test_support::{is_root, Pattern};
-use common::{small_config, snapshot_one};
+use common::{image_matches_then_destroy, small_config, snapshot_one};
 
 mod common;
 
@@ -80,19 +80,9 @@ fn first_writes_keep_the_take(origin_dir: &Path, storage: StorageSpec) -> ImageI
         dev.write(&Pattern::RandomFill.bytes(10 + i as u64, len), offset)
             .unwrap();
     }
-    let mut read = vec![0; SIZE as usize];
-    image.read(&mut read, 0).unwrap();
-    if let Some(at) = read.iter().zip(&at_take).position(|(a, b)| a != b) {
-        panic!(
-            "the image differs from the origin at the take from byte {at} (chunk {})",
-            at as u64 / CHUNK
-        );
-    }
-    let info = engine.snapshot_info(&id).unwrap().images.remove(0);
-    assert_eq!(info.error_code, 0);
-    assert_eq!(info.copied_chunks, CHUNKS_COPIED, "chunks copied");
     drop(image);
-    engine.snapshot_destroy(&id).unwrap();
+    let info = image_matches_then_destroy(&engine, &id, "origin", &at_take);
+    assert_eq!(info.copied_chunks, CHUNKS_COPIED, "chunks copied");
     info
 }
 

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use blksnap_engine::{Engine, ImageInfo, StorageSpec};
 use blksnap_test_support::Pattern;
-use common::{small_config, snapshot_one};
+use common::{image_matches_then_destroy, small_config, snapshot_one};
 
 mod common;
 
@@ -68,22 +68,10 @@ fn first_writes_keep_the_take(dir: &Path, storage: StorageSpec) -> ImageInfo {
         dev.write(&Pattern::RandomFill.bytes(10 + i as u64, len), offset)
             .unwrap();
     }
-    let mut read = vec![0xEE; SIZE as usize];
-    image.read(&mut read, 0).unwrap();
-    if let Some(at) = read.iter().zip(&at_take).position(|(a, b)| a != b) {
-        panic!(
-            "the image differs from the origin at the take from byte {at} (chunk {}): {:#x}, not {:#x}",
-            at as u64 / CHUNK,
-            read[at],
-            at_take[at]
-        );
-    }
-    let info = engine.snapshot_info(&id).unwrap().images.remove(0);
-    assert_eq!(info.error_code, 0);
+    drop(image);
+    let info = image_matches_then_destroy(&engine, &id, "origin", &at_take);
     assert_eq!(info.copied_chunks, CHUNKS_COPIED, "chunks copied");
     assert_eq!(info.hole_chunks, HOLE_CHUNKS, "chunks that were holes");
-    drop(image);
-    engine.snapshot_destroy(&id).unwrap();
     info
 }
 

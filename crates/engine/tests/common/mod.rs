@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blksnap_engine::{
-    Config, CopyErrorPolicy, Engine, Event, MemDevice, SnapshotOptions, StorageSpec,
+    Config, CopyErrorPolicy, Engine, Event, ImageInfo, MemDevice, SnapshotOptions, StorageSpec,
 };
 use uuid::Uuid;
 
@@ -70,4 +70,39 @@ pub fn wait_events(engine: &Engine, id: &Uuid, quiet: Duration) -> Vec<Event> {
         events.push(event);
     }
     events
+}
+
+/// Reads the whole image of `device` in snapshot `id` and fails at the
+/// first byte that differs from `at_take` (naming it, its chunk and both
+/// values); then checks the image is valid, destroys the snapshot and
+/// returns the image's figures from before the destroy.
+pub fn image_matches_then_destroy(
+    engine: &Engine,
+    id: &Uuid,
+    device: &str,
+    at_take: &[u8],
+) -> ImageInfo {
+    let image = engine.image(device).unwrap();
+    // Not a value the image could hold by chance where it should be zero.
+    let mut read = vec![0xEE; at_take.len()];
+    image.read(&mut read, 0).unwrap();
+    if let Some(at) = read.iter().zip(at_take).position(|(a, b)| a != b) {
+        panic!(
+            "the image differs from the origin at the take from byte {at} (chunk {}): {:#x}, not {:#x}",
+            at as u64 / image.chunk_size(),
+            read[at],
+            at_take[at]
+        );
+    }
+    drop(image);
+    let info = engine
+        .snapshot_info(id)
+        .unwrap()
+        .images
+        .into_iter()
+        .find(|i| i.device == device)
+        .unwrap();
+    assert_eq!(info.error_code, 0, "image of {device}");
+    engine.snapshot_destroy(id).unwrap();
+    info
 }
